@@ -1,0 +1,80 @@
+"""This machine as MLX sees it: backend, device, memory, and the compute dtype policy."""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+# safetensors dtype spelling -> MLX dtype
+MX_DTYPES = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16}
+DTYPE_NAMES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    name: str  # "metal", "cuda" or "cpu"
+    device_name: str
+    memory_bytes: int  # what models may use: GPU working set, VRAM, or system RAM
+    memory_kind: str  # "unified", "vram" or "ram"
+    mlx_version: str
+
+
+def backend_name() -> str:
+    if mx.metal.is_available():
+        return "metal"
+    if hasattr(mx, "cuda") and mx.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def system_ram_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def available_ram_bytes() -> int:
+    """MemAvailable on Linux; total RAM elsewhere (macOS has no cheap equivalent)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return system_ram_bytes()
+
+
+def detect() -> BackendInfo:
+    name = backend_name()
+    info = mx.device_info() if hasattr(mx, "device_info") else {}
+    device = str(info.get("device_name") or platform.processor() or platform.machine())
+    if name == "metal":
+        memory = int(info.get("max_recommended_working_set_size") or info.get("memory_size") or 0)
+        kind = "unified"
+    elif name == "cuda":
+        memory, kind = int(info.get("total_memory") or info.get("memory_size") or 0), "vram"
+    else:
+        memory, kind = system_ram_bytes(), "ram"
+    return BackendInfo(name, device, memory, kind, mx.__version__)
+
+
+def compute_dtype(checkpoint_dtype: str, requested: str | None = None) -> mx.Dtype:
+    """float32 on the CPU (MLX's CPU half precision is 8-30x slower); the checkpoint's dtype on a GPU."""
+    if requested:
+        return DTYPE_NAMES[requested]
+    if backend_name() == "cpu":
+        return mx.float32
+    return MX_DTYPES.get(checkpoint_dtype, mx.bfloat16)
+
+
+def peak_memory_bytes() -> int:
+    return int(mx.get_peak_memory())
+
+
+def reset_peak_memory() -> None:
+    mx.reset_peak_memory()

@@ -1,0 +1,203 @@
+"""The one reader of checkpoints: config.json, safetensors headers, lazy weights, validation.
+
+Reading a checkpoint is cheap: config and tensor headers only. The estimator, ``info`` and the loader
+all start here; weights are only touched by ``Checkpoint.load_weights`` (lazy ``mx.load``).
+Every problem becomes a ``CheckpointError`` with one line naming the path and what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+
+from .errors import CheckpointError
+from .models import supported_model_types
+
+INDEX_FILE = "model.safetensors.index.json"
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+# bytes per element of each safetensors dtype
+DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+}
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: Path
+    dtype: str  # safetensors spelling: F32, BF16, U32, F8_E4M3, ...
+    shape: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * DTYPE_BYTES.get(self.dtype, 4)
+
+
+def normalize_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """Accepts both config key styles and returns the classic one the architectures read.
+
+    transformers 5 writes ``rope_parameters: {rope_theta, rope_type, factor, ...}`` where older
+    configs have ``rope_theta`` + ``rope_scaling``, and ``num_local_experts`` where some say
+    ``num_experts``. Real Hub checkpoints use both; we fill in whichever is missing.
+    """
+    config = dict(raw)
+    params = config.get("rope_parameters")
+    if isinstance(params, dict) and "rope_theta" in params:
+        config.setdefault("rope_theta", params["rope_theta"])
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type != "default" and not config.get("rope_scaling"):
+            config["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}
+    scaling = config.get("rope_scaling")
+    if isinstance(scaling, dict):
+        scaling = dict(scaling)
+        scaling.setdefault("rope_type", scaling.get("type", "default"))
+        config["rope_scaling"] = None if scaling["rope_type"] == "default" else scaling
+    for a, b in (("num_local_experts", "num_experts"), ("num_experts", "num_local_experts")):
+        if config.get(a) is not None and config.get(b) is None:
+            config[b] = config[a]
+    if "quantization" not in config and isinstance(config.get("quantization_config"), dict):
+        qc = config["quantization_config"]
+        if "group_size" in qc and "bits" in qc and qc.get("quant_method") in (None, "mlx"):
+            config["quantization"] = qc
+    return config
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: no config.json; expected a Hugging Face model folder")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e}); re-download or fix the file") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(raw).__name__}")
+    return normalize_config(raw)
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Tensor names, dtypes and shapes of one file, checking it is complete on disk."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weight shard is missing; re-download the checkpoint")
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes); re-download it")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise CheckpointError(f"{path}: corrupt or truncated safetensors header; re-download it")
+            header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not JSON); re-download it") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header; re-download it")
+    tensors, end = {}, 0
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, stop) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt safetensors entry for {name!r}; re-download it") from None
+        end = max(end, stop)
+        tensors[name] = TensorInfo(name, path, dtype, shape)
+    if 8 + n + end > size:
+        raise CheckpointError(
+            f"{path}: truncated ({size} bytes, header needs {8 + n + end}); re-download the checkpoint"
+        )
+    return tensors
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise CheckpointError(f"{index}: invalid index (no weight_map); re-download it") from None
+        return [folder / name for name in dict.fromkeys(weight_map.values())]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickles = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt*")]
+        hint = f" (found {pickles[0]}: edge-llm never loads pickled weights)" if pickles else ""
+        raise CheckpointError(f"{folder}: no *.safetensors weights{hint}")
+    return files
+
+
+@dataclass
+class Checkpoint:
+    """A model folder read cheaply: normalized config and every tensor's header entry."""
+
+    path: Path
+    config: dict[str, Any]
+    tensors: dict[str, TensorInfo] = field(repr=False)
+
+    @property
+    def model_type(self) -> str:
+        return self.config["model_type"]
+
+    @property
+    def quantization(self) -> dict[str, Any] | None:
+        return self.config.get("quantization")
+
+    @property
+    def weight_files(self) -> list[Path]:
+        return list(dict.fromkeys(t.file for t in self.tensors.values()))
+
+    @property
+    def dtype(self) -> str:
+        """The float dtype holding most parameters (``BF16``, ``F16``, ``F32``...)."""
+        counts: dict[str, int] = {}
+        for t in self.tensors.values():
+            if t.dtype in FLOAT_DTYPES or t.dtype.startswith("F8"):
+                counts[t.dtype] = counts.get(t.dtype, 0) + t.size
+        return max(counts, key=counts.__getitem__) if counts else "F32"
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def load_weights(self) -> dict[str, mx.array]:
+        """All tensors, lazily: nothing is read until an array is evaluated."""
+        weights: dict[str, mx.array] = {}
+        for file in self.weight_files:
+            try:
+                weights.update(mx.load(str(file)))
+            except (RuntimeError, ValueError) as e:
+                raise CheckpointError(f"{file}: cannot read weights ({e}); re-download it") from None
+        return weights
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """Reads config and tensor headers of a model folder, validating what can be checked cheaply."""
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise CheckpointError(f"{folder}: no such model folder")
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: expected a model folder (config.json + *.safetensors)")
+    config = read_config(folder)
+    model_type = config.get("model_type")
+    if model_type not in supported_model_types():
+        raise CheckpointError(
+            f"{folder / 'config.json'}: model_type {model_type!r} is not supported "
+            f"(supported: {', '.join(supported_model_types())})"
+        )
+    tensors: dict[str, TensorInfo] = {}
+    for file in _weight_files(folder):
+        tensors.update(read_safetensors_header(file))
+    return Checkpoint(folder, config, tensors)

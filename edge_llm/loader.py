@@ -1,0 +1,92 @@
+"""Checkpoint -> ready model: pick the architecture, quantize modules the config says, load weights.
+
+Loading reads the config, never the file name: a ``"quantization"`` block in the MLX community format
+(``{"group_size": 64, "bits": 4, "<module path>": {...} | false}``) decides which modules become
+``QuantizedLinear``/``QuantizedEmbedding``, exactly as mlx-lm reads it, so both read each other's files.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .backend import compute_dtype
+from .checkpoint import Checkpoint, read_checkpoint
+from .errors import CheckpointError
+from .models import get_architecture
+from .models.base import CausalLM
+
+log = logging.getLogger(__name__)
+
+
+def build_model(checkpoint: Checkpoint) -> CausalLM:
+    """The module tree for a checkpoint's config, with random (unloaded) weights."""
+    arch = get_architecture(checkpoint.model_type)
+    try:
+        args = arch.ModelArgs.from_dict(checkpoint.config)
+        return arch.Model(args)
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{checkpoint.path / 'config.json'}: {e}") from None
+
+
+def quantize_modules(model: nn.Module, quantization: dict[str, Any], has_scales) -> None:
+    """Turns the modules the quantization block names into quantized modules (weights not loaded).
+
+    ``has_scales(path)`` says whether the checkpoint holds ``{path}.scales``; per-module entries in
+    the block override the defaults (a dict of settings, or ``false`` to keep a module in float).
+    """
+    group_size, bits = quantization["group_size"], quantization["bits"]
+    mode = quantization.get("mode", "affine")
+
+    def predicate(path: str, module: nn.Module):
+        if path in quantization:
+            return quantization[path]
+        return hasattr(module, "to_quantized") and has_scales(path)
+
+    nn.quantize(model, group_size=group_size, bits=bits, mode=mode, class_predicate=predicate)
+
+
+def _cast(weights: dict[str, mx.array], dtype: mx.Dtype) -> dict[str, mx.array]:
+    return {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+
+
+def check_weights(checkpoint: Checkpoint, model: nn.Module, weights: dict[str, mx.array]) -> None:
+    expected = dict(tree_flatten(model.parameters()))
+    missing = [k for k in expected if k not in weights]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise CheckpointError(
+            f"{checkpoint.path}: checkpoint lacks tensor {missing[0]!r}{more}; re-download or reconvert it"
+        )
+    for name, param in expected.items():
+        if weights[name].shape != param.shape:
+            raise CheckpointError(
+                f"{checkpoint.path}: tensor {name!r} has shape {tuple(weights[name].shape)}, "
+                f"config implies {tuple(param.shape)}"
+            )
+    extra = [k for k in weights if k not in expected]
+    if extra:
+        log.warning("%s: ignoring %d unused tensors (e.g. %s)", checkpoint.path, len(extra), extra[0])
+
+
+def load_checkpoint(checkpoint: Checkpoint, dtype: str | None = None) -> CausalLM:
+    model = build_model(checkpoint)
+    weights = model.sanitize(checkpoint.load_weights())
+    if checkpoint.quantization:
+        quantize_modules(model, checkpoint.quantization, lambda p: f"{p}.scales" in weights)
+    weights = _cast(weights, compute_dtype(checkpoint.dtype, dtype))
+    check_weights(checkpoint, model, weights)
+    model.load_weights(list(weights.items()), strict=False)
+    mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+def load_model(path: str | Path, dtype: str | None = None) -> CausalLM:
+    """Loads a local checkpoint folder; ``dtype`` ('float32', 'bfloat16', 'float16') overrides policy."""
+    return load_checkpoint(read_checkpoint(path), dtype)

@@ -1,0 +1,21 @@
+"""Architectures, one module per Hugging Face ``model_type``; aliases name formats that share one."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+# model_type -> module under edge_llm.models that implements it
+ARCHITECTURES: dict[str, str] = {
+    "llama": "llama",
+    "mistral": "llama",
+}
+
+
+def supported_model_types() -> list[str]:
+    return sorted(ARCHITECTURES)
+
+
+def get_architecture(model_type: str) -> ModuleType:
+    """The module (with ``ModelArgs`` and ``Model``) for ``model_type``; KeyError when unknown."""
+    return importlib.import_module(f"{__name__}.{ARCHITECTURES[model_type]}")

@@ -1,0 +1,57 @@
+"""transformers as the oracle: tiny random checkpoints and their reference logits.
+
+Tests build a checkpoint with ``AutoConfig.for_model`` + ``from_config`` + ``save_pretrained`` and compare
+our fp32 logits with transformers' on the same tokens. Code we did not write decides what is right.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+TOLERANCE = 1e-4
+
+
+def build_tiny_checkpoint(folder: Path, model_type: str, seed: int = 0, old_style_keys: bool = False,
+                          **config) -> Path:
+    """Saves a randomly initialised transformers model of ``model_type`` into ``folder``.
+
+    ``old_style_keys`` rewrites config.json from transformers 5's ``rope_parameters`` into the classic
+    ``rope_theta`` + ``rope_scaling`` keys that older Hub checkpoints carry.
+    """
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model(model_type, **config)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    # Random init leaves norms at 1 and some biases at 0: perturb everything so no parameter is inert.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.save_pretrained(folder)
+    if old_style_keys:
+        rewrite_config_old_style(folder / "config.json")
+    return folder
+
+
+def rewrite_config_old_style(path: Path) -> None:
+    config = json.loads(path.read_text())
+    params = config.pop("rope_parameters", None)
+    if params:
+        config["rope_theta"] = params.pop("rope_theta")
+        if params.get("rope_type", "default") != "default":
+            params["type"] = params["rope_type"]
+            config["rope_scaling"] = params
+    path.write_text(json.dumps(config, indent=2))
+
+
+def reference_logits(folder: Path, tokens: np.ndarray) -> np.ndarray:
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor(tokens)).logits.float().numpy()
+
+
+def random_tokens(vocab_size: int, length: int, batch: int = 1, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab_size, size=(batch, length))
