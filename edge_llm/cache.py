@@ -96,9 +96,11 @@ def cache_nbytes(cache: list[Cache]) -> int:
     return sum(c.nbytes for c in cache)
 
 
-def trim_cache(cache: list[Cache], n: int) -> None:
+def truncate_cache(cache: list[Cache], length: int) -> None:
+    """Cuts every layer back to its first ``length`` tokens (layers may disagree after an interrupt)."""
     for c in cache:
-        c.trim(n)
+        if c.offset > length:
+            c.trim(c.offset - length)
 
 
 def cache_offset(cache: list[Cache]) -> int:
