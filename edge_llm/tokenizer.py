@@ -1,0 +1,488 @@
+"""Tokenizers: a model folder's tokenizer files -> encode / decode / chat templates / streaming text.
+
+Reference: transformers 5 ``AutoTokenizer.from_pretrained(folder)``; ids, text and rendered chats
+match it (tests/test_tokenizer.py proves it on SmolLM2 and a trained sentencepiece model).
+
+- ``tokenizer.json`` is run by the `tokenizers` library. Its post-processor alone decides whether
+  BOS/EOS are added: transformers 5 ignores ``add_bos_token``/``add_eos_token`` when tokenizer.json
+  exists, so do we (no double BOS).
+- ``tokenizer.model`` alone is run by `sentencepiece`, read the way transformers 5 reads a
+  ``LlamaTokenizer``: the model's own normalizer is replaced by none; spaces become "▁"; one "▁" is
+  prepended to the text (``legacy: true``: to every piece between special tokens; ``add_prefix_space:
+  false``: never) unless it starts with one; BOS/EOS follow ``add_bos_token``/``add_eos_token``
+  (default: not added, as in transformers 5); decoding strips that one leading space and joins
+  ``<0xNN>`` byte tokens, a run that is not valid UTF-8 becoming one U+FFFD per byte.
+- Special tokens come from tokenizer_config.json, then special_tokens_map.json; EOS ids are the union
+  of tokenizer_config.json, generation_config.json and config.json, in that order.
+- Chat templates: chat_template.jinja and additional_chat_templates/*.jinja win over
+  tokenizer_config.json's ``chat_template`` (a string or a list of ``{name, template}``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import sentencepiece
+from tokenizers import AddedToken
+from tokenizers import Tokenizer as _RustTokenizer
+
+from edge_llm.chat_template import DEFAULT_CHAT_TEMPLATE, read_chat_templates, render_chat_template
+from edge_llm.detokenizer import StreamingDetokenizer
+from edge_llm.errors import TokenizerError
+
+__all__ = [
+    "DEFAULT_CHAT_TEMPLATE", "StreamingDetokenizer", "Tokenizer", "TokenizerInfo", "describe_tokenizer",
+]  # fmt: skip
+
+_SPECIAL_ATTRS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+_CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+            (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))  # fmt: skip
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise TokenizerError(f"{path}: not readable JSON ({error}); re-download or fix it") from error
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path}: expected a JSON object, found {type(data).__name__}; repair the file")
+    return data
+
+
+def _token_text(value: Any) -> str | None:
+    """A special token as written in the configs: a string or ``{"content": ..., ...}``."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping) and isinstance(value.get("content"), str):
+        return value["content"]
+    return None
+
+
+def _int_list(value: Any) -> list[int]:
+    values = value if isinstance(value, list) else [value]
+    return [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
+
+
+def _unique(values: Iterable[int]) -> list[int]:
+    return list(dict.fromkeys(values))
+
+
+class _Backend(Protocol):
+    vocab_size: int
+    special_ids: set[int]
+    byte_fallback_ids: frozenset[int]
+    cleanup_spaces: bool
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]: ...
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str: ...
+    def token_to_id(self, token: str) -> int | None: ...
+    def id_to_token(self, token_id: int) -> str | None: ...
+
+
+class _TokenizersBackend:
+    """tokenizer.json through the `tokenizers` library."""
+
+    def __init__(self, path: Path, specials: list[str], config: Mapping[str, Any]) -> None:
+        try:
+            tok = _RustTokenizer.from_file(str(path))
+        except Exception as error:  # tokenizers raises a plain Exception for every parse problem
+            raise TokenizerError(
+                f"{path}: the tokenizers library cannot read it ({error}); re-download it"
+            ) from error
+        tok.no_truncation()
+        tok.no_padding()
+        # transformers registers every named special token as a special added token.
+        present = {t.content: t for t in tok.get_added_tokens_decoder().values()}
+        missing = [
+            AddedToken(t, special=True, normalized=False)
+            if t not in present
+            else AddedToken(t, single_word=present[t].single_word, lstrip=present[t].lstrip,
+                            rstrip=present[t].rstrip, normalized=present[t].normalized, special=True)
+            for t in specials
+            if t not in present or not present[t].special
+        ]  # fmt: skip
+        if missing:
+            tok.add_special_tokens(missing)
+        self._tok = tok
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        self.special_ids = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+        byte_fallback = tok.decoder is not None and "ByteFallback" in repr(tok.decoder)
+        vocab = tok.get_vocab(with_added_tokens=False) if byte_fallback else {}
+        self.byte_fallback_ids = frozenset(i for t, i in vocab.items() if _BYTE_TOKEN.fullmatch(t))
+        # transformers skips the cleanup for BPE models: it would eat real spaces before punctuation.
+        is_bpe = type(tok.model).__name__ == "BPE"
+        self.cleanup_spaces = bool(config.get("clean_up_tokenization_spaces")) and not is_bpe
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
+        text = self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        if self.cleanup_spaces:
+            for old, new in _CLEANUP:
+                text = text.replace(old, new)
+        return text
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, pos
+
+
+def _without_normalizer(proto: bytes) -> bytes:
+    """The ModelProto with normalizer_spec (field 3) replaced by identity, no dummy prefix, no
+    whitespace squeezing, and without self_test_data (field 4, which would no longer pass)."""
+    out, pos = bytearray(), 0
+    while pos < len(proto):
+        start = pos
+        key, pos = _varint(proto, pos)
+        wire = key & 7
+        if wire == 0:
+            _, pos = _varint(proto, pos)
+        elif wire == 2:
+            size, pos = _varint(proto, pos)
+            pos += size
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+        else:
+            raise ValueError(f"unexpected protobuf wire type {wire}")
+        if key >> 3 not in (3, 4):
+            out += proto[start:pos]
+    # name="identity", add_dummy_prefix=false, remove_extra_whitespaces=false, escape_whitespaces=true
+    spec = b"\x0a\x08identity\x18\x00\x20\x00\x28\x01"
+    return bytes(out + b"\x1a" + bytes([len(spec)]) + spec)
+
+
+class _SentencePieceBackend:
+    """tokenizer.model through `sentencepiece`, behaving like transformers 5's LlamaTokenizer."""
+
+    def __init__(
+        self,
+        sp: sentencepiece.SentencePieceProcessor,
+        named: Mapping[str, str],
+        extra: list[str],
+        config: Mapping[str, Any],
+    ) -> None:
+        self._sp = sp
+        size = sp.get_piece_size()
+        self._by_id: dict[int, str] = {}  # added tokens, some renaming a piece, some past the vocab
+        self._added: dict[str, int] = {}
+        self.special_ids: set[int] = set()
+        declared = config.get("added_tokens_decoder")
+        for key, spec in (declared if isinstance(declared, Mapping) else {}).items():
+            if str(key).isdigit() and (content := _token_text(spec)) is not None:
+                self._add(content, int(key), bool(isinstance(spec, Mapping) and spec.get("special")))
+        for content in [*named.values(), *extra]:
+            token_id = self.token_to_id(content)
+            self._add(content, token_id if token_id is not None else max([size - 1, *self._by_id]) + 1, True)
+        self.vocab_size = max([size - 1, *self._by_id]) + 1
+        self._split = re.compile("|".join(re.escape(t) for t in sorted(self._added, key=len, reverse=True)))
+        self.byte_fallback_ids = frozenset(i for i in range(size) if sp.is_byte(i) and i not in self._by_id)
+        self.cleanup_spaces = False  # a BPE model: transformers never cleans up
+        prefix_space = config.get("add_prefix_space") is not False
+        self._prepend = "never" if not prefix_space else "always" if config.get("legacy") is True else "first"
+        self._strip_space = prefix_space
+        bos, eos = named.get("bos_token"), named.get("eos_token")
+        self._bos = [self._added[bos]] if bos is not None and config.get("add_bos_token") is True else []
+        self._eos = [self._added[eos]] if eos is not None and config.get("add_eos_token") is True else []
+
+    def _add(self, content: str, token_id: int, special: bool) -> None:
+        self._added[content] = token_id
+        self._by_id[token_id] = content
+        if special:
+            self.special_ids.add(token_id)
+
+    def token_to_id(self, token: str) -> int | None:
+        if token in self._added:
+            return self._added[token]
+        token_id = self._sp.piece_to_id(token)
+        return token_id if self._sp.id_to_piece(token_id) == token else None
+
+    def id_to_token(self, token_id: int) -> str | None:
+        if token_id in self._by_id:
+            return self._by_id[token_id]
+        return self._sp.id_to_piece(token_id) if 0 <= token_id < self._sp.get_piece_size() else None
+
+    def _encode_text(self, text: str, at_start: bool) -> list[int]:
+        if not text:
+            return []
+        if (self._prepend == "always" or (self._prepend == "first" and at_start)) and text[0] not in " ▁":
+            text = " " + text
+        return self._sp.encode(text)
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        ids, pos = [], 0
+        for match in self._split.finditer(text) if self._added else ():
+            ids += self._encode_text(text[pos : match.start()], pos == 0)
+            ids.append(self._added[match.group()])
+            pos = match.end()
+        ids += self._encode_text(text[pos:], pos == 0)
+        return self._bos + ids + self._eos if add_special_tokens else ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
+        parts: list[str] = []
+        run = bytearray()
+        for token_id in ids:
+            if skip_special_tokens and token_id in self.special_ids:
+                continue
+            token = self.id_to_token(token_id)
+            if token is None:
+                continue
+            if (byte := _BYTE_TOKEN.fullmatch(token)) is not None:
+                run.append(int(byte[1], 16))
+                continue
+            if run:
+                parts.append(_byte_run_text(run))
+                run.clear()
+            parts.append(token.replace("▁", " "))
+        if run:
+            parts.append(_byte_run_text(run))
+        text = "".join(parts)
+        return text[1:] if self._strip_space and text.startswith(" ") else text
+
+
+def _byte_run_text(run: bytearray) -> str:
+    # tokenizers' ByteFallback: a run of byte tokens is valid UTF-8 or becomes one U+FFFD per byte.
+    try:
+        return run.decode("utf-8")
+    except UnicodeDecodeError:
+        return "\ufffd" * len(run)
+
+
+class Tokenizer:
+    """A model's tokenizer: ``Tokenizer.from_folder(path)``, then encode/decode/chat/stream."""
+
+    def __init__(
+        self,
+        backend: _Backend,
+        *,
+        source: str,
+        special_tokens: Mapping[str, str],
+        bos_token_id: int | None,
+        eos_token_ids: Sequence[int],
+        pad_token_id: int | None,
+        chat_templates: Mapping[str, str],
+    ) -> None:
+        self._backend = backend
+        self.source = source
+        self.special_tokens = dict(special_tokens)  # bos_token, eos_token, ...: what templates see
+        self.chat_templates = dict(chat_templates)  # name -> template; "default" is the model's
+        self._bos_token_id = bos_token_id
+        self._eos_token_ids = list(eos_token_ids)
+        self._pad_token_id = pad_token_id
+
+    @classmethod
+    def from_folder(cls, path: str | Path) -> Tokenizer:
+        """Load the tokenizer files of a model folder; raises TokenizerError if they are missing or bad."""
+        folder = Path(path)
+        if not folder.is_dir():
+            raise TokenizerError(f"{folder}: not a folder; pass the model folder that holds tokenizer.json")
+        config = _read_json(folder / "tokenizer_config.json")
+        token_map = _read_json(folder / "special_tokens_map.json")
+        named = {}
+        for attr in _SPECIAL_ATTRS:
+            text = _token_text(config.get(attr))
+            text = text if text is not None or attr in config else _token_text(token_map.get(attr))
+            if text is not None:
+                named[attr] = text
+        extra_values = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
+        if isinstance(extra_values, Mapping):
+            extra_values = list(extra_values.values())
+        extra = [t for t in map(_token_text, extra_values) if t is not None]
+
+        if (folder / "tokenizer.json").is_file():
+            backend: _Backend = _TokenizersBackend(
+                folder / "tokenizer.json", list(dict.fromkeys([*named.values(), *extra])), config
+            )
+        elif (folder / "tokenizer.model").is_file():
+            sp = _load_sentencepiece(folder / "tokenizer.model")
+            named = _sentencepiece_defaults(sp, named)
+            backend = _SentencePieceBackend(sp, named, extra, config)
+        else:
+            raise TokenizerError(
+                f"{folder}: no tokenizer.json or tokenizer.model; put the model's tokenizer files in it"
+            )
+
+        generation = _read_json(folder / "generation_config.json")
+        model_config = _read_json(folder / "config.json")
+
+        def token_id(attr: str) -> list[int]:
+            found = backend.token_to_id(named[attr]) if attr in named else None
+            return [] if found is None else [found]
+
+        def first(*candidates: list[int]) -> int | None:
+            return next((c[0] for c in candidates if c), None)
+
+        eos_ids = _unique(
+            [*token_id("eos_token"), *_int_list(generation.get("eos_token_id")),
+             *_int_list(model_config.get("eos_token_id"))]
+        )  # fmt: skip
+        return cls(
+            backend,
+            source=str(folder),
+            special_tokens=named,
+            bos_token_id=first(token_id("bos_token"), _int_list(generation.get("bos_token_id")),
+                               _int_list(model_config.get("bos_token_id"))),  # fmt: skip
+            eos_token_ids=eos_ids,
+            pad_token_id=first(token_id("pad_token"), _int_list(generation.get("pad_token_id"))),
+            chat_templates=read_chat_templates(folder, config),
+        )
+
+    # -- facts ---------------------------------------------------------------------------------
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._bos_token_id
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """Every id that ends a reply: tokenizer_config, generation_config, config.json (that order)."""
+        return list(self._eos_token_ids)
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self._pad_token_id
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids the tokenizer knows, added tokens included (transformers' ``len(tokenizer)``)."""
+        return self._backend.vocab_size
+
+    @property
+    def special_token_ids(self) -> set[int]:
+        """Ids that ``decode(..., skip_special_tokens=True)`` drops."""
+        return set(self._backend.special_ids)
+
+    @property
+    def chat_template(self) -> str | None:
+        """The model's default chat template, or None when it ships none."""
+        return self.chat_templates.get("default")
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._backend.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._backend.id_to_token(token_id)
+
+    # -- text ----------------------------------------------------------------------------------
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Ids for ``text``, equal to transformers' ``tokenizer(text)["input_ids"]``."""
+        return self._backend.encode(text, add_special_tokens)
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """Text for ``ids``, equal to transformers' ``tokenizer.decode(ids)``."""
+        return self._backend.decode([int(i) for i in ids], skip_special_tokens)
+
+    def detokenizer(self, skip_special_tokens: bool = False) -> StreamingDetokenizer:
+        """A fresh streaming detokenizer; its pieces join to ``decode(ids, skip_special_tokens)``."""
+        backend = self._backend
+        return StreamingDetokenizer(
+            lambda ids: backend.decode(ids, skip_special_tokens),
+            byte_fallback_ids=backend.byte_fallback_ids,
+            skipped_ids=frozenset(backend.special_ids) if skip_special_tokens else frozenset(),
+            cleanup_spaces=backend.cleanup_spaces,
+        )
+
+    # -- chat ----------------------------------------------------------------------------------
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """The conversation as the model's template renders it (transformers' ``tokenize=False``).
+
+        With no template in the folder, ``DEFAULT_CHAT_TEMPLATE`` renders "System: ...\\nUser: ...\\n"
+        and a final "Assistant:" when ``add_generation_prompt``. ``chat_template=`` picks a named
+        template or passes a template string; other keyword arguments reach the template.
+        """
+        template = self._pick_template(kwargs.pop("chat_template", None), tools)
+        variables = {**self.special_tokens, **kwargs}
+        return render_chat_template(
+            template, messages, add_generation_prompt=add_generation_prompt, tools=tools,
+            source=self.source, **variables,
+        )  # fmt: skip
+
+    def encode_chat(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+    ) -> list[int]:
+        """Ids of the rendered chat; no special tokens are added (the template writes its own BOS)."""
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, **kwargs), False)
+
+    def _pick_template(self, chosen: str | None, tools: object) -> str:
+        if chosen is not None:
+            return self.chat_templates.get(chosen, chosen)
+        if tools is not None and "tool_use" in self.chat_templates:
+            return self.chat_templates["tool_use"]
+        if "default" in self.chat_templates:
+            return self.chat_templates["default"]
+        if self.chat_templates:
+            raise TokenizerError(
+                f"{self.source}: several chat templates and none is the default; "
+                f"pass chat_template= one of {sorted(self.chat_templates)}"
+            )
+        return DEFAULT_CHAT_TEMPLATE
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.source!r}, vocab_size={self.vocab_size}, eos_token_ids={self.eos_token_ids})"
+
+
+def _load_sentencepiece(path: Path) -> sentencepiece.SentencePieceProcessor:
+    sp = sentencepiece.SentencePieceProcessor()
+    try:
+        sp.LoadFromSerializedProto(_without_normalizer(path.read_bytes()))
+    except (OSError, RuntimeError, ValueError, IndexError) as error:
+        raise TokenizerError(f"{path}: not a sentencepiece model ({error}); re-download it") from error
+    return sp
+
+
+def _sentencepiece_defaults(
+    sp: sentencepiece.SentencePieceProcessor,
+    named: Mapping[str, str],
+) -> dict[str, str]:
+    """bos/eos/unk from the sentencepiece model when the configs do not name them (as transformers)."""
+    out = dict(named)
+    proto_ids = {"bos_token": sp.bos_id(), "eos_token": sp.eos_id(), "unk_token": sp.unk_id()}
+    for attr, token_id in proto_ids.items():
+        if attr not in out and token_id >= 0:
+            out[attr] = sp.id_to_piece(token_id)
+    return out
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """What ``edge-llm info`` shows about a folder's tokenizer."""
+
+    kind: str | None  # "tokenizer.json", "tokenizer.model", or None when the folder has neither
+    vocab_size: int | None
+    chat_template: str | None  # template names, e.g. "default" or "default, tool_use"; None: fallback
+
+
+def describe_tokenizer(path: str | Path) -> TokenizerInfo:
+    """Facts about the tokenizer in a model folder; raises TokenizerError only for broken files."""
+    folder = Path(path)
+    kind = next((name for name in ("tokenizer.json", "tokenizer.model") if (folder / name).is_file()), None)
+    if kind is None:
+        return TokenizerInfo(None, None, None)
+    tok = Tokenizer.from_folder(folder)
+    return TokenizerInfo(kind, tok.vocab_size, ", ".join(tok.chat_templates) or None)
