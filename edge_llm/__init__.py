@@ -1,7 +1,7 @@
 """edge-llm: run open language models, above all Mixture-of-Experts models, on this machine."""
 
 from .errors import CheckpointError, EdgeLLMError, TokenizerError
-from .loader import load_model
+from .loader import load, load_model
 
-__all__ = ["load_model", "EdgeLLMError", "CheckpointError", "TokenizerError"]
+__all__ = ["load", "load_model", "EdgeLLMError", "CheckpointError", "TokenizerError"]
 __version__ = "0.1.0"

@@ -78,3 +78,16 @@ def peak_memory_bytes() -> int:
 
 def reset_peak_memory() -> None:
     mx.reset_peak_memory()
+
+
+def blas_library() -> str:
+    """The BLAS shared library this process has mapped (MLX's CPU matmuls run on it)."""
+    if platform.system() == "Darwin":
+        return "Accelerate"
+    try:
+        with open("/proc/self/maps") as f:
+            libs = {line.split()[-1] for line in f if "blas" in line.lower() or "mkl" in line.lower()}
+    except OSError:
+        return "unknown"
+    names = sorted(os.path.basename(p) for p in libs if p.startswith("/"))
+    return ", ".join(names) if names else "none found"

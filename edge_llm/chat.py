@@ -64,7 +64,7 @@ class ChatSession:
         tokens = self.tokenizer.encode_chat(self._conversation(), add_generation_prompt=True)
         # Over the model's context: forget the oldest turns (keep the latest question).
         while self.context_limit and len(tokens) + self.max_tokens > self.context_limit and len(self.messages) > 1:
-            del self.messages[:2] if len(self.messages) > 2 else self.messages[:1]
+            del self.messages[: 2 if len(self.messages) > 2 else 1]
             tokens = self.tokenizer.encode_chat(self._conversation(), add_generation_prompt=True)
         return tokens
 

@@ -111,7 +111,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         if name == "__metadata__":
             continue
         try:
-            dtype, shape, (start, stop) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
+            dtype, shape, (_, stop) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: corrupt safetensors entry for {name!r}; re-download it") from None
         end = max(end, stop)

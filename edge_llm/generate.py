@@ -114,7 +114,7 @@ def stream_generate(
     prompt: Sequence[int],
     *,
     cache: list[Cache] | None = None,
-    params: SamplingParams = SamplingParams(),
+    params: SamplingParams | None = None,
     max_tokens: int = 512,
     stop_strings: Sequence[str] = (),
     eos_ids: Sequence[int] | None = None,
@@ -128,7 +128,7 @@ def stream_generate(
     """
     cache = model.make_cache() if cache is None else cache
     eos = set(tokenizer.eos_token_ids if eos_ids is None else eos_ids)
-    sampler = Sampler(params, history=list(prompt))
+    sampler = Sampler(params or SamplingParams(), history=list(prompt))
     detok, stops = tokenizer.detokenizer(), _StopMatcher(stop_strings)
     stats = GenerationStats(prompt_tokens=len(prompt))
     reset_peak_memory()

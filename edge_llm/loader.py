@@ -18,8 +18,10 @@ from mlx.utils import tree_flatten
 from .backend import compute_dtype
 from .checkpoint import Checkpoint, read_checkpoint
 from .errors import CheckpointError
+from .hub import resolve_model
 from .models import get_architecture
 from .models.base import CausalLM
+from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -90,3 +92,11 @@ def load_checkpoint(checkpoint: Checkpoint, dtype: str | None = None) -> CausalL
 def load_model(path: str | Path, dtype: str | None = None) -> CausalLM:
     """Loads a local checkpoint folder; ``dtype`` ('float32', 'bfloat16', 'float16') overrides policy."""
     return load_checkpoint(read_checkpoint(path), dtype)
+
+
+def load(ref: str | Path, dtype: str | None = None) -> tuple[CausalLM, Tokenizer]:
+    """Resolves a model reference (folder or Hub repo id) and loads model and tokenizer."""
+    folder = resolve_model(ref)
+    checkpoint = read_checkpoint(folder)
+    tokenizer = Tokenizer.from_folder(folder)
+    return load_checkpoint(checkpoint, dtype), tokenizer

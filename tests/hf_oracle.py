@@ -13,13 +13,16 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from tests.tiny_tokenizer import VOCAB_SIZE, write_tiny_tokenizer
+
 TOLERANCE = 1e-4
 
 
 def build_tiny_checkpoint(folder: Path, model_type: str, seed: int = 0, old_style_keys: bool = False,
-                          **config) -> Path:
+                          with_tokenizer: bool = False, **config) -> Path:
     """Saves a randomly initialised transformers model of ``model_type`` into ``folder``.
 
+    ``with_tokenizer`` adds a small trained BPE tokenizer (vocab_size must cover it).
     ``old_style_keys`` rewrites config.json from transformers 5's ``rope_parameters`` into the classic
     ``rope_theta`` + ``rope_scaling`` keys that older Hub checkpoints carry.
     """
@@ -33,6 +36,9 @@ def build_tiny_checkpoint(folder: Path, model_type: str, seed: int = 0, old_styl
     model.save_pretrained(folder)
     if old_style_keys:
         rewrite_config_old_style(folder / "config.json")
+    if with_tokenizer:
+        assert cfg.vocab_size >= VOCAB_SIZE, "vocab_size must cover the tiny tokenizer"
+        write_tiny_tokenizer(folder)
     return folder
 
 

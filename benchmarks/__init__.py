@@ -1,0 +1,1 @@
+"""Speed and memory measurements against mlx-lm (not tests)."""

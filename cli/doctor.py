@@ -1,0 +1,37 @@
+"""``edge-llm doctor``: what this machine offers edge-llm."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+
+import typer
+
+from edge_llm.backend import available_ram_bytes, blas_library, detect
+
+from .common import human_bytes, user_errors
+
+
+@user_errors
+def doctor(as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
+    """Show the backend, device, memory, MLX version and BLAS in use."""
+    b = detect()
+    facts = {
+        "backend": b.name,
+        "device": b.device_name,
+        "memory_bytes": b.memory_bytes,
+        "memory_kind": b.memory_kind,
+        "available_ram_bytes": available_ram_bytes(),
+        "mlx_version": b.mlx_version,
+        "blas": blas_library(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+    }
+    if as_json:
+        print(json.dumps(facts))
+        return
+    labels = {"memory_bytes": "memory", "available_ram_bytes": "available RAM"}
+    for key, value in facts.items():
+        shown = human_bytes(value) if key.endswith("_bytes") else value
+        print(f"{labels.get(key, key.replace('_', ' ')):>14}: {shown}")

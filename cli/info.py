@@ -1,0 +1,52 @@
+"""``edge-llm info MODEL``: what a checkpoint is, read from config and headers only."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from edge_llm.checkpoint import read_checkpoint
+from edge_llm.hub import resolve_model
+from edge_llm.modelinfo import describe
+from edge_llm.tokenizer import describe_tokenizer
+
+from .common import human_bytes, human_count, user_errors
+
+
+@user_errors
+def info(
+    model: str = typer.Argument(..., help="Model folder or Hub repo id."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Show architecture, parameters, dtype/quantization, context length and tokenizer."""
+    checkpoint = read_checkpoint(resolve_model(model))
+    m = describe(checkpoint)
+    tok = describe_tokenizer(checkpoint.path)
+    facts = {
+        "model": str(m.path),
+        "architecture": m.architecture,
+        "model_type": m.model_type,
+        "params_total": m.params_total,
+        "params_active": m.params_active,
+        "experts": f"{m.experts[0]} of {m.experts[1]} per token" if m.experts else None,
+        "layers": m.num_layers,
+        "dtype": m.dtype,
+        "quantization": m.quantization,
+        "context_length": m.context_length,
+        "size_bytes": m.size_bytes,
+        "tokenizer": tok.kind,
+        "vocab_size": tok.vocab_size,
+        "chat_template": tok.chat_template,
+    }
+    if as_json:
+        print(json.dumps(facts))
+        return
+    shown = dict(facts)
+    shown["params_total"] = human_count(m.params_total)
+    shown["params_active"] = human_count(m.params_active)
+    shown["size_bytes"] = human_bytes(m.size_bytes)
+    shown["quantization"] = m.quantization or "none"
+    for key, value in shown.items():
+        if value is not None:
+            print(f"{key.replace('_', ' '):>15}: {value}")

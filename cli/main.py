@@ -1,0 +1,27 @@
+"""The ``edge-llm`` command: one typer app, one module per command."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import typer
+
+from . import doctor, info, run
+
+app = typer.Typer(
+    name="edge-llm",
+    help="Run open language models (Mixture-of-Experts first) on this machine, with MLX.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.command("run")(run.run)
+app.command("info")(info.info)
+app.command("doctor")(doctor.doctor)
+
+logging.basicConfig(level=os.environ.get("EDGE_LLM_LOG", "WARNING").upper(), format="%(levelname)s: %(message)s")
+
+if __name__ == "__main__":
+    app()
