@@ -1,0 +1,19 @@
+"""One tiny transformers config per supported model_type, for tests that cover every architecture.
+
+Each entry is the keyword arguments of ``tests.hf_oracle.build_tiny_checkpoint`` (model_type
+included). vocab_size covers the tiny tokenizer so ``with_tokenizer=True`` works. Architecture tests
+keep their own, richer variants; this table is the one representative per architecture that
+cross-cutting tests (quantize, run, estimate) iterate over. Add your architecture here.
+"""
+
+from __future__ import annotations
+
+TINY_BASE = dict(
+    vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+)
+
+TINY_CONFIGS: dict[str, dict] = {
+    "llama": dict(TINY_BASE, model_type="llama"),
+    "mistral": dict(TINY_BASE, model_type="mistral"),
+}
