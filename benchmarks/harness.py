@@ -1,0 +1,117 @@
+"""Shared benchmark plumbing: run a command in a fresh process, measure it, alternate tools, summarise.
+
+Every measurement runs in its own process so peak memory (``ru_maxrss`` from ``wait4``) belongs to one
+run. Tools alternate (A B A B ...) so drift on a noisy machine hits both alike; we report medians.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edge_llm.checkpoint import read_config
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+@dataclass
+class Run:
+    stdout: str
+    stderr: str
+    wall_s: float
+    max_rss_bytes: int
+
+
+def measure(cmd: Sequence[str], env: dict[str, str] | None = None, timeout: float = 1800) -> Run:
+    """Runs ``cmd`` in a fresh process; returns its output, wall time and its own peak resident memory."""
+    start = time.perf_counter()
+    proc = subprocess.run(_with_rss(cmd), capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    return Run(proc.stdout, proc.stderr, wall, _parse_rss(proc.stderr))
+
+
+# A parent that waits for exactly one child, so ru_maxrss is that child's peak alone.
+RSS_WRAPPER = (
+    "import os, sys\n"
+    "pid = os.fork()\n"
+    "if pid == 0:\n"
+    "    os.execvp(sys.argv[1], sys.argv[1:])\n"
+    "_, status, usage = os.wait4(pid, 0)\n"
+    "sys.stderr.write(f'\\n@@max_rss_kb={usage.ru_maxrss}\\n')\n"
+    "sys.exit(os.waitstatus_to_exitcode(status))\n"
+)
+
+
+def _with_rss(cmd: Sequence[str]) -> list[str]:
+    return [sys.executable, "-c", RSS_WRAPPER, *cmd]
+
+
+def _parse_rss(stderr: str) -> int:
+    m = re.search(r"@@max_rss_kb=(\d+)", stderr)
+    return int(m.group(1)) * 1024 if m else 0
+
+
+@dataclass
+class Series:
+    """Repeated measurements of one metric for one tool."""
+
+    values: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values) if self.values else float("nan")
+
+
+def alternate(tools: dict[str, Callable[[], dict[str, float]]], rounds: int) -> dict[str, dict[str, Series]]:
+    """Runs each tool once per round, in turn (A B A B), collecting every metric it returns."""
+    results: dict[str, dict[str, Series]] = {name: {} for name in tools}
+    for r in range(rounds):
+        for name, fn in tools.items():
+            metrics = fn()
+            print(f"  round {r + 1} {name}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+            for key, value in metrics.items():
+                results[name].setdefault(key, Series()).values.append(value)
+    return results
+
+
+def old_style_copy(folder: Path, dst: Path) -> Path:
+    """A copy of ``folder`` whose config.json uses rope_theta/rope_scaling (mlx-lm 0.32 reads only those).
+
+    Weight files are symlinked, not copied.
+    """
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    for item in folder.iterdir():
+        if item.name != "config.json":
+            (dst / item.name).symlink_to(item.resolve())
+    raw = json.loads((folder / "config.json").read_text())
+    config = read_config(folder)  # normalized: has rope_theta and rope_scaling
+    raw.pop("rope_parameters", None)
+    raw["rope_theta"] = config["rope_theta"]
+    if config.get("rope_scaling"):
+        raw["rope_scaling"] = config["rope_scaling"]
+    (dst / "config.json").write_text(json.dumps(raw, indent=2))
+    return dst
+
+
+def write_section(title: str, body: str) -> None:
+    """Replaces (or appends) the ``## title`` section of RESULTS.md."""
+    header = "# Benchmark results\n\nMeasured, not estimated. Each section names its command.\n"
+    text = RESULTS.read_text() if RESULTS.exists() else header
+    section = f"## {title}\n\n{body.strip()}\n"
+    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
+    RESULTS.write_text(text)
