@@ -9,6 +9,12 @@ from types import ModuleType
 ARCHITECTURES: dict[str, str] = {
     "llama": "llama",
     "mistral": "llama",
+    "deepseek_v2": "deepseek_v2",
+    "deepseek_v3": "deepseek_v3",
+    "mixtral": "mixtral",
+    "qwen2_moe": "qwen2_moe",
+    "qwen3_moe": "qwen3_moe",
+    "olmoe": "olmoe",
 }
 
 
