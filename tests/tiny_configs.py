@@ -16,4 +16,10 @@ TINY_BASE = dict(
 TINY_CONFIGS: dict[str, dict] = {
     "llama": dict(TINY_BASE, model_type="llama"),
     "mistral": dict(TINY_BASE, model_type="mistral"),
+    "mixtral": dict(TINY_BASE, model_type="mixtral", num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(TINY_BASE, model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2,
+                      moe_intermediate_size=64, shared_expert_intermediate_size=128),
+    "qwen3_moe": dict(TINY_BASE, model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2,
+                      moe_intermediate_size=64, norm_topk_prob=True),
+    "olmoe": dict(TINY_BASE, model_type="olmoe", num_experts=4, num_experts_per_tok=2),
 }
