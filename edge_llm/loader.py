@@ -18,6 +18,7 @@ from mlx.utils import tree_flatten
 from .backend import compute_dtype
 from .checkpoint import Checkpoint, read_checkpoint
 from .errors import CheckpointError
+from .fp8 import dequantize_fp8
 from .hub import resolve_model
 from .models import get_architecture
 from .models.base import CausalLM
@@ -53,8 +54,15 @@ def quantize_modules(model: nn.Module, quantization: dict[str, Any], has_scales)
     nn.quantize(model, group_size=group_size, bits=bits, mode=mode, class_predicate=predicate)
 
 
-def _cast(weights: dict[str, mx.array], dtype: mx.Dtype) -> dict[str, mx.array]:
-    return {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+def _cast(weights: dict[str, mx.array], dtype: mx.Dtype, keep: tuple[str, ...] = ()) -> dict[str, mx.array]:
+    """Floats to ``dtype``, except parameters whose path contains one of ``keep`` (a model's
+    ``keep_float32``, e.g. MoE routers that must stay float32)."""
+    def cast(k: str, v: mx.array) -> mx.array:
+        if not mx.issubdtype(v.dtype, mx.floating) or any(s in k for s in keep):
+            return v
+        return v.astype(dtype)
+
+    return {k: cast(k, v) for k, v in weights.items()}
 
 
 def check_weights(checkpoint: Checkpoint, model: nn.Module, weights: dict[str, mx.array]) -> None:
@@ -78,10 +86,11 @@ def check_weights(checkpoint: Checkpoint, model: nn.Module, weights: dict[str, m
 
 def load_checkpoint(checkpoint: Checkpoint, dtype: str | None = None) -> CausalLM:
     model = build_model(checkpoint)
-    weights = model.sanitize(checkpoint.load_weights())
+    # FP8 checkpoints (DeepSeek-V3 format) are dequantized before the model sees them
+    weights = model.sanitize(dequantize_fp8(checkpoint.load_weights(), checkpoint))
     if checkpoint.quantization:
         quantize_modules(model, checkpoint.quantization, lambda p: f"{p}.scales" in weights)
-    weights = _cast(weights, compute_dtype(checkpoint.dtype, dtype))
+    weights = _cast(weights, compute_dtype(checkpoint.dtype, dtype), getattr(model, "keep_float32", ()))
     check_weights(checkpoint, model, weights)
     model.load_weights(list(weights.items()), strict=False)
     mx.eval(model.parameters())

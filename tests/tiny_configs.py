@@ -22,4 +22,12 @@ TINY_CONFIGS: dict[str, dict] = {
     "qwen3_moe": dict(TINY_BASE, model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2,
                       moe_intermediate_size=64, norm_topk_prob=True),
     "olmoe": dict(TINY_BASE, model_type="olmoe", num_experts=4, num_experts_per_tok=2),
+    # MLA needs as many kv heads as heads (transformers repeats keys by heads // kv_heads)
+    "deepseek_v2": dict(TINY_BASE, model_type="deepseek_v2", num_key_value_heads=4, moe_intermediate_size=64,
+                        n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+                        kv_lora_rank=64, q_lora_rank=None, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32),
+    "deepseek_v3": dict(TINY_BASE, model_type="deepseek_v3", num_key_value_heads=4, moe_intermediate_size=64,
+                        n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+                        n_group=2, topk_group=1, kv_lora_rank=64, q_lora_rank=64, qk_nope_head_dim=32,
+                        qk_rope_head_dim=16, v_head_dim=32),
 }

@@ -1,0 +1,188 @@
+"""DeepSeek-V2 (V2, V2-Lite, V2.5, Coder-V2): MLA attention and a softmax-routed MoE with shared experts.
+
+Reference: transformers ``models/deepseek_v2/modeling_deepseek_v2.py`` (transformers 5). Differences:
+- the experts are stacked (``mlp.switch_mlp.{gate,up,down}_proj``, mlx-lm's layout) and run with gather
+  matmuls; ``sanitize`` stacks the per-expert checkpoint tensors;
+- the cache holds only MLA's latent, and decoding attends over it directly (see ``mla.py``);
+- ``moe_layer_freq`` and V2's ``norm_topk_prob`` follow DeepSeek's own modeling code (and mlx-lm):
+  transformers 5 ignores both. Every published V2 config has moe_layer_freq 1 and norm_topk_prob false,
+  where all three agree.
+DeepSeek-V3 (``deepseek_v3.py``) reuses this module tree with its own router and defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..cache import LatentCache
+from .base import BaseModelArgs, CausalLM, require
+from .deepseek_gate import SOFTMAX_METHODS, DeepseekMoE, MoEGate
+from .layers import MLP
+from .mla import MLAttention
+from .switch import stack_experts
+
+EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass
+class ModelArgs(BaseModelArgs):
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    moe_intermediate_size: int = 1407
+    n_routed_experts: int | None = 64
+    n_shared_experts: int | None = 2
+    num_experts_per_tok: int | None = None
+    topk_method: str = "greedy"
+    n_group: int | None = None
+    topk_group: int | None = None
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+    first_k_dense_replace: int = 0
+    moe_layer_freq: int = 1
+    kv_lora_rank: int = 512
+    q_lora_rank: int | None = 1536
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    quantization: dict | None = None  # the MLX quantization block, when the checkpoint has one
+
+    def __post_init__(self) -> None:
+        if self.n_routed_experts:
+            require(bool(self.num_experts_per_tok), "num_experts_per_tok", "must be set when n_routed_experts is")
+            require(self.num_experts_per_tok <= self.n_routed_experts, "num_experts_per_tok",
+                    f"{self.num_experts_per_tok} exceeds n_routed_experts {self.n_routed_experts}")
+            require(self.moe_layer_freq >= 1, "moe_layer_freq", f"must be >= 1, got {self.moe_layer_freq}")
+            self._check_groups()
+
+    def _check_groups(self) -> None:
+        require(self.topk_method in SOFTMAX_METHODS, "topk_method",
+                f"{self.topk_method!r} is not supported for DeepSeek-V2 (supported: {', '.join(SOFTMAX_METHODS)})")
+        if self.topk_method == "group_limited_greedy":
+            self._check_group_sizes()
+
+    def _check_group_sizes(self) -> None:
+        n_group, topk_group = self.n_group or 1, self.topk_group or 1
+        require(self.n_routed_experts % n_group == 0, "n_group",
+                f"{n_group} does not divide n_routed_experts {self.n_routed_experts}")
+        require(1 <= topk_group <= n_group, "topk_group", f"{topk_group} must be between 1 and n_group {n_group}")
+        require(topk_group * self.n_routed_experts // n_group >= self.num_experts_per_tok, "topk_group",
+                f"{topk_group} groups hold fewer experts than num_experts_per_tok {self.num_experts_per_tok}")
+
+    def is_moe_layer(self, index: int) -> bool:
+        return bool(self.n_routed_experts) and index >= self.first_k_dense_replace \
+            and index % self.moe_layer_freq == 0
+
+
+def make_gate(args: ModelArgs) -> MoEGate:
+    return MoEGate(args.hidden_size, args.n_routed_experts, args.num_experts_per_tok, args.topk_method,
+                   args.n_group, args.topk_group, args.norm_topk_prob, args.routed_scaling_factor)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, index: int, gate: MoEGate | None, traditional_rope: bool = True):
+        super().__init__()
+        self.self_attn = MLAttention(args, traditional_rope)
+        if gate is not None:
+            self.mlp = DeepseekMoE(args.hidden_size, args.moe_intermediate_size, args.n_routed_experts,
+                                   args.n_shared_experts, gate, act=args.hidden_act, shared_bias=args.mlp_bias)
+        else:
+            self.mlp = MLP(args.hidden_size, args.intermediate_size, bias=args.mlp_bias, act=args.hidden_act)
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, x: mx.array, cache: LatentCache | None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DeepseekModel(nn.Module):
+    def __init__(self, args: ModelArgs, make_gate=make_gate, traditional_rope: bool = True):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [
+            DecoderLayer(args, i, make_gate(args) if args.is_moe_layer(i) else None, traditional_rope)
+            for i in range(args.num_hidden_layers)
+        ]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, tokens: mx.array, cache: list[LatentCache] | None) -> mx.array:
+        h = self.embed_tokens(tokens)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cache[i] if cache is not None else None)
+        return self.norm(h)
+
+
+class Model(CausalLM):
+    # The router stays float32 whatever the compute dtype (transformers keeps it so; the selection
+    # bias of V3 is too fine for bfloat16). The loader skips casting parameters whose path has these.
+    keep_float32 = (".mlp.gate.",)
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = self._build(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def _build(self, args: ModelArgs) -> DeepseekModel:
+        return DeepseekModel(args, make_gate, traditional_rope=True)
+
+    def __call__(self, tokens: mx.array, cache: list[LatentCache] | None = None) -> mx.array:
+        h = self.model(tokens, cache)
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    @property
+    def layers(self) -> list[DecoderLayer]:
+        return self.model.layers
+
+    def make_cache(self) -> list[LatentCache]:
+        return [LatentCache() for _ in self.layers]
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Drops multi-token-prediction layers and rotary buffers; stacks experts into ``switch_mlp``."""
+        n_layers = self.args.num_hidden_layers
+        layer_index = re.compile(r"^model\.layers\.(\d+)\.")
+
+        def keep(name: str) -> bool:
+            m = layer_index.match(name)
+            return "rotary_emb.inv_freq" not in name and not (m and int(m.group(1)) >= n_layers)
+
+        weights = {k: v for k, v in weights.items() if keep(k)}
+        if self.args.tie_word_embeddings:
+            weights.pop("lm_head.weight", None)
+        for i in range(n_layers):
+            if self.args.is_moe_layer(i):
+                stack_layer_experts(weights, f"model.layers.{i}.mlp", self.args.n_routed_experts)
+        return weights
+
+
+def stack_layer_experts(weights: dict[str, mx.array], mlp: str, num_experts: int) -> None:
+    """Per-expert ``{mlp}.experts.{e}.*_proj`` (Hub files) or transformers' fused in-memory layout
+    (``experts.gate_up_proj [E, 2I, D]``, ``experts.down_proj [E, D, I]``) -> ``{mlp}.switch_mlp.*``."""
+    stack_experts(weights, f"{mlp}.experts", num_experts,
+                  {p: f"{mlp}.switch_mlp.{p}" for p in EXPERT_PROJECTIONS})
+    fused = weights.pop(f"{mlp}.experts.gate_up_proj", None)
+    if fused is not None:
+        gate, up = mx.split(fused, 2, axis=1)
+        weights[f"{mlp}.switch_mlp.gate_proj.weight"] = gate
+        weights[f"{mlp}.switch_mlp.up_proj.weight"] = up
+    down = weights.pop(f"{mlp}.experts.down_proj", None)
+    if down is not None:
+        weights[f"{mlp}.switch_mlp.down_proj.weight"] = down
