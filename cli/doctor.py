@@ -9,13 +9,17 @@ import sys
 import typer
 
 from edge_llm.backend import available_ram_bytes, blas_library, detect
+from edge_llm.bandwidth import machine_bandwidth
 
 from .common import human_bytes, user_errors
 
 
 @user_errors
-def doctor(as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
-    """Show the backend, device, memory, MLX version and BLAS in use."""
+def doctor(
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    remeasure: bool = typer.Option(False, "--remeasure", help="Measure memory bandwidth again."),
+) -> None:
+    """Show the backend, device, memory, memory bandwidth, MLX version and BLAS in use."""
     b = detect()
     facts = {
         "backend": b.name,
@@ -23,6 +27,7 @@ def doctor(as_json: bool = typer.Option(False, "--json", help="Print one JSON ob
         "memory_bytes": b.memory_bytes,
         "memory_kind": b.memory_kind,
         "available_ram_bytes": available_ram_bytes(),
+        "bandwidth_bytes_per_s": machine_bandwidth(refresh=remeasure),
         "mlx_version": b.mlx_version,
         "blas": blas_library(),
         "python": sys.version.split()[0],
@@ -31,7 +36,8 @@ def doctor(as_json: bool = typer.Option(False, "--json", help="Print one JSON ob
     if as_json:
         print(json.dumps(facts))
         return
-    labels = {"memory_bytes": "memory", "available_ram_bytes": "available RAM"}
+    labels = {"memory_bytes": "memory", "available_ram_bytes": "available RAM", "bandwidth_bytes_per_s": "bandwidth"}
     for key, value in facts.items():
         shown = human_bytes(value) if key.endswith("_bytes") else value
+        shown = f"{human_bytes(value)}/s (measured)" if key == "bandwidth_bytes_per_s" else shown
         print(f"{labels.get(key, key.replace('_', ' ')):>14}: {shown}")

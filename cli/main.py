@@ -7,7 +7,7 @@ import os
 
 import typer
 
-from . import doctor, info, run
+from . import bench, doctor, info, run
 
 app = typer.Typer(
     name="edge-llm",
@@ -20,6 +20,7 @@ app = typer.Typer(
 app.command("run")(run.run)
 app.command("info")(info.info)
 app.command("doctor")(doctor.doctor)
+app.command("bench")(bench.bench)
 
 logging.basicConfig(level=os.environ.get("EDGE_LLM_LOG", "WARNING").upper(), format="%(levelname)s: %(message)s")
 

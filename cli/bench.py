@@ -1,0 +1,38 @@
+"""``edge-llm bench MODEL``: speed and memory of one model on this machine."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from edge_llm.bench import PROMPT_LENGTHS, run_bench
+
+from .common import err, human_bytes, user_errors
+
+
+@user_errors
+def bench(
+    model: str = typer.Argument(..., help="Model folder, GGUF file or Hub repo id."),
+    decode_tokens: int = typer.Option(64, "--decode-tokens", min=1, help="Tokens to decode for the decode speed."),
+    prompt_lengths: str = typer.Option(",".join(map(str, PROMPT_LENGTHS)), "--prompt-lengths",
+                                       help="Comma-separated prompt lengths for prefill speed."),
+    dtype: str | None = typer.Option(None, "--dtype", help="Compute dtype: float32, bfloat16, float16."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Measure load time, time to first token, prefill and decode tok/s, peak memory and bandwidth use."""
+    lengths = tuple(int(n) for n in prompt_lengths.split(",") if n.strip())
+    with err.status(f"benchmarking {model}", spinner="dots"):
+        r = run_bench(model, lengths, decode_tokens, dtype)
+    if as_json:
+        print(json.dumps(r.to_dict()))
+        return
+    print(f"model            {r.model} ({r.backend})")
+    print(f"load             {r.load_s:.2f} s")
+    print(f"first token      {r.time_to_first_token_s * 1000:.0f} ms ({min(r.prefill_tps)}-token prompt)")
+    for n, tps in r.prefill_tps.items():
+        print(f"prefill {n:>5}    {tps:.1f} tok/s")
+    print(f"decode           {r.decode_tps:.2f} tok/s ({r.decode_tokens} tokens)")
+    print(f"peak memory      {human_bytes(r.peak_memory_bytes)}")
+    print(f"bandwidth        {human_bytes(r.achieved_bytes_per_s)}/s of {human_bytes(r.bandwidth_bytes_per_s)}/s "
+          f"measured = {r.bandwidth_fraction:.0%} ({human_bytes(r.active_weight_bytes)} read per token)")

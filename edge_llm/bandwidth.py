@@ -1,0 +1,76 @@
+"""Memory bandwidth of this machine, measured once and remembered.
+
+Decoding reads every active weight once per token, so bandwidth / bytes-per-token is the ceiling on
+decode speed. We measure a large read (a reduction over an array several times the size of the
+caches) with MLX on the active device, keep the best of a few runs, and store the figure per device
+under ``$EDGE_LLM_HOME`` (default ``~/.cache/edge-llm``) so later commands can use it at no cost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+from .backend import detect
+
+MEASURE_BYTES = 512 * 1024 * 1024
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get("EDGE_LLM_HOME") or Path.home() / ".cache" / "edge-llm")
+
+
+def _store() -> Path:
+    return state_dir() / "bandwidth.json"
+
+
+def _device_key() -> str:
+    info = detect()
+    return f"{info.name}:{info.device_name}"
+
+
+def measure_bandwidth(nbytes: int = MEASURE_BYTES, repeats: int = 5) -> float:
+    """Bytes per second read by a full reduction over ``nbytes`` of float32 (best of ``repeats``)."""
+    a = mx.ones((nbytes // 4,), dtype=mx.float32)
+    mx.eval(a)
+    mx.eval(mx.sum(a))  # warm up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mx.eval(mx.sum(a))
+        best = min(best, time.perf_counter() - start)
+    del a
+    return nbytes / best
+
+
+def remembered_bandwidth() -> float | None:
+    """The stored figure for this device, or None when it was never measured."""
+    try:
+        return float(json.loads(_store().read_text())[_device_key()])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def machine_bandwidth(refresh: bool = False) -> float:
+    """The remembered bandwidth, measuring (and storing) it first when needed."""
+    if not refresh and (known := remembered_bandwidth()) is not None:
+        return known
+    value = measure_bandwidth()
+    path = _store()
+    try:
+        data = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        data = {}
+    data[_device_key()] = value
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only home only costs a re-measurement next time
+    return value

@@ -1,0 +1,122 @@
+"""`edge-llm bench`: load time, time to first token, prefill and decode speed, memory, bandwidth use.
+
+Prompts are random token ids (no tokenizer work is timed). Decode speed is set against the roofline:
+the bytes a decode step must read (active weights, as loaded in memory) times tokens per second,
+divided by this machine's measured memory bandwidth.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from .backend import detect, peak_memory_bytes, reset_peak_memory
+from .bandwidth import machine_bandwidth
+from .checkpoint import read_checkpoint
+from .generate import generate_tokens, prefill
+from .hub import resolve_model
+from .loader import load_checkpoint
+from .models.base import CausalLM
+from .sampling import Sampler, SamplingParams
+
+PROMPT_LENGTHS = (128, 512, 2048)
+
+
+@dataclass
+class BenchResult:
+    model: str
+    backend: str
+    load_s: float
+    time_to_first_token_s: float  # for the shortest prompt
+    prefill_tps: dict[int, float] = field(default_factory=dict)  # prompt length -> tokens/s
+    decode_tps: float = 0.0
+    decode_tokens: int = 0
+    peak_memory_bytes: int = 0
+    active_weight_bytes: int = 0  # read per decoded token
+    achieved_bytes_per_s: float = 0.0
+    bandwidth_bytes_per_s: float = 0.0
+    bandwidth_fraction: float = 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["prefill_tps"] = {str(k): v for k, v in self.prefill_tps.items()}
+        return d
+
+
+def _is_routed_expert(name: str) -> bool:
+    return ".switch_mlp." in name
+
+
+def active_weight_bytes(model: CausalLM) -> int:
+    """Bytes one decode step reads: every weight once, routed experts only k of E, embeddings one row.
+
+    A tied embedding doubles as the output projection, so then it is read in full.
+    """
+    args = model.args
+    k = getattr(args, "num_experts_per_tok", None)
+    n = (getattr(args, "n_routed_experts", None) or getattr(args, "num_local_experts", None)
+         or getattr(args, "num_experts", None))
+    tied = getattr(args, "tie_word_embeddings", False)
+    total = 0
+    for name, p in tree_flatten(model.parameters()):
+        if "embed_tokens" in name and not tied:
+            total += p.nbytes // p.shape[0]  # one row per token
+        elif _is_routed_expert(name) and k and n:
+            total += p.nbytes * k // n
+        else:
+            total += p.nbytes
+    return total
+
+
+def _random_prompt(vocab: int, length: int, seed: int) -> list[int]:
+    return np.random.default_rng(seed).integers(0, vocab, size=length).tolist()
+
+
+def time_prefill(model: CausalLM, tokens: list[int]) -> float:
+    """Seconds to process ``tokens`` and produce the next token's logits."""
+    cache = model.make_cache()
+    start = time.perf_counter()
+    prefill(model, tokens[:-1], cache)
+    mx.eval(model(mx.array(tokens[-1:])[None], cache=cache))
+    return time.perf_counter() - start
+
+
+def run_bench(ref: str | Path, prompt_lengths: tuple[int, ...] = PROMPT_LENGTHS, decode_tokens: int = 64,
+              dtype: str | None = None) -> BenchResult:
+    reset_peak_memory()
+    start = time.perf_counter()
+    checkpoint = read_checkpoint(resolve_model(ref))
+    model = load_checkpoint(checkpoint, dtype)
+    load_s = time.perf_counter() - start
+    vocab = model.args.vocab_size
+    limit = getattr(model.args, "max_position_embeddings", None) or max(prompt_lengths)
+    lengths = [n for n in prompt_lengths if n + decode_tokens <= limit] or [min(prompt_lengths)]
+    time_prefill(model, _random_prompt(vocab, 16, seed=99))  # warm up kernels and allocator
+    prefill_tps, ttft = {}, 0.0
+    for i, n in enumerate(lengths):
+        seconds = time_prefill(model, _random_prompt(vocab, n, seed=i))
+        prefill_tps[n] = n / seconds
+        ttft = ttft or seconds
+    prompt = _random_prompt(vocab, lengths[0], seed=1234)
+    cache, sampler = model.make_cache(), Sampler(SamplingParams(temperature=0))
+    tokens = generate_tokens(model, prompt, cache, sampler, decode_tokens + 1)
+    next(tokens)  # the first token comes from the prefill
+    start = time.perf_counter()
+    count = sum(1 for _ in tokens)
+    decode_tps = count / (time.perf_counter() - start)
+    peak = peak_memory_bytes()  # before the bandwidth probe allocates its own buffer
+    active = active_weight_bytes(model)
+    bandwidth = machine_bandwidth()
+    achieved = active * decode_tps
+    return BenchResult(
+        model=str(ref), backend=detect().name, load_s=load_s, time_to_first_token_s=ttft,
+        prefill_tps=prefill_tps, decode_tps=decode_tps, decode_tokens=count,
+        peak_memory_bytes=peak, active_weight_bytes=active,
+        achieved_bytes_per_s=achieved, bandwidth_bytes_per_s=bandwidth,
+        bandwidth_fraction=achieved / bandwidth if bandwidth else 0.0,
+    )

@@ -1,0 +1,45 @@
+"""`edge-llm bench --json` reports every figure the issue names, with sane values; doctor remembers bandwidth."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from cli.main import app
+from edge_llm.bandwidth import remembered_bandwidth
+from tests.hf_oracle import build_tiny_checkpoint
+from tests.tiny_configs import TINY_CONFIGS
+
+
+def test_bench_json_fields(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGE_LLM_HOME", str(tmp_path / "home"))
+    folder = build_tiny_checkpoint(tmp_path / "tiny", **TINY_CONFIGS["llama"])
+    result = CliRunner().invoke(app, ["bench", str(folder), "--json", "--decode-tokens", "8",
+                                      "--prompt-lengths", "16,64"])
+    assert result.exit_code == 0, result.output
+    r = json.loads(result.stdout)
+    assert set(r["prefill_tps"]) == {"16", "64"} and all(v > 0 for v in r["prefill_tps"].values())
+    assert r["load_s"] > 0 and r["time_to_first_token_s"] > 0
+    assert r["decode_tps"] > 0 and r["decode_tokens"] == 8
+    assert r["peak_memory_bytes"] > 0 and r["backend"] == "cpu"
+    # untied tiny llama in float32: every weight except the embedding table is read per token
+    cfg = TINY_CONFIGS["llama"]
+    h, v, i, n = cfg["hidden_size"], cfg["vocab_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    kv = cfg["num_key_value_heads"] * h // cfg["num_attention_heads"]
+    per_layer = h * h * 2 + h * kv * 2 + 3 * h * i + 2 * h
+    assert r["active_weight_bytes"] == 4 * (n * per_layer + h + v * h + h)
+    assert r["achieved_bytes_per_s"] == r["active_weight_bytes"] * r["decode_tps"]
+    assert r["bandwidth_bytes_per_s"] > 1e8
+    assert r["bandwidth_fraction"] == r["achieved_bytes_per_s"] / r["bandwidth_bytes_per_s"]
+    human = CliRunner().invoke(app, ["bench", str(folder), "--decode-tokens", "4", "--prompt-lengths", "16"])
+    assert human.exit_code == 0 and "bandwidth" in human.stdout and "%" in human.stdout
+
+
+def test_doctor_measures_bandwidth_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGE_LLM_HOME", str(tmp_path / "home"))
+    assert remembered_bandwidth() is None
+    first = json.loads(CliRunner().invoke(app, ["doctor", "--json"]).stdout)["bandwidth_bytes_per_s"]
+    assert first > 1e8 and remembered_bandwidth() == first
+    again = json.loads(CliRunner().invoke(app, ["doctor", "--json"]).stdout)["bandwidth_bytes_per_s"]
+    assert again == first  # remembered, not re-measured
