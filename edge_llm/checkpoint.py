@@ -152,6 +152,11 @@ class Checkpoint:
         return self.config["model_type"]
 
     @property
+    def config_path(self) -> Path:
+        """Where the config came from, for error messages (a GGUF checkpoint: the file itself)."""
+        return self.path / "config.json"
+
+    @property
     def quantization(self) -> dict[str, Any] | None:
         return self.config.get("quantization")
 
@@ -189,7 +194,11 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     if not folder.exists():
         raise CheckpointError(f"{folder}: no such model folder")
     if not folder.is_dir():
-        raise CheckpointError(f"{folder}: expected a model folder (config.json + *.safetensors)")
+        from .gguf import is_gguf, read_gguf_checkpoint  # gguf.py builds on this module
+
+        if is_gguf(folder):
+            return read_gguf_checkpoint(folder)
+        raise CheckpointError(f"{folder}: expected a model folder (config.json + *.safetensors) or a .gguf file")
     config = read_config(folder)
     model_type = config.get("model_type")
     if model_type not in supported_model_types():

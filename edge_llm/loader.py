@@ -34,7 +34,7 @@ def build_model(checkpoint: Checkpoint) -> CausalLM:
         args = arch.ModelArgs.from_dict(checkpoint.config)
         return arch.Model(args)
     except (ValueError, TypeError, KeyError) as e:
-        raise CheckpointError(f"{checkpoint.path / 'config.json'}: {e}") from None
+        raise CheckpointError(f"{checkpoint.config_path}: {e}") from None
 
 
 def quantize_modules(model: nn.Module, quantization: dict[str, Any], has_scales) -> None:

@@ -1,0 +1,352 @@
+"""A GGUF file (llama.cpp, Ollama, LM Studio) read as a ``Checkpoint``: HF-style config, HF tensor names.
+
+References: llama.cpp ``convert_hf_to_gguf.py`` (what it renames and permutes, which metadata keys it
+writes) and ``src/llama-arch.cpp`` (tensor names); transformers ``modeling_gguf_pytorch_utils.py``,
+which reads the same files back into transformers models (our oracle in the tests).
+
+What a reader of the checkpoint sees is what a converted Hugging Face folder would give:
+
+- ``config``: the transformers config keys the architectures read (``hidden_size``, ``rope_theta``,
+  ``rope_scaling``, ``tie_word_embeddings`` when there is no ``output.weight``, ...), and a
+  ``quantization`` block in the MLX format when tensors stay quantized (Q4_0/Q4_1/Q8_0, group 32,
+  per-module overrides where a file mixes 4 and 8 bits, e.g. a Q8_0 embedding in a Q4_1 file).
+- ``tensors``: header facts per HF name as they will be in memory (packed uint32 + float16 scales and
+  biases for quantized ones, float16 for dequantized K-quants).
+- ``load_weights()``: HF-named MLX arrays, with llama.cpp's rope permutation of q/k rows undone (its
+  ``permute`` interleaves the two rotary halves for GGML's "normal" rope; we use rotate-half, as HF).
+
+Files whose tensors are all of the types MLX reads natively go through ``mx.load`` (fast C++); any
+BF16 (which ``mx.load`` rounds to float16) or K-quant tensor sends the whole file through our numpy
+path (``gguf_quants``), which gives bit-identical results for the native types.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from . import gguf_quants
+from .checkpoint import Checkpoint, TensorInfo
+from .errors import CheckpointError
+from .gguf_reader import GGUFFile, GGUFTensor, read_gguf
+from .models import supported_model_types
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_TYPES = (*gguf_quants.FLOATS, *gguf_quants.MLX_QUANTIZED, *gguf_quants.DEQUANTIZED)
+_NATIVE = {"F32", "F16", *gguf_quants.MLX_QUANTIZED}  # what mx.load reads exactly
+
+# GGUF tensor name (without .weight/.bias) -> HF module path, for llama.cpp's dense decoder names.
+_DENSE_NAMES = [
+    (r"token_embd", "model.embed_tokens"),
+    (r"output_norm", "model.norm"),
+    (r"output", "lm_head"),
+    (r"blk\.(\d+)\.attn_norm", r"model.layers.\1.input_layernorm"),
+    (r"blk\.(\d+)\.ffn_norm", r"model.layers.\1.post_attention_layernorm"),
+    (r"blk\.(\d+)\.attn_q", r"model.layers.\1.self_attn.q_proj"),
+    (r"blk\.(\d+)\.attn_k", r"model.layers.\1.self_attn.k_proj"),
+    (r"blk\.(\d+)\.attn_v", r"model.layers.\1.self_attn.v_proj"),
+    (r"blk\.(\d+)\.attn_output", r"model.layers.\1.self_attn.o_proj"),
+    (r"blk\.(\d+)\.ffn_gate", r"model.layers.\1.mlp.gate_proj"),
+    (r"blk\.(\d+)\.ffn_up", r"model.layers.\1.mlp.up_proj"),
+    (r"blk\.(\d+)\.ffn_down", r"model.layers.\1.mlp.down_proj"),
+]
+# Tensors llama.cpp writes that hold no weights of the HF model.
+_DROPPED = ("rope_freqs.weight",)
+
+
+@dataclass
+class GGUFCheckpoint(Checkpoint):
+    """A ``.gguf`` file as a checkpoint; ``path`` is the file."""
+
+    gguf: GGUFFile | None = field(default=None, repr=False)
+    names: dict[str, str] = field(default_factory=dict, repr=False)  # GGUF tensor -> HF module path
+
+    @property
+    def config_path(self) -> Path:
+        return self.path
+
+    @property
+    def file_type(self) -> str:
+        """The ggml type holding most weights, as llama.cpp names files (``Q4_1``, ``Q4_K``, ``F16``)."""
+        counts = Counter()
+        for t in self.gguf.tensors.values():
+            counts[t.type_name] += t.size
+        return counts.most_common(1)[0][0]
+
+    def load_weights(self) -> dict[str, mx.array]:
+        """HF-named arrays, q/k rows un-permuted; quantized tensors as ``weight``/``scales``/``biases``."""
+        raw = self._load_native() if self._all_native() else self._load_numpy()
+        weights: dict[str, mx.array] = {}
+        for name, array in raw.items():
+            base, suffix = name.rsplit(".", 1)
+            if name in _DROPPED or base not in self.names:
+                continue
+            module = self.names[base]
+            weights[f"{module}.{suffix}"] = self._unpermute(module, array)
+        return weights
+
+    def _all_native(self) -> bool:
+        return all(t.type_name in _NATIVE for t in self.gguf.tensors.values())
+
+    def _load_native(self) -> dict[str, mx.array]:
+        try:
+            return mx.load(str(self.path))
+        except (RuntimeError, ValueError) as e:
+            raise CheckpointError(f"{self.path}: cannot read weights ({e}); re-download it") from None
+
+    def _load_numpy(self) -> dict[str, mx.array]:
+        out: dict[str, mx.array] = {}
+        data = np.memmap(self.path, dtype=np.uint8, mode="r")
+        dequantized = 0
+        for name, t in self.gguf.tensors.items():
+            raw = data[t.offset : t.offset + t.nbytes]
+            if t.type_name in gguf_quants.MLX_QUANTIZED:
+                base = name.rsplit(".", 1)[0]
+                w, s, b = gguf_quants.to_mlx_quantized(raw, t.type_name, t.shape)
+                out[name], out[f"{base}.scales"], out[f"{base}.biases"] = mx.array(w), mx.array(s), mx.array(b)
+            elif t.type_name in gguf_quants.DEQUANTIZED:
+                out[name] = mx.array(gguf_quants.dequantize(raw, t.type_name, t.shape))
+                dequantized += t.size
+            elif t.type_name == "BF16":
+                out[name] = mx.array(gguf_quants.floats(raw, "BF16", t.shape)).view(mx.bfloat16)
+            else:
+                out[name] = mx.array(gguf_quants.floats(raw, t.type_name, t.shape))
+        del data
+        if dequantized:
+            kinds = sorted({t.type_name for t in self.gguf.tensors.values() if t.type_name in gguf_quants.DEQUANTIZED})
+            on_disk = sum(t.nbytes for t in self.gguf.tensors.values() if t.type_name in gguf_quants.DEQUANTIZED)
+            log.warning(
+                "%s: %s tensors are dequantized to float16 (MLX cannot run them quantized): %.2f GB in memory "
+                "instead of %.2f GB on disk; a Q4_0/Q8_0 file, or `edge-llm quantize` of this one, stays small",
+                self.path.name, "/".join(kinds), dequantized * 2 / 1e9, on_disk / 1e9,
+            )  # fmt: skip
+        return out
+
+    def _unpermute(self, module: str, array: mx.array) -> mx.array:
+        """Undo llama.cpp's ``permute`` of q/k rows: per head, [D/2 pairs, 2] back to [2 halves, D/2]."""
+        heads = self._permuted_heads(module)
+        if heads is None:
+            return array
+        shape = array.shape
+        rows = array.reshape(heads, shape[0] // heads // 2, 2, *shape[1:])  # [H, D/2, 2, ...]
+        return rows.swapaxes(1, 2).reshape(shape)
+
+    def _permuted_heads(self, module: str) -> int | None:
+        if self.gguf.get("general.architecture") != "llama":
+            return None  # only llama.cpp's LLM_ARCH_LLAMA family is permuted
+        if module.endswith("self_attn.q_proj"):
+            return self.config["num_attention_heads"]
+        if module.endswith("self_attn.k_proj"):
+            return self.config["num_key_value_heads"]
+        return None
+
+
+def _hf_name(gguf_base: str, table: list[tuple[str, str]]) -> str | None:
+    for pattern, repl in table:
+        if re.fullmatch(pattern, gguf_base):
+            return re.sub(pattern, repl, gguf_base)
+    return None
+
+
+def _required(g: GGUFFile, key: str) -> Any:
+    value = g.arch_key(key)
+    if value is None:
+        arch = g.get("general.architecture")
+        raise CheckpointError(f"{g.path}: GGUF metadata lacks {arch}.{key}; re-convert the file with llama.cpp")
+    if isinstance(value, list):
+        raise CheckpointError(
+            f"{g.path}: {g.get('general.architecture')}.{key} varies per layer, which edge-llm does not support"
+        )
+    return value
+
+
+def _llama3_rope(g: GGUFFile, head_dim: int, theta: float) -> dict[str, Any] | None:
+    """Llama 3.1+ stores its rope scaling as per-frequency factors (``rope_freqs.weight``), not metadata.
+
+    Rebuild the transformers ``llama3`` parameters from them: ``factor`` is the largest factor; the
+    smoothing band is the one every Llama 3.x release uses (low 1, high 4, original context 8192);
+    the factors it implies must equal the file's, or we refuse rather than run a wrong rope.
+    """
+    tensor = g.tensors.get("rope_freqs.weight")
+    if tensor is None:
+        return None
+    if tensor.type_name != "F32":
+        raise CheckpointError(f"{g.path}: rope_freqs.weight is {tensor.type_name}, expected F32")
+    factors = g.read(tensor).view(np.float32).astype(np.float64)
+    scaling = {"rope_type": "llama3", "factor": float(factors.max()), "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # fmt: skip
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (8192 / wavelen - 1.0) / 3.0
+    expected = np.where(
+        wavelen < 8192 / 4.0, 1.0,
+        np.where(wavelen > 8192, scaling["factor"], 1 / ((1 - smooth) / scaling["factor"] + smooth)),
+    )  # fmt: skip
+    if expected.shape != factors.shape or not np.allclose(expected, factors, rtol=1e-4):
+        raise CheckpointError(
+            f"{g.path}: rope_freqs.weight does not match Llama 3 rope scaling; this file's rope is not supported"
+        )
+    return scaling
+
+
+def _rope_scaling(g: GGUFFile, head_dim: int, theta: float) -> dict[str, Any] | None:
+    kind = g.arch_key("rope.scaling.type")
+    if kind in (None, "none"):
+        return _llama3_rope(g, head_dim, theta)
+    factor = g.arch_key("rope.scaling.factor") or g.arch_key("rope.scale_linear")
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(factor)}
+    if kind == "yarn":
+        scaling = {"rope_type": "yarn", "factor": float(factor)}
+        original = g.arch_key("rope.scaling.original_context_length")
+        if original:
+            scaling["original_max_position_embeddings"] = int(original)
+        for key, hf in (("rope.scaling.yarn_beta_fast", "beta_fast"), ("rope.scaling.yarn_beta_slow", "beta_slow")):
+            if g.arch_key(key) is not None:
+                scaling[hf] = float(g.arch_key(key))
+        return scaling
+    raise CheckpointError(f"{g.path}: rope scaling {kind!r} is not supported (none, linear, yarn are)")
+
+
+def _llama_config(g: GGUFFile) -> dict[str, Any]:
+    hidden = int(_required(g, "embedding_length"))
+    heads = int(_required(g, "attention.head_count"))
+    kv_heads = int(g.arch_key("attention.head_count_kv") or heads)
+    head_dim = int(g.arch_key("attention.key_length") or hidden // heads)
+    theta = float(g.arch_key("rope.freq_base") or 10000.0)
+    tokens = g.get("tokenizer.ggml.tokens")
+    embed = g.tensors.get("token_embd.weight")
+    vocab = g.arch_key("vocab_size") or (len(tokens) if tokens else None) or (embed.shape[0] if embed else None)
+    config = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": int(vocab),
+        "hidden_size": hidden,
+        "intermediate_size": int(_required(g, "feed_forward_length")),
+        "num_hidden_layers": int(_required(g, "block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "rms_norm_eps": float(g.arch_key("attention.layer_norm_rms_epsilon") or 1e-5),
+        "max_position_embeddings": int(g.arch_key("context_length") or 2048),
+        "rope_theta": theta,
+        "rope_scaling": _rope_scaling(g, head_dim, theta),
+        "tie_word_embeddings": "output.weight" not in g.tensors,
+        "attention_bias": "blk.0.attn_q.bias" in g.tensors,
+        "mlp_bias": "blk.0.ffn_up.bias" in g.tensors,
+        "hidden_act": "silu",
+    }
+    for key, hf in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                    ("padding_token_id", "pad_token_id")):  # fmt: skip
+        value = g.get(f"tokenizer.ggml.{key}")
+        if value is not None:
+            config[hf] = int(value)
+    return config
+
+
+# general.architecture -> (config builder, tensor-name table)
+ARCHITECTURES = {
+    "llama": (_llama_config, _DENSE_NAMES),
+}
+
+
+def _tensor_infos(g: GGUFFile, names: dict[str, str]) -> dict[str, TensorInfo]:
+    """What each HF tensor will be in memory: packed + scales/biases, float16 for K-quants."""
+    infos: dict[str, TensorInfo] = {}
+    for name, t in g.tensors.items():
+        base, suffix = name.rsplit(".", 1)
+        if name in _DROPPED or base not in names:
+            continue
+        module = names[base]
+        if t.type_name in gguf_quants.MLX_QUANTIZED:
+            bits = gguf_quants.MLX_QUANTIZED[t.type_name]
+            *outer, cols = t.shape
+            groups = cols // gguf_quants.GROUP_SIZE
+            infos[f"{module}.weight"] = TensorInfo(f"{module}.weight", g.path, "U32", (*outer, cols * bits // 32))
+            for part in ("scales", "biases"):
+                infos[f"{module}.{part}"] = TensorInfo(f"{module}.{part}", g.path, "F16", (*outer, groups))
+        else:
+            dtype = "F16" if t.type_name in gguf_quants.DEQUANTIZED else t.type_name
+            infos[f"{module}.{suffix}"] = TensorInfo(f"{module}.{suffix}", g.path, dtype, t.shape)
+    return infos
+
+
+def _quantization(g: GGUFFile, names: dict[str, str]) -> dict[str, Any] | None:
+    """The MLX quantization block: the commonest bits as default, other bits as per-module entries."""
+    bits_of = {
+        names[t.name.rsplit(".", 1)[0]]: gguf_quants.MLX_QUANTIZED[t.type_name]
+        for t in g.tensors.values()
+        if t.type_name in gguf_quants.MLX_QUANTIZED and t.name.rsplit(".", 1)[0] in names
+    }
+    if not bits_of:
+        return None
+    default = Counter(bits_of.values()).most_common(1)[0][0]
+    block: dict[str, Any] = {"group_size": gguf_quants.GROUP_SIZE, "bits": default}
+    for module, bits in bits_of.items():
+        if bits != default:
+            block[module] = {"group_size": gguf_quants.GROUP_SIZE, "bits": bits}
+    return block
+
+
+def _check_types(g: GGUFFile) -> None:
+    bad = [t for t in g.tensors.values() if t.type_name not in SUPPORTED_TYPES]
+    if bad:
+        kinds = sorted({t.type_name for t in bad})
+        raise CheckpointError(
+            f"{g.path}: tensor {bad[0].name!r} is {bad[0].type_name}"
+            f"{' (also ' + ', '.join(kinds[1:]) + ')' if len(kinds) > 1 else ''}, a GGUF type edge-llm cannot load; "
+            f"use a file quantized as Q4_0, Q4_1, Q8_0, a K-quant (Q2_K-Q6_K), F16 or F32"
+        )
+
+
+def read_gguf_checkpoint(path: str | Path) -> GGUFCheckpoint:
+    """A GGUF file as a checkpoint; raises CheckpointError with one line for what it cannot read."""
+    g = read_gguf(Path(path).expanduser())
+    arch = g.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise CheckpointError(
+            f"{g.path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(sorted(ARCHITECTURES))})"
+        )
+    build_config, table = ARCHITECTURES[arch]
+    config = build_config(g)
+    if config["model_type"] not in supported_model_types():
+        raise CheckpointError(f"{g.path}: model type {config['model_type']!r} (from GGUF {arch!r}) is not supported")
+    names: dict[str, str] = {}
+    unknown = []
+    for name in g.tensors:
+        base = name.rsplit(".", 1)[0]
+        hf = _hf_name(base, table)
+        if hf is not None:
+            names[base] = hf
+        elif name not in _DROPPED:
+            unknown.append(name)
+    if unknown:
+        log.warning("%s: ignoring %d GGUF tensors with no known role (e.g. %s)", g.path.name, len(unknown), unknown[0])
+    _check_types(g)
+    quantization = _quantization(g, names)
+    if quantization:
+        config["quantization"] = quantization
+    return GGUFCheckpoint(g.path, config, _tensor_infos(g, names), gguf=g, names=names)
+
+
+def is_gguf(path: str | Path) -> bool:
+    """A file named ``*.gguf`` or starting with the GGUF magic."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    if path.suffix.lower() == ".gguf":
+        return True
+    with path.open("rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+__all__ = ["GGUFCheckpoint", "GGUFTensor", "SUPPORTED_TYPES", "is_gguf", "read_gguf_checkpoint"]

@@ -1,0 +1,191 @@
+"""The GGUF container: metadata and tensor directory, read with ``struct`` from a memory map.
+
+Reference: the GGUF spec (ggml-org/ggml ``docs/gguf.md``) and llama.cpp's ``gguf.c``. Versions 2 and 3,
+little-endian. Reading the header is cheap (no tensor data is touched) and checks what can be checked
+without reading the data: the magic, the version, sane counts, known tensor types and that every
+tensor lies inside the file (a truncated download is caught here, with one line saying so).
+
+Shapes: GGUF lists dimensions innermost first (``ne[0]`` is the contiguous one); ``GGUFTensor.shape``
+is numpy/MLX order, outermost first, i.e. ``[out_features, in_features]`` for a linear weight.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from .errors import CheckpointError
+
+MAGIC = b"GGUF"
+DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 4  # GGML_MAX_DIMS
+
+# ggml type id -> (name, values per block, bytes per block); from ggml.h / ggml.c's type_traits.
+GGML_TYPES: dict[int, tuple[str, int, int]] = {
+    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
+    6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 36),
+    10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110), 12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176),
+    14: ("Q6_K", 256, 210), 15: ("Q8_K", 256, 292), 16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74),
+    18: ("IQ3_XXS", 256, 98), 19: ("IQ1_S", 256, 50), 20: ("IQ4_NL", 32, 18), 21: ("IQ3_S", 256, 110),
+    22: ("IQ2_S", 256, 82), 23: ("IQ4_XS", 256, 136), 24: ("I8", 1, 1), 25: ("I16", 1, 2),
+    26: ("I32", 1, 4), 27: ("I64", 1, 8), 28: ("F64", 1, 8), 29: ("IQ1_M", 256, 56), 30: ("BF16", 1, 2),
+    34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66), 39: ("MXFP4", 32, 17),
+}  # fmt: skip
+
+# metadata value type id -> struct format of a scalar (8: string, 9: array are handled apart)
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8",
+          12: "<f8"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    name: str
+    type_id: int
+    shape: tuple[int, ...]  # outermost first (numpy order)
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+    @property
+    def type_name(self) -> str:
+        return GGML_TYPES[self.type_id][0]
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class GGUFFile:
+    path: Path
+    version: int
+    metadata: dict[str, Any]
+    tensors: dict[str, GGUFTensor] = field(repr=False)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.metadata.get(key, default)
+
+    def arch_key(self, key: str, default: Any = None) -> Any:
+        """``{general.architecture}.{key}``: llama.cpp prefixes model facts with the architecture."""
+        return self.metadata.get(f"{self.metadata.get('general.architecture')}.{key}", default)
+
+    def read(self, tensor: GGUFTensor) -> np.ndarray:
+        """The tensor's raw bytes as a uint8 array (a copy; the file is not kept open)."""
+        with self.path.open("rb") as f:
+            f.seek(tensor.offset)
+            data = f.read(tensor.nbytes)
+        if len(data) != tensor.nbytes:
+            raise CheckpointError(f"{self.path}: truncated inside tensor {tensor.name!r}; re-download the file")
+        return np.frombuffer(data, dtype=np.uint8)
+
+
+class _Cursor:
+    """Sequential little-endian reads of a file's header, buffered in growing chunks.
+
+    Running off the end of the file means a truncated header. (No mmap: an error raised while a
+    memoryview of the map is alive would keep it exported and make closing the map fail.)
+    """
+
+    CHUNK = 1 << 20
+
+    def __init__(self, f: BinaryIO, size: int, path: Path) -> None:
+        self.f, self.size, self.path = f, size, path
+        self.buf, self.pos = bytearray(), 0
+
+    def take(self, n: int) -> bytes:
+        while self.pos + n > len(self.buf):
+            chunk = self.f.read(max(n, len(self.buf), self.CHUNK)) if len(self.buf) < self.size else b""
+            if not chunk:
+                raise CheckpointError(
+                    f"{self.path}: truncated GGUF header ({self.size} bytes); re-download the file"
+                )
+            self.buf += chunk
+        out = bytes(self.buf[self.pos : self.pos + n])
+        self.pos += n
+        return out
+
+    def unpack(self, fmt: str) -> Any:
+        return struct.unpack("<" + fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        raw = bytes(self.take(self.unpack("Q")))
+        return raw.decode("utf-8", errors="replace")
+
+    def value(self, type_id: int) -> Any:
+        if type_id in _SCALARS:
+            return self.unpack(_SCALARS[type_id])
+        if type_id == 8:
+            return self.string()
+        if type_id == 9:
+            item_type, count = self.unpack("I"), self.unpack("Q")
+            if count > self.size:  # each item takes at least one byte: a corrupt count
+                raise CheckpointError(f"{self.path}: corrupt GGUF metadata (array of {count} items)")
+            if item_type in _NUMPY:
+                dtype = np.dtype(_NUMPY[item_type])
+                return np.frombuffer(self.take(count * dtype.itemsize), dtype=dtype).tolist()
+            return [self.value(item_type) for _ in range(count)]
+        raise CheckpointError(f"{self.path}: corrupt GGUF metadata (unknown value type {type_id})")
+
+
+def read_gguf(path: str | Path) -> GGUFFile:
+    """Metadata and tensor directory of a GGUF file; raises CheckpointError naming what is wrong."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            return _parse(_Cursor(f, size, path), path, size)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such GGUF file") from None
+
+
+def _parse(cur: _Cursor, path: Path, size: int) -> GGUFFile:
+    if bytes(cur.take(4)) != MAGIC:
+        raise CheckpointError(f"{path}: not a GGUF file (no 'GGUF' magic at the start)")
+    version = cur.unpack("I")
+    if version not in (2, 3):
+        hint = "; big-endian files are not supported" if version > 0xFFFF else ""
+        raise CheckpointError(
+            f"{path}: GGUF version {version} is not supported (2 and 3 are){hint}; re-convert with a recent llama.cpp"
+        )
+    n_tensors, n_kv = cur.unpack("Q"), cur.unpack("Q")
+    if n_tensors > size or n_kv > size:
+        raise CheckpointError(f"{path}: corrupt GGUF header ({n_tensors} tensors, {n_kv} metadata keys)")
+    metadata = {}
+    for _ in range(n_kv):
+        key = cur.string()
+        metadata[key] = cur.value(cur.unpack("I"))
+    entries = []
+    for _ in range(n_tensors):
+        name, n_dims = cur.string(), cur.unpack("I")
+        if n_dims > MAX_DIMS:
+            raise CheckpointError(f"{path}: corrupt GGUF tensor {name!r} ({n_dims} dimensions)")
+        dims = [cur.unpack("Q") for _ in range(n_dims)]
+        entries.append((name, dims, cur.unpack("I"), cur.unpack("Q")))
+    header_end = cur.pos
+    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise CheckpointError(f"{path}: corrupt GGUF header (general.alignment = {alignment!r})")
+    data_start = -(-header_end // alignment) * alignment
+    tensors: dict[str, GGUFTensor] = {}
+    for name, dims, type_id, offset in entries:
+        if type_id not in GGML_TYPES:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has unknown ggml type {type_id}; this file needs a newer reader"
+            )
+        type_name, block, block_bytes = GGML_TYPES[type_id]
+        count = math.prod(dims)
+        if dims and dims[0] % block:
+            raise CheckpointError(f"{path}: corrupt GGUF tensor {name!r} ({type_name} row of {dims[0]} values)")
+        tensors[name] = GGUFTensor(name, type_id, tuple(reversed(dims)), data_start + offset,
+                                   count // block * block_bytes)  # fmt: skip
+    end = max((t.offset + t.nbytes for t in tensors.values()), default=data_start)
+    if end > size:
+        raise CheckpointError(
+            f"{path}: truncated GGUF file ({size} bytes, its tensors need {end}); re-download it"
+        )
+    return GGUFFile(path, version, metadata, tensors)
