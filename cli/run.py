@@ -9,6 +9,8 @@ import typer
 
 from edge_llm.backend import detect
 from edge_llm.chat import ChatSession
+from edge_llm.default_model import NAME as DEFAULT_NAME
+from edge_llm.default_model import require_default_model
 from edge_llm.loader import load
 from edge_llm.sampling import SamplingParams
 
@@ -20,7 +22,9 @@ DEFAULTS = SamplingParams()
 
 @user_errors
 def run(
-    model: str = typer.Argument(..., help="Model folder or Hub repo id."),
+    model: str | None = typer.Argument(
+        None, help="Model folder, .gguf file or Hub repo id; default: the embedded SmolLM2-135M-Instruct."
+    ),
     prompt: str | None = typer.Option(None, "--prompt", "-p", help="Answer this once and exit."),
     system: str | None = typer.Option(None, "--system", "-s", help="System prompt."),
     max_tokens: int = typer.Option(1024, "--max-tokens", "-n", min=1, help="Most tokens per answer."),
@@ -34,7 +38,10 @@ def run(
     dtype: str | None = typer.Option(None, "--dtype", help="Compute dtype: float32, bfloat16, float16."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="One-shot: print stats to stderr."),
 ) -> None:
-    """Chat with MODEL; with --prompt or piped stdin, answer once and exit."""
+    """Chat with MODEL (default: the embedded SmolLM2); with --prompt or piped stdin, answer once and exit."""
+    name = model
+    if model is None:
+        model, name = str(require_default_model()), f"{DEFAULT_NAME} (default model)"
     params = SamplingParams(
         temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
         repetition_penalty=repetition_penalty, seed=seed,
@@ -44,11 +51,11 @@ def run(
         prompt = sys.stdin.read().strip()
         if not prompt:
             raise ValueError("no prompt: stdin was empty; pass --prompt TEXT or pipe a question")
-    with err.status(f"loading {model}", spinner="dots") if not one_shot else _nothing():
+    with err.status(f"loading {name}", spinner="dots") if not one_shot else _nothing():
         loaded_model, tokenizer = load(model, dtype=dtype)
     session = ChatSession(loaded_model, tokenizer, params=params, max_tokens=max_tokens, system=system)
     if not one_shot:
-        repl(session, model)
+        repl(session, name)
         return
     answer, tokens, stats = [], [], None
     for chunk in session.ask(prompt):

@@ -19,6 +19,7 @@ from .backend import compute_dtype
 from .checkpoint import Checkpoint, read_checkpoint
 from .errors import CheckpointError
 from .fp8 import dequantize_fp8
+from .gguf import GGUFCheckpoint
 from .hub import resolve_model
 from .models import get_architecture
 from .models.base import CausalLM
@@ -104,8 +105,11 @@ def load_model(path: str | Path, dtype: str | None = None) -> CausalLM:
 
 
 def load(ref: str | Path, dtype: str | None = None) -> tuple[CausalLM, Tokenizer]:
-    """Resolves a model reference (folder or Hub repo id) and loads model and tokenizer."""
+    """Resolves a model reference (folder, GGUF file or Hub repo id) and loads model and tokenizer."""
     folder = resolve_model(ref)
     checkpoint = read_checkpoint(folder)
-    tokenizer = Tokenizer.from_folder(folder)
+    if isinstance(checkpoint, GGUFCheckpoint):  # the tokenizer lives in the file's metadata
+        tokenizer = Tokenizer.from_gguf(checkpoint.gguf)
+    else:
+        tokenizer = Tokenizer.from_folder(folder)
     return load_checkpoint(checkpoint, dtype), tokenizer

@@ -34,6 +34,8 @@ from tokenizers import Tokenizer as _RustTokenizer
 from edge_llm.chat_template import DEFAULT_CHAT_TEMPLATE, read_chat_templates, render_chat_template
 from edge_llm.detokenizer import StreamingDetokenizer
 from edge_llm.errors import TokenizerError
+from edge_llm.gguf_reader import GGUFFile, read_gguf
+from edge_llm.gguf_tokenizer import build_gguf_tokenizer
 
 __all__ = [
     "DEFAULT_CHAT_TEMPLATE", "StreamingDetokenizer", "Tokenizer", "TokenizerInfo", "describe_tokenizer",
@@ -90,13 +92,16 @@ class _Backend(Protocol):
 class _TokenizersBackend:
     """tokenizer.json through the `tokenizers` library."""
 
-    def __init__(self, path: Path, specials: list[str], config: Mapping[str, Any]) -> None:
-        try:
-            tok = _RustTokenizer.from_file(str(path))
-        except Exception as error:  # tokenizers raises a plain Exception for every parse problem
-            raise TokenizerError(
-                f"{path}: the tokenizers library cannot read it ({error}); re-download it"
-            ) from error
+    def __init__(self, path: Path | _RustTokenizer, specials: list[str], config: Mapping[str, Any]) -> None:
+        if isinstance(path, _RustTokenizer):  # built in memory (a GGUF file's tokenizer)
+            tok = path
+        else:
+            try:
+                tok = _RustTokenizer.from_file(str(path))
+            except Exception as error:  # tokenizers raises a plain Exception for every parse problem
+                raise TokenizerError(
+                    f"{path}: the tokenizers library cannot read it ({error}); re-download it"
+                ) from error
         tok.no_truncation()
         tok.no_padding()
         # transformers registers every named special token as a special added token.
@@ -348,6 +353,27 @@ class Tokenizer:
             chat_templates=read_chat_templates(folder, config),
         )
 
+    @classmethod
+    def from_gguf(cls, path: str | Path | GGUFFile) -> Tokenizer:
+        """The tokenizer a GGUF file describes in its metadata (edge_llm/gguf_tokenizer.py)."""
+        gguf = path if isinstance(path, GGUFFile) else read_gguf(path)
+        rust, facts = build_gguf_tokenizer(gguf)
+        named = facts["special_tokens"]
+        return cls(
+            _TokenizersBackend(rust, list(dict.fromkeys(named.values())), {}),
+            source=str(gguf.path),
+            special_tokens=named,
+            bos_token_id=facts["bos_token_id"],
+            eos_token_ids=facts["eos_token_ids"],
+            pad_token_id=facts["pad_token_id"],
+            chat_templates=facts["chat_templates"],
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        """A model folder's tokenizer files, or a GGUF file's embedded tokenizer."""
+        return cls.from_gguf(path) if Path(path).is_file() else cls.from_folder(path)
+
     # -- facts ---------------------------------------------------------------------------------
     @property
     def bos_token_id(self) -> int | None:
@@ -481,6 +507,12 @@ class TokenizerInfo:
 def describe_tokenizer(path: str | Path) -> TokenizerInfo:
     """Facts about the tokenizer in a model folder; raises TokenizerError only for broken files."""
     folder = Path(path)
+    if folder.is_file():  # a GGUF file carries its tokenizer in its metadata
+        gguf = read_gguf(folder)
+        tok = Tokenizer.from_gguf(gguf)
+        kind = gguf.get("tokenizer.ggml.model")
+        kind = {"gpt2": "GGUF byte-level BPE", "llama": "GGUF sentencepiece"}.get(kind, f"GGUF {kind}")
+        return TokenizerInfo(kind, tok.vocab_size, ", ".join(tok.chat_templates) or None)
     kind = next((name for name in ("tokenizer.json", "tokenizer.model") if (folder / name).is_file()), None)
     if kind is None:
         return TokenizerInfo(None, None, None)
