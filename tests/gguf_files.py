@@ -1,0 +1,174 @@
+"""GGUF files for tests, written with llama.cpp's own Python package (gguf-py) the way its converter does.
+
+References: llama.cpp ``convert_hf_to_gguf.py`` (``LlamaModel``: tensor names, the ``permute`` of q/k
+rows, the metadata keys) and gguf-py (``GGUFWriter``, ``gguf.quants``). From a transformers model we
+write a file and return the reference: the same transformers model holding exactly the values the
+file stores (dequantized by gguf-py, un-permuted), so its logits are what a correct reader computes.
+
+gguf-py quantizes F16, BF16, Q4_0, Q4_1, Q5_0, Q8_0 but no K-quant; K-quant tensors get random blocks
+with small, finite scales, which is all a dequantizer test needs.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as Q
+
+# (HF name pattern, GGUF name) for llama.cpp's llama-family names
+LLAMA_NAMES = [
+    (r"model\.embed_tokens\.(\w+)", r"token_embd.\1"),
+    (r"model\.norm\.(\w+)", r"output_norm.\1"),
+    (r"lm_head\.(\w+)", r"output.\1"),
+    (r"model\.layers\.(\d+)\.input_layernorm\.(\w+)", r"blk.\1.attn_norm.\2"),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.(\w+)", r"blk.\1.ffn_norm.\2"),
+    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.(\w+)", r"blk.\1.attn_q.\2"),
+    (r"model\.layers\.(\d+)\.self_attn\.k_proj\.(\w+)", r"blk.\1.attn_k.\2"),
+    (r"model\.layers\.(\d+)\.self_attn\.v_proj\.(\w+)", r"blk.\1.attn_v.\2"),
+    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.(\w+)", r"blk.\1.attn_output.\2"),
+    (r"model\.layers\.(\d+)\.mlp\.gate_proj\.(\w+)", r"blk.\1.ffn_gate.\2"),
+    (r"model\.layers\.(\d+)\.mlp\.up_proj\.(\w+)", r"blk.\1.ffn_up.\2"),
+    (r"model\.layers\.(\d+)\.mlp\.down_proj\.(\w+)", r"blk.\1.ffn_down.\2"),
+]
+
+# byte offsets of the float16 scale fields in each K-quant block (ggml-common.h)
+_K_SCALE_FIELDS = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
+
+
+def permute(w: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.ndarray:
+    """llama.cpp's ``LlamaModel.permute``: rotate-half q/k rows -> GGML's interleaved rope layout."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_name(hf_name: str, table=LLAMA_NAMES) -> str:
+    for pattern, repl in table:
+        if re.fullmatch(pattern, hf_name):
+            return re.sub(pattern, repl, hf_name)
+    raise KeyError(hf_name)
+
+
+def encode(x: np.ndarray, qtype: Q, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(what the file stores, the float32 values a correct reader gets back)."""
+    if qtype == Q.F32:
+        return x.astype(np.float32), x.astype(np.float32)
+    if qtype == Q.F16:
+        return x.astype(np.float16), x.astype(np.float16).astype(np.float32)
+    if qtype in _K_SCALE_FIELDS:
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        n = x.size // block
+        raw = rng.integers(0, 256, (n, size), dtype=np.uint8)
+        for offset in _K_SCALE_FIELDS[qtype]:
+            scales = rng.uniform(2e-5, 1e-4, n).astype(np.float16)
+            raw[:, offset : offset + 2] = scales.view(np.uint8).reshape(n, 2)
+        stored = raw.reshape(*x.shape[:-1], -1)
+        # edge-llm dequantizes K-quants to float16 (what mx.load does too): the reference rounds the same way
+        return stored, gguf.quants.dequantize(stored, qtype).astype(np.float16).astype(np.float32)
+    stored = gguf.quants.quantize(x.astype(np.float32), qtype)
+    return stored, gguf.quants.dequantize(stored, qtype).astype(np.float32)
+
+
+def write_llama_gguf(
+    path: Path,
+    model,
+    qtype: Q | Callable[[str, tuple[int, ...]], Q] = Q.F32,
+    *,
+    tokenizer: dict | None = None,
+    rope_freqs: np.ndarray | None = None,
+    seed: int = 0,
+):
+    """Writes ``model`` (a transformers Llama) as llama.cpp would and returns the reference model."""
+    cfg = model.config
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(path), "llama")
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_dimension_count(head_dim)
+    w.add_vocab_size(cfg.vocab_size)
+    scaling = cfg.rope_parameters
+    if scaling.get("rope_type", "default") == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(scaling["factor"])
+    if tokenizer:
+        add_tokenizer(w, **tokenizer)
+    reference = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        x = tensor.float().numpy()
+        heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}
+        n_head = next((h for k, h in heads.items() if f"self_attn.{k}." in name), None)
+        if n_head is not None:
+            x = permute(x, n_head)
+        t = Q.F32 if x.ndim == 1 else (qtype(name, x.shape) if callable(qtype) else qtype)
+        stored, values = encode(x, t, rng)
+        w.add_tensor(gguf_name(name), stored, raw_dtype=None if t in (Q.F32, Q.F16) else t)
+        reference[name] = unpermute(values, n_head) if n_head is not None else values
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ref = type(model)(cfg).eval()
+    ref.load_state_dict({k: torch.from_numpy(v) for k, v in reference.items()}, strict=False)
+    if cfg.tie_word_embeddings:
+        ref.tie_weights()
+    return ref
+
+
+def add_tokenizer(w: gguf.GGUFWriter, *, model: str, tokens: list[str], types: list[int] | None = None,
+                  scores: list[float] | None = None, merges: list[str] | None = None, pre: str | None = None,
+                  bos: int | None = None, eos: int | None = None, unk: int | None = None, pad: int | None = None,
+                  add_bos: bool | None = None, chat_template: str | None = None) -> None:  # fmt: skip
+    w.add_tokenizer_model(model)
+    if pre is not None:
+        w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    if types is not None:
+        w.add_token_types(types)
+    if scores is not None:
+        w.add_token_scores(scores)
+    if merges is not None:
+        w.add_token_merges(merges)
+    for value, add in ((bos, w.add_bos_token_id), (eos, w.add_eos_token_id), (unk, w.add_unk_token_id),
+                       (pad, w.add_pad_token_id)):  # fmt: skip
+        if value is not None:
+            add(value)
+    if add_bos is not None:
+        w.add_add_bos_token(add_bos)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
+
+
+def copy_tokenizer_metadata(src: Path) -> dict:
+    """The tokenizer keys of an existing GGUF (e.g. SmolLM2's) as ``add_tokenizer`` arguments."""
+    reader = gguf.GGUFReader(str(src))
+
+    def field(key):
+        f = reader.fields.get(key)
+        return None if f is None else f.contents()
+
+    return dict(model=field("tokenizer.ggml.model"), tokens=field("tokenizer.ggml.tokens"),
+                types=field("tokenizer.ggml.token_type"), merges=field("tokenizer.ggml.merges"),
+                pre=field("tokenizer.ggml.pre"), bos=field("tokenizer.ggml.bos_token_id"),
+                eos=field("tokenizer.ggml.eos_token_id"), unk=field("tokenizer.ggml.unknown_token_id"),
+                pad=field("tokenizer.ggml.padding_token_id"), add_bos=field("tokenizer.ggml.add_bos_token"),
+                chat_template=field("tokenizer.chat_template"))  # fmt: skip
