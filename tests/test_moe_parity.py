@@ -174,6 +174,29 @@ def test_fused_expert_layout(name, tmp_path):
     np.testing.assert_allclose(ours, before, atol=TOLERANCE, rtol=0)
 
 
+# --- MLX-community files: mlx-lm's quantized output loads unchanged and computes what mlx-lm computes --
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+def test_mlx_lm_quantized_checkpoint(model_type, tmp_path):
+    from mlx_lm import convert
+    from mlx_lm import load as mlx_lm_load
+
+    from tests.tiny_configs import TINY_CONFIGS
+
+    # mlx-lm 0.32 reads only the classic config keys, and its qwen3_moe needs head_dim spelled out
+    config = {**TINY_CONFIGS[model_type], "head_dim": 16} if model_type == "qwen3_moe" else TINY_CONFIGS[model_type]
+    src = build_tiny_checkpoint(tmp_path / "hf", old_style_keys=True, with_tokenizer=True, **config)
+    old_style(src)
+    dst = tmp_path / "mlx-4bit"
+    convert(str(src), str(dst), quantize=True, q_group_size=64, q_bits=4)
+    theirs, _ = mlx_lm_load(str(dst))
+    ours = load_model(dst)
+    moe = ours.layers[0].block_sparse_moe if model_type == "mixtral" else ours.layers[0].mlp
+    assert type(moe.switch_mlp.gate_proj).__name__ == "QuantizedSwitchLinear"
+    tokens = mx.array(random_tokens(config["vocab_size"], 40, batch=2))
+    np.testing.assert_allclose(np.array(ours(tokens)), np.array(theirs(tokens)), atol=TOLERANCE, rtol=0)
+
+
 # --- sanitize as a pure function -----------------------------------------------------------------------
 
 def tiny_model(model_type: str, **overrides):
