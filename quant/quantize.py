@@ -1,0 +1,298 @@
+"""Checkpoint -> quantized (or FP16/BF16) checkpoint, streamed one tensor group at a time, atomically.
+
+Reading goes through the runtime's own reader (``edge_llm.checkpoint`` + the architecture's ``sanitize``,
+FP8 dequantization included), so anything ``edge-llm run`` loads can be converted, and the output uses
+the post-sanitize names the loader and mlx-lm (``mlx_lm.load``) expect. Source tensors are grouped by
+decoder layer; each group is sanitized and evaluated on its own, and every output tensor goes straight
+to its place in a pre-planned shard (``writer.ShardWriter``), so peak memory follows the largest layer
+(or tensor), not the model. config.json gains the ``"quantization"`` block in the MLX community format
+(and its ``"quantization_config"`` copy, as mlx-lm writes), with old-style rope keys mlx-lm reads.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import shutil
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from edge_llm.backend import DTYPE_NAMES
+from edge_llm.checkpoint import Checkpoint, normalize_config, read_checkpoint, read_safetensors_header
+from edge_llm.errors import CheckpointError, EdgeLLMError
+from edge_llm.fp8 import dequantize_fp8
+from edge_llm.hub import resolve_model
+from edge_llm.loader import build_model
+from edge_llm.models.base import CausalLM
+
+from . import affine
+from .plan import MX_NAMES, ST_DTYPES, Plan, PlannedTensor, plan_quantized, source_dtype_of
+from .recipes import layer_of, make_recipe
+from .writer import MAX_SHARD_BYTES, AtomicFolder, ShardWriter, assign_shards
+
+log = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
+NOT_COPIED = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
+
+
+class QuantizeError(EdgeLLMError):
+    """A conversion that cannot be done: bad options, an existing output, a full disk."""
+
+
+class Progress(Protocol):
+    def start(self, tensors: int, nbytes: int) -> None: ...
+
+    def advance(self, name: str, nbytes: int) -> None: ...
+
+
+class _NoProgress:
+    def start(self, tensors: int, nbytes: int) -> None:
+        pass
+
+    def advance(self, name: str, nbytes: int) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    source: Path
+    out: Path
+    recipe: str
+    source_bytes: int  # the source checkpoint's weight files
+    output_bytes: int  # the output's weight files
+    params: int
+    tensors: int
+    shards: int
+    seconds: float
+    peak_memory_bytes: int  # MLX's peak allocation during the conversion
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.output_bytes * 8 / self.params if self.params else 0.0
+
+
+def default_float_dtype(checkpoint: Checkpoint, bits: int, requested: str | None) -> str:
+    """float16 for ``--bits 16``; for 4/8-bit the source's half dtype (float16 for float32 sources)."""
+    if requested:
+        if requested not in ("float16", "bfloat16"):
+            raise ValueError(f"--dtype must be float16 or bfloat16, got {requested!r}")
+        return requested
+    if bits < 16 and checkpoint.dtype == "BF16":
+        return "bfloat16"
+    return "float16"
+
+
+def _check_destination(source: Path, out: Path, force: bool) -> None:
+    src, dst = source.resolve(), out.resolve()
+    if dst == src or src in dst.parents or dst in src.parents:
+        raise QuantizeError(f"{out}: the output must not be the source folder, inside it, or contain it")
+    if (out.exists() or out.is_symlink()) and not force:
+        raise QuantizeError(f"{out}: already exists; choose another -o or pass --force to replace it")
+
+
+def _groups(names: Iterable[str]) -> dict[int | None, list[str]]:
+    groups: dict[int | None, list[str]] = {}
+    for name in names:
+        groups.setdefault(layer_of(name), []).append(name)
+    return dict(sorted(groups.items(), key=lambda kv: -1 if kv[0] is None else kv[0]))
+
+
+def _sanitize(model: CausalLM, weights: dict[str, mx.array], names: list[str]) -> dict[str, mx.array]:
+    return model.sanitize({k: weights[k] for k in names})
+
+
+def _check_tensor(checkpoint: Checkpoint, name: str, array: mx.array, expected: tuple[int, ...]) -> None:
+    if tuple(array.shape) != expected:
+        raise CheckpointError(f"{checkpoint.path}: tensor {name!r} has shape {tuple(array.shape)}, "
+                              f"config implies {expected}")
+    if not mx.issubdtype(array.dtype, mx.floating):
+        raise CheckpointError(f"{checkpoint.path}: tensor {name!r} is {array.dtype}, expected float weights")
+
+
+def _schedule(model: CausalLM, checkpoint: Checkpoint, weights: dict[str, mx.array],
+              plan: Plan) -> list[tuple[list[str], list[str]]]:
+    """Source groups and the parameters each produces, checked lazily (no data read).
+
+    Sanitizing layer by layer is what keeps memory flat; every architecture's ``sanitize`` works on
+    one layer's tensors. Should one not (its outputs differ from the whole-model result), all tensors
+    form a single group: slower on memory, still correct.
+    """
+    expected = {t.param for t in plan.tensors if t.kind in ("float", "packed")}
+    shapes = {name: p.shape for name, p in _param_shapes(model).items()}
+    schedule, produced = [], set()
+    groups = _groups(weights)
+    for names in groups.values():
+        out = [k for k in _sanitize(model, weights, names) if k in expected]
+        if produced.intersection(out):
+            break
+        produced.update(out)
+        schedule.append((names, sorted(out)))
+    if produced != expected:
+        log.info("%s: sanitize needs the whole model at once; converting in one group", checkpoint.path)
+        schedule = [(list(weights), sorted(set(_sanitize(model, weights, list(weights))) & expected))]
+    missing = sorted(expected - {k for _, out in schedule for k in out})
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise CheckpointError(f"{checkpoint.path}: checkpoint lacks tensor {missing[0]!r}{more}; re-download it")
+    for names, out in schedule:
+        arrays = _sanitize(model, weights, names)
+        for k in out:
+            _check_tensor(checkpoint, k, arrays[k], shapes[k])
+    return schedule
+
+
+def _param_shapes(model: CausalLM) -> dict[str, Any]:
+    return dict(tree_flatten(model.parameters()))
+
+
+def _finite(checkpoint: Checkpoint, name: str, array: mx.array, what: str) -> None:
+    if not bool(mx.isfinite(array).all().item()):
+        raise CheckpointError(f"{checkpoint.path}: tensor {name!r} {what}; the checkpoint is corrupt or "
+                              "needs a wider dtype (try --dtype bfloat16)")
+
+
+def _convert(checkpoint: Checkpoint, name: str, w: mx.array, tensors: list[PlannedTensor],
+             writer: ShardWriter) -> int:
+    mx.eval(w)
+    _finite(checkpoint, name, w, "holds NaN or infinite values")
+    first = tensors[0]
+    if first.kind == "float":
+        out = w.astype(DTYPE_NAMES[MX_NAMES[first.dtype]])
+        _finite(checkpoint, name, out, f"overflows {MX_NAMES[first.dtype]}")
+        return writer.write(first.name, out)
+    spec, scales_dtype = first.spec, DTYPE_NAMES[MX_NAMES[tensors[1].dtype]]
+    packed, scales, biases = affine.quantize(w, spec.group_size, spec.bits, scales_dtype)
+    _finite(checkpoint, name, scales, f"has quantization scales that overflow {scales_dtype}")
+    _finite(checkpoint, name, biases, f"has quantization offsets that overflow {scales_dtype}")
+    return sum(writer.write(t.name, a) for t, a in zip(tensors, (packed, scales, biases), strict=True))
+
+
+def output_config(raw: dict[str, Any], plan: Plan) -> dict[str, Any]:
+    """The source config with the quantization block, the output dtype and old-style rope keys
+    (mlx-lm 0.32 reads only ``rope_theta``/``rope_scaling``; transformers 5 wrote ``rope_parameters``)."""
+    config = dict(raw)
+    norm = normalize_config(raw)
+    for key in ("rope_theta", "rope_scaling", "num_experts", "num_local_experts"):
+        if key in norm:
+            config[key] = norm[key]
+    config.pop("quantization", None)
+    config.pop("quantization_config", None)  # e.g. the FP8 source's: the output is dequantized
+    dtype = MX_NAMES[plan.float_dtype]
+    config["torch_dtype"] = dtype
+    if "dtype" in config:
+        config["dtype"] = dtype
+    if plan.quantization:
+        config["quantization"] = dict(plan.quantization)
+        config["quantization_config"] = dict(plan.quantization)
+    return config
+
+
+def _copy_side_files(source: Path, dest: Path) -> list[str]:
+    copied = []
+    for path in sorted(source.iterdir()):
+        if (not path.is_file() or path.name.startswith(".") or path.name in NOT_COPIED
+                or path.name.endswith(WEIGHT_SUFFIXES)):
+            continue
+        shutil.copy2(path, dest / path.name)
+        copied.append(path.name)
+    return copied
+
+
+def _check_space(out: Path, needed: int) -> None:
+    probe = out.parent
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if needed > free:
+        raise QuantizeError(f"{out}: needs {needed / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free on that disk; "
+                            "free some space or choose another -o")
+
+
+def _disk_error(out: Path, e: OSError) -> EdgeLLMError | OSError:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return QuantizeError(f"{out}: {e.strerror.lower()} while writing; nothing was written (free some space or "
+                             "choose another -o)")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return QuantizeError(f"{out}: cannot write there ({e.strerror.lower()}); choose another -o")
+    return e
+
+
+def quantize(source: str | Path, out: str | Path, bits: int = 4, group_size: int = 64, dtype: str | None = None,
+             recipe: str | None = None, force: bool = False, progress: Progress | None = None,
+             max_shard_bytes: int | None = None) -> QuantizeResult:
+    """Converts the checkpoint ``source`` into ``out``: ``bits`` 2..8 (MLX affine) or 16 (float16/bfloat16).
+
+    ``out`` appears complete or not at all. Raises CheckpointError for unreadable or already quantized
+    input, QuantizeError for an existing ``out`` (unless ``force``) or a full destination.
+    """
+    started = time.perf_counter()
+    progress = progress or _NoProgress()
+    out = Path(out).expanduser()
+    folder = resolve_model(source)
+    checkpoint = read_checkpoint(folder)
+    if not folder.is_dir():
+        raise QuantizeError(f"{folder}: a GGUF file is already quantized; quantize the original safetensors "
+                            "checkpoint instead")
+    if checkpoint.quantization:
+        q = checkpoint.quantization
+        raise CheckpointError(f"{folder}: already quantized ({q.get('bits')}-bit, group {q.get('group_size')}); "
+                              "quantize from the original float checkpoint")
+    _check_destination(folder, out, force)
+    rec = make_recipe(bits, group_size, recipe)
+    float_dtype = default_float_dtype(checkpoint, bits, dtype)
+    model = build_model(checkpoint)
+    plan = plan_quantized(model, checkpoint.config, rec, ST_DTYPES[float_dtype], source_dtype_of(checkpoint))
+    weights = dequantize_fp8(checkpoint.load_weights(), checkpoint)
+    if any(t.dtype.startswith("F8") for t in checkpoint.tensors.values()):
+        # dequantized FP8 is float32: bfloat16 halves the memory of a layer group and loses nothing
+        # a 2..8-bit (or 16-bit) output could keep
+        weights = {k: v.astype(mx.bfloat16) if v.dtype == mx.float32 else v for k, v in weights.items()}
+    schedule = _schedule(model, checkpoint, weights, plan)
+    by_param: dict[str, list[PlannedTensor]] = {}
+    for t in plan.tensors:
+        by_param.setdefault(t.param, []).append(t)
+    ordered = [t for _, params in schedule for p in params for t in by_param[p]]
+    shards = assign_shards(ordered, max_shard_bytes or MAX_SHARD_BYTES)
+    _check_space(out, plan.nbytes + (1 << 20))
+    source_total = sum(t.nbytes for t in checkpoint.tensors.values())
+    mx.reset_peak_memory()
+    try:
+        with AtomicFolder(out, force) as tmp:
+            writer = ShardWriter(tmp, shards)
+            try:
+                progress.start(len(ordered), sum(t.nbytes for t in ordered))
+                for names, params in schedule:
+                    arrays = _sanitize(model, weights, names)
+                    for name in params:
+                        w = arrays.pop(name)
+                        written = _convert(checkpoint, name, w, by_param[name], writer)
+                        del w
+                        progress.advance(name, written)
+                    del arrays
+                    for k in names:  # evaluated source arrays are released with their last reference
+                        weights.pop(k, None)
+                writer.close()
+            except BaseException:
+                writer.close(complete=False)
+                raise
+            writer.write_index(plan.params_total)
+            raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+            (tmp / "config.json").write_text(json.dumps(output_config(raw, plan), indent=2) + "\n")
+            _copy_side_files(folder, tmp)
+            for name in writer.names:  # read back what a loader will see
+                read_safetensors_header(tmp / name)
+    except OSError as e:
+        raise _disk_error(out, e) from None
+    return QuantizeResult(
+        source=folder, out=out, recipe=rec.describe(), source_bytes=source_total,
+        output_bytes=plan.nbytes, params=plan.params_total, tensors=len(ordered), shards=len(shards),
+        seconds=time.perf_counter() - started, peak_memory_bytes=int(mx.get_peak_memory()),
+    )
