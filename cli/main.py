@@ -7,7 +7,9 @@ import os
 
 import typer
 
-from . import bench, doctor, info, run
+from edge_llm.hub import set_pull_observer
+
+from . import bench, doctor, info, models, pull, run
 
 app = typer.Typer(
     name="edge-llm",
@@ -21,6 +23,11 @@ app.command("run")(run.run)
 app.command("info")(info.info)
 app.command("doctor")(doctor.doctor)
 app.command("bench")(bench.bench)
+app.command("pull")(pull.pull)
+app.command("list")(models.list_cached)
+app.command("rm")(models.rm)
+# run/info/... of a repo id not yet cached pull it, with the same progress display as `pull`.
+set_pull_observer(pull.RichPullObserver)
 
 logging.basicConfig(level=os.environ.get("EDGE_LLM_LOG", "WARNING").upper(), format="%(levelname)s: %(message)s")
 

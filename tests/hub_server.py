@@ -19,14 +19,20 @@ huggingface_hub 2.4: ``utils/_http.py:hf_raise_for_status``, ``file_download.py:
 
 Every request lands in ``server.log``. ``throttle`` slows named files so a test can interrupt a
 transfer; ``sent`` counts the bytes of each file written so far.
+
+huggingface_hub reads HF_ENDPOINT, HF_HOME and HF_HUB_OFFLINE once, at import, so the CLI under test runs
+in a subprocess with its environment set (``cli_env`` / ``run_cli``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -387,3 +393,25 @@ class _Handler(BaseHTTPRequestHandler):
 
 def resolve_url(endpoint: str, repo_id: str, filename: str, revision: str = "main") -> str:
     return f"{endpoint}/{repo_id}/resolve/{quote(revision, safe='')}/{quote(filename)}"
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli_env(endpoint: str, hf_home: Path, **extra: str) -> dict[str, str]:
+    """This process's environment with a private HF_HOME, the given endpoint, and no token or offline flag."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE_", "TRANSFORMERS_OFFLINE"))}
+    env.update(HF_HOME=str(hf_home), HF_ENDPOINT=endpoint, HF_HUB_DISABLE_TELEMETRY="1", NO_COLOR="1",
+               TOKENIZERS_PARALLELISM="false", COLUMNS="200")
+    env.update(extra)
+    return env
+
+
+def cli_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "cli.main", *args]
+
+
+def run_cli(*args: str, env: dict[str, str], stdin: str | None = None, timeout: float = 120):
+    """``edge-llm ARGS`` in a fresh process; returns the CompletedProcess (text stdout/stderr)."""
+    return subprocess.run(cli_command(*args), env=env, input=stdin if stdin is not None else "", text=True,
+                          capture_output=True, timeout=timeout, cwd=REPO_ROOT)
