@@ -100,7 +100,7 @@ class RichPullObserver(PullObserver):
 
 @user_errors
 def pull(
-    repo_id: str = typer.Argument(..., help="Hub repo id, e.g. mlx-community/SmolLM2-135M-Instruct-4bit."),
+    repo_id: str = typer.Argument(..., help="Hub repo id, e.g. mlx-community/Llama-3.2-1B-Instruct-4bit."),
     revision: str | None = typer.Option(None, "--revision", "-r", help="Branch, tag or commit (default: main)."),
     verify: bool = typer.Option(
         False, "--verify", help="Re-hash the cached files against the Hub's checksums; re-download any that differ."

@@ -40,7 +40,8 @@ def is_repo_id(ref: str) -> bool:
 
 def check_repo_id(ref: str) -> None:
     if not is_repo_id(ref):
-        raise HubError(f"{ref!r} is not a Hub repo id; expected owner/name, e.g. mlx-community/SmolLM2-135M-Instruct")
+        raise HubError(f"{ref!r} is not a Hub repo id; expected owner/name, "
+                       "e.g. mlx-community/Llama-3.2-1B-Instruct-4bit")
 
 
 def resolve_model(ref: str | Path, *, revision: str | None = None, cache_dir: str | Path | None = None,
