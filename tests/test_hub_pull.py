@@ -107,6 +107,9 @@ def test_pull_then_offline_run(hub, tiny_folder, tmp_path):
     info = run_cli("info", REPO, "--json", env=offline)
     assert info.returncode == 0, info.stderr
     assert json.loads(info.stdout)["model"] == str(snapshot) and json.loads(info.stdout)["model_type"] == "llama"
+    cached = run_cli("pull", REPO, env=offline)
+    assert cached.returncode == 0 and cached.stdout.strip() == str(snapshot), cached.stderr
+    assert "already in the cache (offline" in cached.stderr
     assert len(hub.log) == before
 
 
