@@ -52,17 +52,19 @@ def is_expert_tensor(name: str) -> bool:
 
 def describe(checkpoint: Checkpoint) -> ModelInfo:
     cfg = checkpoint.config
-    total = active = 0
+    total = active = experts = 0
     routed = cfg.get("num_experts_per_tok")
     n_experts = cfg.get("n_routed_experts") or cfg.get("num_local_experts") or cfg.get("num_experts")
     for name in checkpoint.tensors:
         n = tensor_parameters(checkpoint, name)
         total += n
         if routed and n_experts and is_expert_tensor(name) and "shared_expert" not in name:
-            # Routed experts: only ``routed`` of ``n_experts`` run for each token.
-            active += n * routed // n_experts
+            experts += n
         else:
             active += n
+    # Routed experts: only ``routed`` of ``n_experts`` run for each token. Scaled once over the sum, not per
+    # tensor: a per-expert tensor's share (e.g. 4/60 of it) is rarely a whole number.
+    active += experts * routed // n_experts if experts else 0
     q = checkpoint.quantization
     quant = f"{q['bits']}-bit {q.get('mode', 'affine')}, group {q['group_size']}" if q else None
     architectures = cfg.get("architectures") or [checkpoint.model_type]

@@ -65,7 +65,19 @@ def test_info_counts_total_and_active_parameters(tiny):
     assert (facts["params_total"], facts["params_active"]) == (total, active)
     assert facts["params_total"] > facts["params_active"]
     assert facts["model_type"] == config["model_type"]
-    assert facts["experts"] == f"{config['num_experts_per_tok']} of 4 per token"
+    experts = config.get("num_local_experts") or config["num_experts"]
+    assert facts["experts"] == f"{config['num_experts_per_tok']} of {experts} per token"
+
+
+def test_info_active_count_is_exact_for_uneven_ratios(tmp_path):
+    """Qwen1.5-MoE routes 4 of 60 experts: per-tensor rounding of 4/60 would drift; the count must not."""
+    config = dict(TINY_CONFIGS["qwen2_moe"], num_experts=60, num_experts_per_tok=4, moe_intermediate_size=8)
+    folder = build_tiny_checkpoint(tmp_path, **config)
+    result = CliRunner().invoke(app, ["info", str(folder), "--json"])
+    assert result.exit_code == 0, result.output
+    facts = json.loads(result.stdout)
+    assert (facts["params_total"], facts["params_active"]) == expected_params(config)
+    assert facts["experts"] == "4 of 60 per token"
 
 
 def test_run_answers_like_transformers(tiny):
