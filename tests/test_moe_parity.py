@@ -297,3 +297,21 @@ def test_softmax_topk_matches_torch_and_mixtral_identity():
 def test_bad_top_k_is_a_config_error():
     with pytest.raises(ValueError, match="num_experts_per_tok"):
         tiny_model("mixtral", name="mixtral-gqa-untied", num_experts_per_tok=5)
+
+
+@pytest.mark.parametrize("tokens", [3, 48], ids=["gathered-decode", "sorted-prefill"])
+def test_half_precision_experts_run_on_cpu(tokens):
+    """MLX's CPU GatherMM takes only float32; bf16 experts must still run (as float32 products)."""
+    from edge_llm.models.switch import SwitchGLU
+
+    mx.random.seed(0)
+    glu = SwitchGLU(64, 32, 4)
+    glu.set_dtype(mx.bfloat16)
+    x = mx.random.normal((1, tokens, 64)).astype(mx.bfloat16)
+    indices = mx.random.randint(0, 4, (1, tokens, 2))
+    assert (indices.size >= SORT_THRESHOLD) == (tokens == 48)
+    half = glu(x, indices)
+    assert half.dtype == mx.bfloat16
+    glu.set_dtype(mx.float32)  # the same bf16-rounded weights, in float32
+    full = glu(x.astype(mx.float32), indices)
+    np.testing.assert_allclose(np.array(half.astype(mx.float32)), np.array(full), rtol=2e-2, atol=2e-2)

@@ -43,10 +43,25 @@ class SwitchLinear(nn.Module):
         return self.weight.shape[0]
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
-        out = mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+        if self.weight.dtype != mx.float32 and mx.default_device() == mx.cpu:
+            out = self._cpu_half_precision(x, indices, sorted_indices)
+        else:
+            out = mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
         if "bias" in self:
             out = out + mx.expand_dims(self.bias[indices], -2)
         return out
+
+    def _cpu_half_precision(self, x: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
+        # MLX's CPU GatherMM takes only float32 ("[GatherMM::eval] Currently only supports float32"), so
+        # bf16/fp16 experts are multiplied in float32. A few rows (decode) gather just their experts'
+        # slices; a sorted prefill converts all experts once, which its many tokens amortize.
+        if sorted_indices:
+            w = self.weight.astype(mx.float32).swapaxes(-1, -2)
+            out = mx.gather_mm(x.astype(mx.float32), w, rhs_indices=indices, sorted_indices=True)
+        else:
+            w = self.weight[indices].astype(mx.float32).swapaxes(-1, -2)  # [..., k, in, out]
+            out = x.astype(mx.float32) @ w
+        return out.astype(x.dtype)
 
     def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine", **_) -> QuantizedSwitchLinear:
         return QuantizedSwitchLinear.from_switch_linear(self, group_size, bits, mode)
