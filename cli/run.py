@@ -23,7 +23,8 @@ DEFAULTS = SamplingParams()
 @user_errors
 def run(
     model: str | None = typer.Argument(
-        None, help="Model folder, .gguf file or Hub repo id; default: the embedded SmolLM2-135M-Instruct."
+        None, metavar="MODEL",
+        help="Model folder, .gguf file or Hub repo id; default: the embedded SmolLM2-135M-Instruct.",
     ),
     prompt: str | None = typer.Option(None, "--prompt", "-p", help="Answer this once and exit."),
     system: str | None = typer.Option(None, "--system", "-s", help="System prompt."),

@@ -15,6 +15,7 @@ What a reader of the checkpoint sees is what a converted Hugging Face folder wou
 - ``load_weights()``: HF-named MLX arrays, with llama.cpp's rope permutation of q/k rows undone (its
   ``permute`` interleaves the two rotary halves for GGML's "normal" rope; we use rotate-half, as HF).
 
+Architectures (config keys, tensor names, which ones llama.cpp permuted) live in ``gguf_arch``.
 Files whose tensors are all of the types MLX reads natively go through ``mx.load`` (fast C++); any
 BF16 (which ``mx.load`` rounds to float16) or K-quant tensor sends the whole file through our numpy
 path (``gguf_quants``), which gives bit-identical results for the native types.
@@ -23,7 +24,6 @@ path (``gguf_quants``), which gives bit-identical results for the native types.
 from __future__ import annotations
 
 import logging
-import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -36,6 +36,7 @@ import numpy as np
 from . import gguf_quants
 from .checkpoint import Checkpoint, TensorInfo
 from .errors import CheckpointError
+from .gguf_arch import ARCHITECTURES, Names
 from .gguf_reader import GGUFFile, GGUFTensor, read_gguf
 from .models import supported_model_types
 
@@ -44,21 +45,6 @@ log = logging.getLogger(__name__)
 SUPPORTED_TYPES = (*gguf_quants.FLOATS, *gguf_quants.MLX_QUANTIZED, *gguf_quants.DEQUANTIZED)
 _NATIVE = {"F32", "F16", *gguf_quants.MLX_QUANTIZED}  # what mx.load reads exactly
 
-# GGUF tensor name (without .weight/.bias) -> HF module path, for llama.cpp's dense decoder names.
-_DENSE_NAMES = [
-    (r"token_embd", "model.embed_tokens"),
-    (r"output_norm", "model.norm"),
-    (r"output", "lm_head"),
-    (r"blk\.(\d+)\.attn_norm", r"model.layers.\1.input_layernorm"),
-    (r"blk\.(\d+)\.ffn_norm", r"model.layers.\1.post_attention_layernorm"),
-    (r"blk\.(\d+)\.attn_q", r"model.layers.\1.self_attn.q_proj"),
-    (r"blk\.(\d+)\.attn_k", r"model.layers.\1.self_attn.k_proj"),
-    (r"blk\.(\d+)\.attn_v", r"model.layers.\1.self_attn.v_proj"),
-    (r"blk\.(\d+)\.attn_output", r"model.layers.\1.self_attn.o_proj"),
-    (r"blk\.(\d+)\.ffn_gate", r"model.layers.\1.mlp.gate_proj"),
-    (r"blk\.(\d+)\.ffn_up", r"model.layers.\1.mlp.up_proj"),
-    (r"blk\.(\d+)\.ffn_down", r"model.layers.\1.mlp.down_proj"),
-]
 # Tensors llama.cpp writes that hold no weights of the HF model.
 _DROPPED = ("rope_freqs.weight",)
 
@@ -91,6 +77,7 @@ class GGUFCheckpoint(Checkpoint):
             if name in _DROPPED or base not in self.names:
                 continue
             module = self.names[base]
+            array = array.reshape(_hf_shape(module, tuple(array.shape))) if suffix in ("weight", "bias") else array
             weights[f"{module}.{suffix}"] = self._unpermute(module, array)
         return weights
 
@@ -126,8 +113,9 @@ class GGUFCheckpoint(Checkpoint):
             on_disk = sum(t.nbytes for t in self.gguf.tensors.values() if t.type_name in gguf_quants.DEQUANTIZED)
             log.warning(
                 "%s: %s tensors are dequantized to float16 (MLX cannot run them quantized): %.2f GB in memory "
-                "instead of %.2f GB on disk; a Q4_0/Q8_0 file, or `edge-llm quantize` of this one, stays small",
-                self.path.name, "/".join(kinds), dequantized * 2 / 1e9, on_disk / 1e9,
+                "(%.2f GB where the CPU computes in float32) instead of %.2f GB on disk; a Q4_0/Q8_0 file, "
+                "or `edge-llm quantize` of this one, stays small",
+                self.path.name, "/".join(kinds), dequantized * 2 / 1e9, dequantized * 4 / 1e9, on_disk / 1e9,
             )  # fmt: skip
         return out
 
@@ -141,8 +129,8 @@ class GGUFCheckpoint(Checkpoint):
         return rows.swapaxes(1, 2).reshape(shape)
 
     def _permuted_heads(self, module: str) -> int | None:
-        if self.gguf.get("general.architecture") != "llama":
-            return None  # only llama.cpp's LLM_ARCH_LLAMA family is permuted
+        if not ARCHITECTURES[self.gguf.get("general.architecture")].permuted_qk:
+            return None
         if module.endswith("self_attn.q_proj"):
             return self.config["num_attention_heads"]
         if module.endswith("self_attn.k_proj"):
@@ -150,113 +138,16 @@ class GGUFCheckpoint(Checkpoint):
         return None
 
 
-def _hf_name(gguf_base: str, table: list[tuple[str, str]]) -> str | None:
+def _hf_name(gguf_base: str, table: Names) -> str | None:
     for pattern, repl in table:
         if re.fullmatch(pattern, gguf_base):
             return re.sub(pattern, repl, gguf_base)
     return None
 
 
-def _required(g: GGUFFile, key: str) -> Any:
-    value = g.arch_key(key)
-    if value is None:
-        arch = g.get("general.architecture")
-        raise CheckpointError(f"{g.path}: GGUF metadata lacks {arch}.{key}; re-convert the file with llama.cpp")
-    if isinstance(value, list):
-        raise CheckpointError(
-            f"{g.path}: {g.get('general.architecture')}.{key} varies per layer, which edge-llm does not support"
-        )
-    return value
-
-
-def _llama3_rope(g: GGUFFile, head_dim: int, theta: float) -> dict[str, Any] | None:
-    """Llama 3.1+ stores its rope scaling as per-frequency factors (``rope_freqs.weight``), not metadata.
-
-    Rebuild the transformers ``llama3`` parameters from them: ``factor`` is the largest factor; the
-    smoothing band is the one every Llama 3.x release uses (low 1, high 4, original context 8192);
-    the factors it implies must equal the file's, or we refuse rather than run a wrong rope.
-    """
-    tensor = g.tensors.get("rope_freqs.weight")
-    if tensor is None:
-        return None
-    if tensor.type_name != "F32":
-        raise CheckpointError(f"{g.path}: rope_freqs.weight is {tensor.type_name}, expected F32")
-    factors = g.read(tensor).view(np.float32).astype(np.float64)
-    scaling = {"rope_type": "llama3", "factor": float(factors.max()), "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # fmt: skip
-    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    wavelen = 2 * math.pi / inv_freq
-    smooth = (8192 / wavelen - 1.0) / 3.0
-    expected = np.where(
-        wavelen < 8192 / 4.0, 1.0,
-        np.where(wavelen > 8192, scaling["factor"], 1 / ((1 - smooth) / scaling["factor"] + smooth)),
-    )  # fmt: skip
-    if expected.shape != factors.shape or not np.allclose(expected, factors, rtol=1e-4):
-        raise CheckpointError(
-            f"{g.path}: rope_freqs.weight does not match Llama 3 rope scaling; this file's rope is not supported"
-        )
-    return scaling
-
-
-def _rope_scaling(g: GGUFFile, head_dim: int, theta: float) -> dict[str, Any] | None:
-    kind = g.arch_key("rope.scaling.type")
-    if kind in (None, "none"):
-        return _llama3_rope(g, head_dim, theta)
-    factor = g.arch_key("rope.scaling.factor") or g.arch_key("rope.scale_linear")
-    if kind == "linear":
-        return {"rope_type": "linear", "factor": float(factor)}
-    if kind == "yarn":
-        scaling = {"rope_type": "yarn", "factor": float(factor)}
-        original = g.arch_key("rope.scaling.original_context_length")
-        if original:
-            scaling["original_max_position_embeddings"] = int(original)
-        for key, hf in (("rope.scaling.yarn_beta_fast", "beta_fast"), ("rope.scaling.yarn_beta_slow", "beta_slow")):
-            if g.arch_key(key) is not None:
-                scaling[hf] = float(g.arch_key(key))
-        return scaling
-    raise CheckpointError(f"{g.path}: rope scaling {kind!r} is not supported (none, linear, yarn are)")
-
-
-def _llama_config(g: GGUFFile) -> dict[str, Any]:
-    hidden = int(_required(g, "embedding_length"))
-    heads = int(_required(g, "attention.head_count"))
-    kv_heads = int(g.arch_key("attention.head_count_kv") or heads)
-    head_dim = int(g.arch_key("attention.key_length") or hidden // heads)
-    theta = float(g.arch_key("rope.freq_base") or 10000.0)
-    tokens = g.get("tokenizer.ggml.tokens")
-    embed = g.tensors.get("token_embd.weight")
-    vocab = g.arch_key("vocab_size") or (len(tokens) if tokens else None) or (embed.shape[0] if embed else None)
-    config = {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
-        "vocab_size": int(vocab),
-        "hidden_size": hidden,
-        "intermediate_size": int(_required(g, "feed_forward_length")),
-        "num_hidden_layers": int(_required(g, "block_count")),
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
-        "head_dim": head_dim,
-        "rms_norm_eps": float(g.arch_key("attention.layer_norm_rms_epsilon") or 1e-5),
-        "max_position_embeddings": int(g.arch_key("context_length") or 2048),
-        "rope_theta": theta,
-        "rope_scaling": _rope_scaling(g, head_dim, theta),
-        "tie_word_embeddings": "output.weight" not in g.tensors,
-        "attention_bias": "blk.0.attn_q.bias" in g.tensors,
-        "mlp_bias": "blk.0.ffn_up.bias" in g.tensors,
-        "hidden_act": "silu",
-    }
-    for key, hf in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
-                    ("padding_token_id", "pad_token_id")):  # fmt: skip
-        value = g.get(f"tokenizer.ggml.{key}")
-        if value is not None:
-            config[hf] = int(value)
-    return config
-
-
-# general.architecture -> (config builder, tensor-name table)
-ARCHITECTURES = {
-    "llama": (_llama_config, _DENSE_NAMES),
-}
+def _hf_shape(module: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    # llama.cpp declares Qwen2-MoE's shared-expert gate [hidden] where HF has a Linear [1, hidden]
+    return (1, *shape) if module.endswith("shared_expert_gate") and len(shape) == 1 else shape
 
 
 def _tensor_infos(g: GGUFFile, names: dict[str, str]) -> dict[str, TensorInfo]:
@@ -276,7 +167,7 @@ def _tensor_infos(g: GGUFFile, names: dict[str, str]) -> dict[str, TensorInfo]:
                 infos[f"{module}.{part}"] = TensorInfo(f"{module}.{part}", g.path, "F16", (*outer, groups))
         else:
             dtype = "F16" if t.type_name in gguf_quants.DEQUANTIZED else t.type_name
-            infos[f"{module}.{suffix}"] = TensorInfo(f"{module}.{suffix}", g.path, dtype, t.shape)
+            infos[f"{module}.{suffix}"] = TensorInfo(f"{module}.{suffix}", g.path, dtype, _hf_shape(module, t.shape))
     return infos
 
 
@@ -316,8 +207,9 @@ def read_gguf_checkpoint(path: str | Path) -> GGUFCheckpoint:
         raise CheckpointError(
             f"{g.path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(sorted(ARCHITECTURES))})"
         )
-    build_config, table = ARCHITECTURES[arch]
-    config = build_config(g)
+    spec = ARCHITECTURES[arch]
+    config = spec.config(g)
+    table = spec.names(g)
     if config["model_type"] not in supported_model_types():
         raise CheckpointError(f"{g.path}: model type {config['model_type']!r} (from GGUF {arch!r}) is not supported")
     names: dict[str, str] = {}

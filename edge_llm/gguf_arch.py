@@ -1,0 +1,241 @@
+"""What each GGUF architecture means in Hugging Face terms: config keys and tensor names.
+
+References: llama.cpp ``convert_hf_to_gguf.py`` (``LlamaModel``, ``Qwen2MoeModel``, ``Qwen3MoeModel``,
+``OlmoeModel``: which metadata keys they write, how they rename and stack tensors) and
+``src/llama-arch.cpp`` (the tensor names); transformers ``integrations/ggml.py`` (its GGUF config
+mapping, which our choices agree with).
+
+- ``llama`` is the dense Llama family, or Mixtral when ``llama.expert_count`` is set (llama.cpp writes
+  Mixtral as a Llama with experts). Only this architecture has its q/k rows permuted.
+- ``qwen2moe``: qkv biases, a shared expert with a sigmoid gate (``ffn_gate_inp_shexp``).
+- ``qwen3moe``: per-head q/k RMSNorm, no shared expert, top-k weights renormalised.
+- ``olmoe``: full-width q/k RMSNorm.
+
+Experts come stacked (``ffn_{gate,up,down}_exps``, ``[E, out, in]``) and map straight onto the
+architectures' ``switch_mlp``; old Mixtral files with one tensor per expert (``ffn_gate.{e}``) map onto
+the Hub's per-expert names, which the model's ``sanitize`` stacks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import CheckpointError
+from .gguf_reader import GGUFFile
+
+Names = list[tuple[str, str]]
+
+# GGUF tensor name (without .weight/.bias) -> HF module path, for llama.cpp's dense decoder names.
+DENSE_NAMES: Names = [
+    (r"token_embd", "model.embed_tokens"),
+    (r"output_norm", "model.norm"),
+    (r"output", "lm_head"),
+    (r"blk\.(\d+)\.attn_norm", r"model.layers.\1.input_layernorm"),
+    (r"blk\.(\d+)\.ffn_norm", r"model.layers.\1.post_attention_layernorm"),
+    (r"blk\.(\d+)\.attn_q", r"model.layers.\1.self_attn.q_proj"),
+    (r"blk\.(\d+)\.attn_k", r"model.layers.\1.self_attn.k_proj"),
+    (r"blk\.(\d+)\.attn_v", r"model.layers.\1.self_attn.v_proj"),
+    (r"blk\.(\d+)\.attn_output", r"model.layers.\1.self_attn.o_proj"),
+    (r"blk\.(\d+)\.ffn_gate", r"model.layers.\1.mlp.gate_proj"),
+    (r"blk\.(\d+)\.ffn_up", r"model.layers.\1.mlp.up_proj"),
+    (r"blk\.(\d+)\.ffn_down", r"model.layers.\1.mlp.down_proj"),
+]
+QK_NORM_NAMES: Names = [
+    (r"blk\.(\d+)\.attn_q_norm", r"model.layers.\1.self_attn.q_norm"),
+    (r"blk\.(\d+)\.attn_k_norm", r"model.layers.\1.self_attn.k_norm"),
+]
+
+
+def moe_names(block: str) -> Names:
+    """Router and stacked experts of a sparse block at ``model.layers.N.{block}``."""
+    return [
+        (r"blk\.(\d+)\.ffn_gate_inp", rf"model.layers.\1.{block}.gate"),
+        (r"blk\.(\d+)\.ffn_gate_exps", rf"model.layers.\1.{block}.switch_mlp.gate_proj"),
+        (r"blk\.(\d+)\.ffn_up_exps", rf"model.layers.\1.{block}.switch_mlp.up_proj"),
+        (r"blk\.(\d+)\.ffn_down_exps", rf"model.layers.\1.{block}.switch_mlp.down_proj"),
+    ]
+
+
+# Mixtral files from before llama.cpp stacked experts (2024): one tensor per expert, Hub names w1/w3/w2.
+PER_EXPERT_NAMES: Names = [
+    (r"blk\.(\d+)\.ffn_gate\.(\d+)", r"model.layers.\1.block_sparse_moe.experts.\2.w1"),
+    (r"blk\.(\d+)\.ffn_up\.(\d+)", r"model.layers.\1.block_sparse_moe.experts.\2.w3"),
+    (r"blk\.(\d+)\.ffn_down\.(\d+)", r"model.layers.\1.block_sparse_moe.experts.\2.w2"),
+]
+SHARED_EXPERT_NAMES: Names = [
+    (r"blk\.(\d+)\.ffn_gate_inp_shexp", r"model.layers.\1.mlp.shared_expert_gate"),
+    (r"blk\.(\d+)\.ffn_gate_shexp", r"model.layers.\1.mlp.shared_expert.gate_proj"),
+    (r"blk\.(\d+)\.ffn_up_shexp", r"model.layers.\1.mlp.shared_expert.up_proj"),
+    (r"blk\.(\d+)\.ffn_down_shexp", r"model.layers.\1.mlp.shared_expert.down_proj"),
+]
+
+
+@dataclass(frozen=True)
+class Arch:
+    config: Callable[[GGUFFile], dict[str, Any]]
+    names: Callable[[GGUFFile], Names]
+    permuted_qk: bool = False  # llama.cpp's converter permuted q/k rows (LLM_ARCH_LLAMA only)
+
+
+def required(g: GGUFFile, key: str) -> Any:
+    value = g.arch_key(key)
+    arch = g.get("general.architecture")
+    if value is None:
+        raise CheckpointError(f"{g.path}: GGUF metadata lacks {arch}.{key}; re-convert the file with llama.cpp")
+    if isinstance(value, list):
+        raise CheckpointError(f"{g.path}: {arch}.{key} varies per layer, which edge-llm does not support")
+    return value
+
+
+def _llama3_rope(g: GGUFFile, head_dim: int, theta: float) -> dict[str, Any] | None:
+    """Llama 3.1+ stores its rope scaling as per-frequency factors (``rope_freqs.weight``), not metadata.
+
+    Rebuild the transformers ``llama3`` parameters from them: ``factor`` is the largest factor; the
+    smoothing band is the one every Llama 3.x release uses (low 1, high 4, original context 8192);
+    the factors it implies must equal the file's, or we refuse rather than run a wrong rope.
+    """
+    tensor = g.tensors.get("rope_freqs.weight")
+    if tensor is None:
+        return None
+    if tensor.type_name != "F32":
+        raise CheckpointError(f"{g.path}: rope_freqs.weight is {tensor.type_name}, expected F32")
+    factors = g.read(tensor).view(np.float32).astype(np.float64)
+    scaling = {"rope_type": "llama3", "factor": float(factors.max()), "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # fmt: skip
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (8192 / wavelen - 1.0) / 3.0
+    expected = np.where(
+        wavelen < 8192 / 4.0, 1.0,
+        np.where(wavelen > 8192, scaling["factor"], 1 / ((1 - smooth) / scaling["factor"] + smooth)),
+    )  # fmt: skip
+    if expected.shape != factors.shape or not np.allclose(expected, factors, rtol=1e-4):
+        raise CheckpointError(
+            f"{g.path}: rope_freqs.weight does not match Llama 3 rope scaling; this file's rope is not supported"
+        )
+    return scaling
+
+
+def rope_scaling(g: GGUFFile, head_dim: int, theta: float) -> dict[str, Any] | None:
+    kind = g.arch_key("rope.scaling.type")
+    if kind in (None, "none"):
+        return _llama3_rope(g, head_dim, theta)
+    factor = g.arch_key("rope.scaling.factor") or g.arch_key("rope.scale_linear")
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(factor)}
+    if kind == "yarn":
+        scaling = {"rope_type": "yarn", "factor": float(factor)}
+        original = g.arch_key("rope.scaling.original_context_length")
+        if original:
+            scaling["original_max_position_embeddings"] = int(original)
+        for key, hf in (("rope.scaling.yarn_beta_fast", "beta_fast"), ("rope.scaling.yarn_beta_slow", "beta_slow")):
+            if g.arch_key(key) is not None:
+                scaling[hf] = float(g.arch_key(key))
+        return scaling
+    raise CheckpointError(f"{g.path}: rope scaling {kind!r} is not supported (none, linear, yarn are)")
+
+
+def base_config(g: GGUFFile, model_type: str, architecture: str) -> dict[str, Any]:
+    """The keys every decoder shares (transformers' GGUF mapping: context_length -> max_position_embeddings...)."""
+    hidden = int(required(g, "embedding_length"))
+    heads = int(required(g, "attention.head_count"))
+    head_dim = int(g.arch_key("attention.key_length") or hidden // heads)
+    theta = float(g.arch_key("rope.freq_base") or 10000.0)
+    embed = g.tensors.get("token_embd.weight")
+    tokens = g.get("tokenizer.ggml.tokens")
+    # the embedding is the truth (llama.cpp pads the token list to it); then the metadata
+    vocab = (embed.shape[0] if embed else None) or g.arch_key("vocab_size") or (len(tokens) if tokens else None)
+    config = {
+        "model_type": model_type,
+        "architectures": [architecture],
+        "vocab_size": int(vocab),
+        "hidden_size": hidden,
+        "intermediate_size": int(g.arch_key("feed_forward_length") or 0) or None,
+        "num_hidden_layers": int(required(g, "block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(g.arch_key("attention.head_count_kv") or heads),
+        "head_dim": head_dim,
+        "rms_norm_eps": float(g.arch_key("attention.layer_norm_rms_epsilon") or 1e-5),
+        "max_position_embeddings": int(g.arch_key("context_length") or 2048),
+        "rope_theta": theta,
+        "rope_scaling": rope_scaling(g, head_dim, theta),
+        "tie_word_embeddings": "output.weight" not in g.tensors,
+        "hidden_act": "silu",
+    }
+    for key, hf in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                    ("padding_token_id", "pad_token_id")):  # fmt: skip
+        value = g.get(f"tokenizer.ggml.{key}")
+        if value is not None:
+            config[hf] = int(value)
+    return config
+
+
+def _experts(g: GGUFFile, config: dict[str, Any], experts_key: str = "num_experts") -> dict[str, Any]:
+    config[experts_key] = int(required(g, "expert_count"))
+    config["num_experts_per_tok"] = int(required(g, "expert_used_count"))
+    return config
+
+
+def _expert_ffn(g: GGUFFile) -> int:
+    """The routed experts' hidden size: metadata, else the stacked gate tensor [E, I, D]."""
+    size = g.arch_key("expert_feed_forward_length")
+    gate = g.tensors.get("blk.0.ffn_gate_exps.weight")
+    return int(size or (gate.shape[1] if gate else required(g, "expert_feed_forward_length")))
+
+
+def _llama(g: GGUFFile) -> dict[str, Any]:
+    if g.arch_key("expert_count"):  # Mixtral
+        config = base_config(g, "mixtral", "MixtralForCausalLM")
+        return _experts(g, config, "num_local_experts")
+    config = base_config(g, "llama", "LlamaForCausalLM")
+    config["intermediate_size"] = int(required(g, "feed_forward_length"))
+    config["attention_bias"] = "blk.0.attn_q.bias" in g.tensors
+    config["mlp_bias"] = "blk.0.ffn_up.bias" in g.tensors
+    return config
+
+
+def _qwen2moe(g: GGUFFile) -> dict[str, Any]:
+    config = _experts(g, base_config(g, "qwen2_moe", "Qwen2MoeForCausalLM"))
+    config["moe_intermediate_size"] = _expert_ffn(g)
+    shared = g.arch_key("expert_shared_feed_forward_length")
+    gate = g.tensors.get("blk.0.ffn_gate_shexp.weight")
+    config["shared_expert_intermediate_size"] = int(shared or (gate.shape[0] if gate else 0))
+    config["intermediate_size"] = config["intermediate_size"] or config["moe_intermediate_size"]
+    config["qkv_bias"] = "blk.0.attn_q.bias" in g.tensors
+    config["norm_topk_prob"] = bool(g.arch_key("expert_weights_norm", False))
+    return config
+
+
+def _qwen3moe(g: GGUFFile) -> dict[str, Any]:
+    config = _experts(g, base_config(g, "qwen3_moe", "Qwen3MoeForCausalLM"))
+    config["moe_intermediate_size"] = _expert_ffn(g)
+    config["intermediate_size"] = config["intermediate_size"] or config["moe_intermediate_size"]
+    config["attention_bias"] = "blk.0.attn_q.bias" in g.tensors
+    # llama.cpp always renormalises Qwen3-MoE's top-k weights (transformers' GGUF reader says so too)
+    config["norm_topk_prob"] = bool(g.arch_key("expert_weights_norm", True))
+    return config
+
+
+def _olmoe(g: GGUFFile) -> dict[str, Any]:
+    config = _experts(g, base_config(g, "olmoe", "OlmoeForCausalLM"))
+    config["intermediate_size"] = _expert_ffn(g)
+    config["attention_bias"] = "blk.0.attn_q.bias" in g.tensors
+    config["norm_topk_prob"] = bool(g.arch_key("expert_weights_norm", False))
+    return config
+
+
+def _llama_names(g: GGUFFile) -> Names:
+    return DENSE_NAMES + (moe_names("block_sparse_moe") + PER_EXPERT_NAMES if g.arch_key("expert_count") else [])
+
+
+ARCHITECTURES: dict[str, Arch] = {
+    "llama": Arch(_llama, _llama_names, permuted_qk=True),
+    "qwen2moe": Arch(_qwen2moe, lambda g: DENSE_NAMES + moe_names("mlp") + SHARED_EXPERT_NAMES),
+    "qwen3moe": Arch(_qwen3moe, lambda g: DENSE_NAMES + QK_NORM_NAMES + moe_names("mlp")),
+    "olmoe": Arch(_olmoe, lambda g: DENSE_NAMES + QK_NORM_NAMES + moe_names("mlp")),
+}
