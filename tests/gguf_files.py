@@ -36,6 +36,23 @@ LLAMA_NAMES = [
     (r"model\.layers\.(\d+)\.mlp\.down_proj\.(\w+)", r"blk.\1.ffn_down.\2"),
 ]
 
+# Mixture-of-Experts tensors; transformers 5 fuses each layer's experts into gate_up_proj [E, 2I, D]
+# (gate rows first) + down_proj [E, D, I], which we split into llama.cpp's stacked exps first.
+MOE_NAMES = [
+    (r"model\.layers\.(\d+)\.mlp\.experts\.(gate|up|down)_exps", r"blk.\1.ffn_\2_exps.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.gate\.weight", r"blk.\1.ffn_gate_inp.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.shared_expert\.(gate|up|down)_proj\.weight", r"blk.\1.ffn_\2_shexp.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.shared_expert_gate\.weight", r"blk.\1.ffn_gate_inp_shexp.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.(q|k)_norm\.weight", r"blk.\1.attn_\2_norm.weight"),
+]
+# Mixtral files from before llama.cpp stacked experts: one tensor per expert
+PER_EXPERT_NAMES = [
+    (r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)", r"blk.\1.ffn_\3.\2.weight"),
+]
+# model_type -> GGUF architecture name
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2_moe": "qwen2moe",
+             "qwen3_moe": "qwen3moe", "olmoe": "olmoe"}  # fmt: skip
+
 # byte offsets of the float16 scale fields in each K-quant block (ggml-common.h)
 _K_SCALE_FIELDS = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
 
@@ -78,19 +95,64 @@ def encode(x: np.ndarray, qtype: Q, rng: np.random.Generator) -> tuple[np.ndarra
     return stored, gguf.quants.dequantize(stored, qtype).astype(np.float32)
 
 
-def write_llama_gguf(
+def _split_experts(state: dict[str, np.ndarray], per_expert: bool) -> dict[str, np.ndarray]:
+    out = {}
+    for name, x in state.items():
+        if name.endswith("experts.gate_up_proj"):
+            prefix = name[: -len("gate_up_proj")]
+            gate, up = np.split(x, 2, axis=1)
+            parts = {"gate": gate, "up": up}
+        elif name.endswith("experts.down_proj"):
+            prefix, parts = name[: -len("down_proj")], {"down": x}
+        else:
+            out[name] = x
+            continue
+        for kind, stacked in parts.items():
+            if per_expert:
+                out.update({f"{prefix}{e}.{kind}": stacked[e] for e in range(stacked.shape[0])})
+            else:
+                out[f"{prefix}{kind}_exps"] = stacked
+    return out
+
+
+def _join_experts(values: dict[str, np.ndarray], per_expert: bool) -> dict[str, np.ndarray]:
+    out, parts = {}, {}
+    for name, x in values.items():
+        m = re.fullmatch(r"(.*\.experts\.)(?:(\d+)\.)?(gate|up|down)(?:_exps)?", name)
+        if m is None:
+            out[name] = x
+        else:
+            parts.setdefault((m[1], m[3]), {})[int(m[2] or 0)] = x
+    for (prefix, kind), by_expert in parts.items():
+        stacked = np.stack([by_expert[e] for e in sorted(by_expert)]) if per_expert else by_expert[0]
+        parts[(prefix, kind)] = stacked
+    for (prefix, kind), stacked in parts.items():
+        if kind == "gate":
+            out[f"{prefix}gate_up_proj"] = np.concatenate([stacked, parts[(prefix, "up")]], axis=1)
+        elif kind == "down":
+            out[f"{prefix}down_proj"] = stacked
+    return out
+
+
+def write_gguf(
     path: Path,
     model,
     qtype: Q | Callable[[str, tuple[int, ...]], Q] = Q.F32,
     *,
     tokenizer: dict | None = None,
     rope_freqs: np.ndarray | None = None,
+    per_expert: bool = False,
     seed: int = 0,
 ):
-    """Writes ``model`` (a transformers Llama) as llama.cpp would and returns the reference model."""
+    """Writes ``model`` (a transformers Llama, Mixtral, Qwen2/3-MoE or OLMoE) as llama.cpp would and
+    returns the reference model: the same architecture holding exactly the values the file stores.
+
+    ``per_expert`` writes Mixtral experts one tensor each (llama.cpp files from before 2024-04).
+    """
     cfg = model.config
+    arch = GGUF_ARCH[cfg.model_type]
     rng = np.random.default_rng(seed)
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), arch)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -102,25 +164,39 @@ def write_llama_gguf(
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_dimension_count(head_dim)
     w.add_vocab_size(cfg.vocab_size)
+    experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
+    if experts:
+        w.add_expert_count(experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+    if getattr(cfg, "moe_intermediate_size", None):
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    if getattr(cfg, "shared_expert_intermediate_size", None):
+        w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
+    if arch == "qwen3moe":
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
     scaling = cfg.rope_parameters
     if scaling.get("rope_type", "default") == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(scaling["factor"])
     if tokenizer:
         add_tokenizer(w, **tokenizer)
-    reference = {}
-    for name, tensor in model.state_dict().items():
+    table = LLAMA_NAMES + MOE_NAMES + PER_EXPERT_NAMES
+    state = _split_experts({k: v.float().numpy() for k, v in model.state_dict().items()}, per_expert)
+    values = {}
+    for name, x in state.items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
-        x = tensor.float().numpy()
         heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}
-        n_head = next((h for k, h in heads.items() if f"self_attn.{k}." in name), None)
+        n_head = next((h for k, h in heads.items() if f"self_attn.{k}." in name), None) if arch == "llama" else None
         if n_head is not None:
             x = permute(x, n_head)
-        t = Q.F32 if x.ndim == 1 else (qtype(name, x.shape) if callable(qtype) else qtype)
-        stored, values = encode(x, t, rng)
-        w.add_tensor(gguf_name(name), stored, raw_dtype=None if t in (Q.F32, Q.F16) else t)
-        reference[name] = unpermute(values, n_head) if n_head is not None else values
+        target = gguf_name(name, table)
+        router = "ffn_gate_inp" in target  # llama.cpp keeps routers and norms in F32
+        t = Q.F32 if x.ndim == 1 or router else (qtype(name, x.shape) if callable(qtype) else qtype)
+        stored, value = encode(x, t, rng)
+        w.add_tensor(target, stored, raw_dtype=None if t in (Q.F32, Q.F16) else t)
+        values[name] = unpermute(value, n_head) if n_head is not None else value
     if rope_freqs is not None:
         w.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
     w.write_header_to_file()
@@ -128,10 +204,14 @@ def write_llama_gguf(
     w.write_tensors_to_file()
     w.close()
     ref = type(model)(cfg).eval()
-    ref.load_state_dict({k: torch.from_numpy(v) for k, v in reference.items()}, strict=False)
+    reference = _join_experts(values, per_expert)
+    ref.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in reference.items()}, strict=False)
     if cfg.tie_word_embeddings:
         ref.tie_weights()
     return ref
+
+
+write_llama_gguf = write_gguf
 
 
 def add_tokenizer(w: gguf.GGUFWriter, *, model: str, tokens: list[str], types: list[int] | None = None,
