@@ -38,6 +38,7 @@ from .checkpoint import Checkpoint, TensorInfo
 from .errors import CheckpointError
 from .gguf_arch import ARCHITECTURES, Names
 from .gguf_reader import GGUFFile, GGUFTensor, read_gguf
+from .gguf_tokenizer import write_tokenizer_files
 from .models import supported_model_types
 
 log = logging.getLogger(__name__)
@@ -61,12 +62,29 @@ class GGUFCheckpoint(Checkpoint):
         return self.path
 
     @property
-    def file_type(self) -> str:
-        """The ggml type holding most weights, as llama.cpp names files (``Q4_1``, ``Q4_K``, ``F16``)."""
+    def gguf_types(self) -> list[str]:
+        """The ggml types of the file's tensors, most parameters first (``["Q4_1", "Q8_0", "F32"]``)."""
         counts = Counter()
         for t in self.gguf.tensors.values():
             counts[t.type_name] += t.size
-        return counts.most_common(1)[0][0]
+        return [name for name, _ in counts.most_common()]
+
+    def describe_quantization(self, mlx_form: str | None) -> str:
+        """``info``'s quantization line: how it runs, then what the file holds as llama.cpp names it."""
+        types = self.gguf_types
+        if mlx_form is None:
+            mlx_form = "dequantized to float16" if set(types) & set(gguf_quants.DEQUANTIZED) else "none"
+        return f"{mlx_form} (GGUF {', '.join(types)})"
+
+    def write_side_files(self, folder: Path) -> list[str]:
+        """What a Hugging Face folder holds besides weights and config.json: the tokenizer files and
+        generation_config.json, rebuilt from the GGUF metadata (for ``quantize FILE.gguf -o OUT``)."""
+        return write_tokenizer_files(self.gguf, folder)
+
+    @property
+    def hf_config(self) -> dict[str, Any]:
+        """config.json for a converted folder: the config without the GGUF quantization block."""
+        return {k: v for k, v in self.config.items() if k != "quantization"}
 
     def load_weights(self) -> dict[str, mx.array]:
         """HF-named arrays, q/k rows un-permuted; quantized tensors as ``weight``/``scales``/``biases``."""

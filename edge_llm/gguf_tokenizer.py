@@ -17,7 +17,9 @@ gguf_file=...)`` rebuilds these tokenizers: our oracle, tests/test_gguf_tokenize
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Any
 
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
@@ -203,3 +205,33 @@ def build_gguf_tokenizer(g: GGUFFile) -> tuple[RustTokenizer, dict[str, Any]]:
         "kind": kind,
     }
     return tok, facts
+
+
+def write_tokenizer_files(g: GGUFFile, folder: Path) -> list[str]:
+    """The GGUF's tokenizer as Hugging Face files in ``folder`` (what a converted checkpoint needs):
+    tokenizer.json (BOS/EOS in its post-processor), tokenizer_config.json (special tokens),
+    chat_template.jinja (+ additional_chat_templates/NAME.jinja), generation_config.json (eos ids).
+    ``Tokenizer.from_folder`` and transformers read them back into the same tokenizer."""
+    tok, facts = build_gguf_tokenizer(g)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    config: dict[str, Any] = {**facts["special_tokens"], "clean_up_tokenization_spaces": False,
+                              "tokenizer_class": "PreTrainedTokenizerFast"}  # fmt: skip
+    context = g.arch_key("context_length")
+    if isinstance(context, int):
+        config["model_max_length"] = context
+    written = ["tokenizer.json", "tokenizer_config.json"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    templates = dict(facts["chat_templates"])
+    if "default" in templates:
+        (folder / "chat_template.jinja").write_text(templates.pop("default"), encoding="utf-8")
+        written.append("chat_template.jinja")
+    for name, template in templates.items():
+        (folder / "additional_chat_templates").mkdir(exist_ok=True)
+        (folder / "additional_chat_templates" / f"{name}.jinja").write_text(template, encoding="utf-8")
+        written.append(f"additional_chat_templates/{name}.jinja")
+    generation = {k: v for k, v in (("bos_token_id", facts["bos_token_id"]), ("eos_token_id", facts["eos_token_ids"]),
+                                    ("pad_token_id", facts["pad_token_id"])) if v not in (None, [])}  # fmt: skip
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    written.append("generation_config.json")
+    return written

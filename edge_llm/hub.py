@@ -55,6 +55,8 @@ def resolve_model(ref: str | Path, *, revision: str | None = None, cache_dir: st
     if path.exists():
         return path
     text = str(ref)
+    if path.suffix.lower() == ".gguf":
+        raise CheckpointError(f"{ref}: no such GGUF file")
     if not is_repo_id(text):
         raise CheckpointError(f"{ref}: no such model folder (a Hub model is named owner/name)")
     from .hub_cache import cached_snapshot, hub_cache_dir

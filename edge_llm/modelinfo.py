@@ -67,6 +67,8 @@ def describe(checkpoint: Checkpoint) -> ModelInfo:
     active += experts * routed // n_experts if experts else 0
     q = checkpoint.quantization
     quant = f"{q['bits']}-bit {q.get('mode', 'affine')}, group {q['group_size']}" if q else None
+    if hasattr(checkpoint, "describe_quantization"):  # a GGUF file also says what it holds, in llama.cpp's names
+        quant = checkpoint.describe_quantization(quant)
     architectures = cfg.get("architectures") or [checkpoint.model_type]
     return ModelInfo(
         path=checkpoint.path,

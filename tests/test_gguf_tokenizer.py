@@ -139,3 +139,22 @@ def test_end_of_turn_ids_stop_too(tmp_path: Path):
     w.add_eom_token_id(1)
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
     assert Tokenizer.from_gguf(path).eos_token_ids == [0, 2, 1]
+
+
+@pytest.mark.parametrize("which", ["smol", "spm"])
+def test_exported_folder_is_the_same_tokenizer(which, request, tmp_path):
+    """write_tokenizer_files (what a GGUF converted to safetensors ships): our folder reader and
+    transformers read it back into the same tokenizer as the GGUF's."""
+    from edge_llm.gguf_reader import read_gguf
+    from edge_llm.gguf_tokenizer import write_tokenizer_files
+
+    ours, theirs, *rest = request.getfixturevalue(which)
+    path = rest[0] if rest else gguf_path()
+    write_tokenizer_files(read_gguf(path), tmp_path)
+    folder, hf_folder = Tokenizer.from_folder(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
+    for text in CORPUS + MORE:
+        assert folder.encode(text) == ours.encode(text) == hf_folder(text)["input_ids"], text
+    assert folder.eos_token_ids == ours.eos_token_ids
+    assert folder.chat_templates == ours.chat_templates
+    assert folder.apply_chat_template(CHAT) == hf_folder.apply_chat_template(CHAT, add_generation_prompt=True,
+                                                                             tokenize=False)  # fmt: skip

@@ -1,0 +1,66 @@
+"""``edge-llm info`` and ``run`` on GGUF files, as a person types them (typer's CliRunner)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from gguf import GGMLQuantizationType as Q
+from typer.testing import CliRunner
+
+from cli.main import app
+from edge_llm.checkpoint import read_checkpoint
+from edge_llm.modelinfo import describe
+from tests.gguf_files import copy_tokenizer_metadata, write_gguf
+from tests.smollm2 import gguf_path
+from tests.test_gguf_llama import tiny_llama
+
+
+def test_info_on_the_smollm2_gguf(smollm2_folder):
+    result = CliRunner().invoke(app, ["info", str(gguf_path()), "--json"])
+    assert result.exit_code == 0, result.output
+    facts = json.loads(result.stdout)
+    converted = describe(read_checkpoint(smollm2_folder))  # transformers' conversion of the same file
+    assert facts["architecture"] == "LlamaForCausalLM" and facts["model_type"] == "llama"
+    assert facts["params_total"] == converted.params_total == 134_515_008
+    assert facts["layers"] == 30 and facts["context_length"] == 8192
+    assert facts["quantization"] == "4-bit affine, group 32 (GGUF Q4_1, Q8_0, F32)"
+    assert facts["tokenizer"] == "GGUF byte-level BPE" and facts["vocab_size"] == 49152
+    assert facts["chat_template"] == "default"
+    assert facts["size_bytes"] == pytest.approx(gguf_path().stat().st_size, rel=0.01)
+
+
+@pytest.fixture(scope="module")
+def kquant_file(tmp_path_factory):
+    """A tiny Llama in Q4_K/Q6_K with SmolLM2's tokenizer (vocab 49152: embedding rows must cover it)."""
+    path = tmp_path_factory.mktemp("kq") / "tiny.Q4_K_M.gguf"
+    model = tiny_llama(vocab_size=49152, hidden_size=256, intermediate_size=256, num_attention_heads=4,
+                       num_key_value_heads=2, num_hidden_layers=1)  # fmt: skip
+    write_gguf(path, model, lambda name, shape: Q.Q6_K if "down" in name or "embed" in name else Q.Q4_K,
+               tokenizer=copy_tokenizer_metadata(gguf_path()))  # fmt: skip
+    return path
+
+
+def test_info_on_a_k_quant_file(kquant_file):
+    result = CliRunner().invoke(app, ["info", str(kquant_file), "--json"])
+    assert result.exit_code == 0, result.output
+    facts = json.loads(result.stdout)
+    assert facts["quantization"].startswith("dequantized to float16 (GGUF ")
+    assert "Q4_K" in facts["quantization"] and "Q6_K" in facts["quantization"]
+
+
+def test_run_a_k_quant_file_warns_about_memory(kquant_file):
+    """The memory note reaches the user's terminal: a real process, the installed command."""
+    command = [sys.executable, "-m", "cli.main", "run", str(kquant_file), "--prompt", "Hello", "--max-tokens", "4",
+               "--temp", "0", "--json"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "NO_COLOR": "1"})  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["generation_tokens"] == len(answer["tokens"]) > 0
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1, result.stderr
+    assert "Q4_K/Q6_K tensors are dequantized to float16" in warnings[0] and "GB on disk" in warnings[0]
