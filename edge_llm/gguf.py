@@ -36,7 +36,7 @@ import numpy as np
 from . import gguf_quants
 from .checkpoint import Checkpoint, TensorInfo
 from .errors import CheckpointError
-from .gguf_arch import ARCHITECTURES, Names
+from .gguf_arch import ARCHITECTURES, Arch, Names
 from .gguf_reader import GGUFFile, GGUFTensor, read_gguf
 from .gguf_tokenizer import write_tokenizer_files
 from .models import supported_model_types
@@ -89,6 +89,7 @@ class GGUFCheckpoint(Checkpoint):
     def load_weights(self) -> dict[str, mx.array]:
         """HF-named arrays, q/k rows un-permuted; quantized tensors as ``weight``/``scales``/``biases``."""
         raw = self._load_native() if self._all_native() else self._load_numpy()
+        spec = ARCHITECTURES[self.gguf.get("general.architecture")]
         weights: dict[str, mx.array] = {}
         for name, array in raw.items():
             base, suffix = name.rsplit(".", 1)
@@ -96,7 +97,9 @@ class GGUFCheckpoint(Checkpoint):
                 continue
             module = self.names[base]
             array = array.reshape(_hf_shape(module, tuple(array.shape))) if suffix in ("weight", "bias") else array
-            weights[f"{module}.{suffix}"] = self._unpermute(module, array)
+            weights[spec.rename(f"{module}.{suffix}")] = self._unpermute(module, array)
+        if spec.split_modules:
+            _join_kv_b(weights, self.config)
         return weights
 
     def _all_native(self) -> bool:
@@ -168,33 +171,69 @@ def _hf_shape(module: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     return (1, *shape) if module.endswith("shared_expert_gate") and len(shape) == 1 else shape
 
 
-def _tensor_infos(g: GGUFFile, names: dict[str, str]) -> dict[str, TensorInfo]:
+def _dense(weights: dict[str, mx.array], module: str) -> mx.array:
+    """A module's weight as floats, dequantized (in float32, exact) when it arrived quantized."""
+    w = weights.pop(f"{module}.weight")
+    scales, biases = weights.pop(f"{module}.scales", None), weights.pop(f"{module}.biases", None)
+    if scales is None:
+        return w
+    bits = w.shape[-1] // scales.shape[-1]  # packed columns per group of 32 values
+    return mx.dequantize(w, scales.astype(mx.float32), biases.astype(mx.float32),
+                         group_size=gguf_quants.GROUP_SIZE, bits=bits)  # fmt: skip
+
+
+def _join_kv_b(weights: dict[str, mx.array], config: dict[str, Any]) -> None:
+    """llama.cpp's k_b [H, r, nope] (transposed) and v_b [H, v, r] back into kv_b_proj [H * (nope + v), r]."""
+    heads, rank = config["num_attention_heads"], config["kv_lora_rank"]
+    for key in [k for k in weights if k.endswith(".self_attn.k_b_proj.weight")]:
+        prefix = key[: -len("k_b_proj.weight")]
+        k_b = _dense(weights, f"{prefix}k_b_proj").reshape(heads, rank, -1)
+        v_b = _dense(weights, f"{prefix}v_b_proj").reshape(heads, -1, rank)
+        kv_b = mx.concatenate([k_b.swapaxes(1, 2), v_b.astype(k_b.dtype)], axis=1)  # [H, nope + v, r]
+        weights[f"{prefix}kv_b_proj.weight"] = kv_b.reshape(-1, rank)
+
+
+def _tensor_infos(g: GGUFFile, names: dict[str, str], spec: Arch, config: dict[str, Any]) -> dict[str, TensorInfo]:
     """What each HF tensor will be in memory: packed + scales/biases, float16 for K-quants."""
     infos: dict[str, TensorInfo] = {}
+
+    def add(name: str, dtype: str, shape: tuple[int, ...]) -> None:
+        name = spec.rename(name)
+        infos[name] = TensorInfo(name, g.path, dtype, shape)
+
+    joined: dict[str, str] = {}  # kv_b_proj prefix -> dtype
     for name, t in g.tensors.items():
         base, suffix = name.rsplit(".", 1)
         if name in _DROPPED or base not in names:
             continue
         module = names[base]
-        if t.type_name in gguf_quants.MLX_QUANTIZED:
+        if module.endswith(spec.split_modules):
+            prefix = module.rsplit(".", 1)[0]
+            quantized = t.type_name in gguf_quants.MLX_QUANTIZED or joined.get(prefix) == "F32"
+            joined[prefix] = "F32" if quantized else "F16" if t.type_name in gguf_quants.DEQUANTIZED else t.type_name
+        elif t.type_name in gguf_quants.MLX_QUANTIZED:
             bits = gguf_quants.MLX_QUANTIZED[t.type_name]
             *outer, cols = t.shape
             groups = cols // gguf_quants.GROUP_SIZE
-            infos[f"{module}.weight"] = TensorInfo(f"{module}.weight", g.path, "U32", (*outer, cols * bits // 32))
+            add(f"{module}.weight", "U32", (*outer, cols * bits // 32))
             for part in ("scales", "biases"):
-                infos[f"{module}.{part}"] = TensorInfo(f"{module}.{part}", g.path, "F16", (*outer, groups))
+                add(f"{module}.{part}", "F16", (*outer, groups))
         else:
             dtype = "F16" if t.type_name in gguf_quants.DEQUANTIZED else t.type_name
-            infos[f"{module}.{suffix}"] = TensorInfo(f"{module}.{suffix}", g.path, dtype, _hf_shape(module, t.shape))
+            add(f"{module}.{suffix}", dtype, _hf_shape(module, t.shape))
+    for prefix, dtype in joined.items():
+        rows = config["num_attention_heads"] * (config["qk_nope_head_dim"] + config["v_head_dim"])
+        add(f"{prefix}.kv_b_proj.weight", dtype, (rows, config["kv_lora_rank"]))
     return infos
 
 
-def _quantization(g: GGUFFile, names: dict[str, str]) -> dict[str, Any] | None:
+def _quantization(g: GGUFFile, names: dict[str, str], spec: Arch) -> dict[str, Any] | None:
     """The MLX quantization block: the commonest bits as default, other bits as per-module entries."""
     bits_of = {
         names[t.name.rsplit(".", 1)[0]]: gguf_quants.MLX_QUANTIZED[t.type_name]
         for t in g.tensors.values()
         if t.type_name in gguf_quants.MLX_QUANTIZED and t.name.rsplit(".", 1)[0] in names
+        and not names[t.name.rsplit(".", 1)[0]].endswith(spec.split_modules)
     }
     if not bits_of:
         return None
@@ -242,10 +281,10 @@ def read_gguf_checkpoint(path: str | Path) -> GGUFCheckpoint:
     if unknown:
         log.warning("%s: ignoring %d GGUF tensors with no known role (e.g. %s)", g.path.name, len(unknown), unknown[0])
     _check_types(g)
-    quantization = _quantization(g, names)
+    quantization = _quantization(g, names, spec)
     if quantization:
         config["quantization"] = quantization
-    return GGUFCheckpoint(g.path, config, _tensor_infos(g, names), gguf=g, names=names)
+    return GGUFCheckpoint(g.path, config, _tensor_infos(g, names, spec, config), gguf=g, names=names)
 
 
 def is_gguf(path: str | Path) -> bool:

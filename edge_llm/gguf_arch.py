@@ -10,6 +10,9 @@ mapping, which our choices agree with).
 - ``qwen2moe``: qkv biases, a shared expert with a sigmoid gate (``ffn_gate_inp_shexp``).
 - ``qwen3moe``: per-head q/k RMSNorm, no shared expert, top-k weights renormalised.
 - ``olmoe``: full-width q/k RMSNorm.
+- ``deepseek2`` (DeepSeek-V2 and V3, ``DeepseekV2Model`` in the converter): MLA tensors, dense first
+  layers, shared experts, V3's sigmoid router bias (``exp_probs_b``); newer files split ``kv_b_proj``
+  into ``attn_k_b`` (per head, transposed) and ``attn_v_b``, which ``gguf.py`` joins back.
 
 Experts come stacked (``ffn_{gate,up,down}_exps``, ``[E, out, in]``) and map straight onto the
 architectures' ``switch_mlp``; old Mixtral files with one tensor per expert (``ffn_gate.{e}``) map onto
@@ -75,11 +78,45 @@ SHARED_EXPERT_NAMES: Names = [
 ]
 
 
+DEEPSEEK_NAMES: Names = [
+    (r"token_embd", "model.embed_tokens"),
+    (r"output_norm", "model.norm"),
+    (r"output", "lm_head"),
+    (r"blk\.(\d+)\.attn_norm", r"model.layers.\1.input_layernorm"),
+    (r"blk\.(\d+)\.ffn_norm", r"model.layers.\1.post_attention_layernorm"),
+    (r"blk\.(\d+)\.attn_q", r"model.layers.\1.self_attn.q_proj"),
+    (r"blk\.(\d+)\.attn_q_a", r"model.layers.\1.self_attn.q_a_proj"),
+    (r"blk\.(\d+)\.attn_q_a_norm", r"model.layers.\1.self_attn.q_a_layernorm"),
+    (r"blk\.(\d+)\.attn_q_b", r"model.layers.\1.self_attn.q_b_proj"),
+    (r"blk\.(\d+)\.attn_kv_a_mqa", r"model.layers.\1.self_attn.kv_a_proj_with_mqa"),
+    (r"blk\.(\d+)\.attn_kv_a_norm", r"model.layers.\1.self_attn.kv_a_layernorm"),
+    (r"blk\.(\d+)\.attn_kv_b", r"model.layers.\1.self_attn.kv_b_proj"),
+    # since 2025 llama.cpp splits kv_b_proj per head into k_b (transposed) and v_b: joined back on load
+    (r"blk\.(\d+)\.attn_k_b", r"model.layers.\1.self_attn.k_b_proj"),
+    (r"blk\.(\d+)\.attn_v_b", r"model.layers.\1.self_attn.v_b_proj"),
+    (r"blk\.(\d+)\.attn_output", r"model.layers.\1.self_attn.o_proj"),
+    (r"blk\.(\d+)\.ffn_gate", r"model.layers.\1.mlp.gate_proj"),
+    (r"blk\.(\d+)\.ffn_up", r"model.layers.\1.mlp.up_proj"),
+    (r"blk\.(\d+)\.ffn_down", r"model.layers.\1.mlp.down_proj"),
+    (r"blk\.(\d+)\.exp_probs_b", r"model.layers.\1.mlp.gate"),  # .bias: e_score_correction_bias
+    (r"blk\.(\d+)\.ffn_gate_shexp", r"model.layers.\1.mlp.shared_experts.gate_proj"),
+    (r"blk\.(\d+)\.ffn_up_shexp", r"model.layers.\1.mlp.shared_experts.up_proj"),
+    (r"blk\.(\d+)\.ffn_down_shexp", r"model.layers.\1.mlp.shared_experts.down_proj"),
+    *moe_names("mlp"),
+]
+
+
+def _identity(name: str) -> str:
+    return name
+
+
 @dataclass(frozen=True)
 class Arch:
     config: Callable[[GGUFFile], dict[str, Any]]
     names: Callable[[GGUFFile], Names]
     permuted_qk: bool = False  # llama.cpp's converter permuted q/k rows (LLM_ARCH_LLAMA only)
+    rename: Callable[[str], str] = _identity  # full HF tensor name fixes after the module mapping
+    split_modules: tuple[str, ...] = ()  # modules llama.cpp split, joined on load (never model modules)
 
 
 def required(g: GGUFFile, key: str) -> Any:
@@ -229,6 +266,46 @@ def _olmoe(g: GGUFFile) -> dict[str, Any]:
     return config
 
 
+def _deepseek2(g: GGUFFile) -> dict[str, Any]:
+    """DeepSeek-V2/V3 (llama.cpp writes both as ``deepseek2``; V3 routes with sigmoid + a score bias)."""
+    v3 = g.arch_key("expert_gating_func") == 2 or any(n.endswith("exp_probs_b.bias") for n in g.tensors)
+    config = base_config(g, "deepseek_v3" if v3 else "deepseek_v2",
+                         "DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM")  # fmt: skip
+    rope = int(required(g, "rope.dimension_count"))
+    # llama.cpp describes MLA as MQA over the latent: head_count_kv 1, key_length kv_lora_rank + rope.
+    # The per-head sizes are key/value_length_mla (files before 2025: key/value_length themselves).
+    qk = g.arch_key("attention.key_length_mla") or required(g, "attention.key_length")
+    v = g.arch_key("attention.value_length_mla") or required(g, "attention.value_length")
+    n_group = int(g.arch_key("expert_group_count") or 1)
+    config.update(
+        num_key_value_heads=config["num_attention_heads"], head_dim=rope, qk_rope_head_dim=rope,
+        qk_nope_head_dim=int(qk) - rope, v_head_dim=int(v),
+        q_lora_rank=int(g.arch_key("attention.q_lora_rank") or 0) or None,
+        kv_lora_rank=int(required(g, "attention.kv_lora_rank")),
+        first_k_dense_replace=int(g.arch_key("leading_dense_block_count") or 0),
+        moe_intermediate_size=_expert_ffn(g),
+        n_routed_experts=int(required(g, "expert_count")),
+        num_experts_per_tok=int(required(g, "expert_used_count")),
+        n_shared_experts=int(g.arch_key("expert_shared_count") or 0) or None,
+        routed_scaling_factor=float(g.arch_key("expert_weights_scale") or 1.0),
+        norm_topk_prob=bool(g.arch_key("expert_weights_norm", False)),
+        n_group=n_group, topk_group=int(g.arch_key("expert_group_used_count") or 1),
+        topk_method="noaux_tc" if v3 else "group_limited_greedy" if n_group > 1 else "greedy",
+    )  # fmt: skip
+    config["intermediate_size"] = config["intermediate_size"] or config["moe_intermediate_size"]
+    scaling = config["rope_scaling"]
+    if scaling and scaling["rope_type"] == "yarn":
+        # llama.cpp keeps 0.1 * mscale_all_dim; DeepSeek's configs set mscale equal to it
+        mscale = float(g.arch_key("rope.scaling.yarn_log_multiplier") or 0.0) / 0.1
+        if mscale:
+            scaling.update(mscale=mscale, mscale_all_dim=mscale)
+    return config
+
+
+def _deepseek_rename(name: str) -> str:
+    return name[: -len("bias")] + "e_score_correction_bias" if name.endswith(".mlp.gate.bias") else name
+
+
 def _llama_names(g: GGUFFile) -> Names:
     return DENSE_NAMES + (moe_names("block_sparse_moe") + PER_EXPERT_NAMES if g.arch_key("expert_count") else [])
 
@@ -238,4 +315,6 @@ ARCHITECTURES: dict[str, Arch] = {
     "qwen2moe": Arch(_qwen2moe, lambda g: DENSE_NAMES + moe_names("mlp") + SHARED_EXPERT_NAMES),
     "qwen3moe": Arch(_qwen3moe, lambda g: DENSE_NAMES + QK_NORM_NAMES + moe_names("mlp")),
     "olmoe": Arch(_olmoe, lambda g: DENSE_NAMES + QK_NORM_NAMES + moe_names("mlp")),
+    "deepseek2": Arch(_deepseek2, lambda g: DEEPSEEK_NAMES, rename=_deepseek_rename,
+                      split_modules=(".self_attn.k_b_proj", ".self_attn.v_b_proj")),
 }

@@ -49,9 +49,23 @@ MOE_NAMES = [
 PER_EXPERT_NAMES = [
     (r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)", r"blk.\1.ffn_\3.\2.weight"),
 ]
+# DeepSeek-V2/V3 (llama.cpp's deepseek2): MLA projections, dense first layers, shared experts
+DEEPSEEK_NAMES = [
+    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.weight", r"blk.\1.attn_q.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.q_a_proj\.weight", r"blk.\1.attn_q_a.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.q_a_layernorm\.weight", r"blk.\1.attn_q_a_norm.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.q_b_proj\.weight", r"blk.\1.attn_q_b.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.kv_a_proj_with_mqa\.weight", r"blk.\1.attn_kv_a_mqa.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.kv_a_layernorm\.weight", r"blk.\1.attn_kv_a_norm.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.kv_b_proj\.weight", r"blk.\1.attn_kv_b.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.k_b_proj\.weight", r"blk.\1.attn_k_b.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.v_b_proj\.weight", r"blk.\1.attn_v_b.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.gate\.e_score_correction_bias", r"blk.\1.exp_probs_b.bias"),
+    (r"model\.layers\.(\d+)\.mlp\.shared_experts\.(gate|up|down)_proj\.weight", r"blk.\1.ffn_\2_shexp.weight"),
+]
 # model_type -> GGUF architecture name
-GGUF_ARCH = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2_moe": "qwen2moe",
-             "qwen3_moe": "qwen3moe", "olmoe": "olmoe"}  # fmt: skip
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe",
+             "olmoe": "olmoe", "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2"}  # fmt: skip
 
 # byte offsets of the float16 scale fields in each K-quant block (ggml-common.h)
 _K_SCALE_FIELDS = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
@@ -134,6 +148,67 @@ def _join_experts(values: dict[str, np.ndarray], per_expert: bool) -> dict[str, 
     return out
 
 
+def _deepseek_metadata(w: gguf.GGUFWriter, cfg, split_kv_b: bool) -> None:
+    """convert_hf_to_gguf.py DeepseekV2Model.set_gguf_parameters (both the pre- and post-2025 layouts)."""
+    rope, nope, v, rank = cfg.qk_rope_head_dim, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    w.add_leading_dense_block_count(cfg.first_k_dense_replace)
+    if cfg.q_lora_rank is not None:
+        w.add_q_lora_rank(cfg.q_lora_rank)
+    w.add_kv_lora_rank(rank)
+    if split_kv_b:  # MLA written as MQA over the latent
+        w.add_key_length(rank + rope)
+        w.add_value_length(rank)
+        w.add_key_length_mla(nope + rope)
+        w.add_value_length_mla(v)
+    else:
+        w.add_key_length(nope + rope)
+        w.add_value_length(v)
+    w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    w.add_expert_count(cfg.n_routed_experts)
+    w.add_expert_used_count(cfg.num_experts_per_tok)
+    w.add_expert_shared_count(cfg.n_shared_experts)
+    w.add_expert_weights_scale(cfg.routed_scaling_factor)
+    w.add_expert_weights_norm(cfg.norm_topk_prob)
+    sigmoid = cfg.model_type == "deepseek_v3"
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if sigmoid else gguf.ExpertGatingFuncType.SOFTMAX)
+    if getattr(cfg, "n_group", None) and cfg.n_group > 1:
+        w.add_expert_group_count(cfg.n_group)
+        w.add_expert_group_used_count(cfg.topk_group)
+    w.add_rope_dimension_count(rope)
+    scaling = cfg.rope_parameters
+    if scaling.get("rope_type") == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(scaling["factor"])
+        w.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
+        w.add_rope_scaling_yarn_log_mul(0.1 * scaling["mscale_all_dim"])
+
+
+def _split_kv_b(state: dict[str, np.ndarray], cfg) -> dict[str, np.ndarray]:
+    """DeepseekV2Model.modify_tensors: kv_b_proj -> k_b [H, r, nope] (transposed) and v_b [H, v, r]."""
+    out = {}
+    for name, x in state.items():
+        if not name.endswith(".kv_b_proj.weight"):
+            out[name] = x
+            continue
+        kv_b = x.reshape(cfg.num_key_value_heads, cfg.qk_nope_head_dim + cfg.v_head_dim, x.shape[-1])
+        k_b, v_b = np.split(kv_b, [cfg.qk_nope_head_dim], axis=1)
+        out[name.replace("kv_b_proj", "k_b_proj")] = np.ascontiguousarray(k_b.transpose(0, 2, 1))
+        out[name.replace("kv_b_proj", "v_b_proj")] = v_b
+    return out
+
+
+def _join_kv_b(values: dict[str, np.ndarray], cfg) -> dict[str, np.ndarray]:
+    out = {}
+    for name, x in values.items():
+        if name.endswith(".k_b_proj.weight"):
+            v_b = values[name.replace("k_b_proj", "v_b_proj")]
+            out[name.replace("k_b_proj", "kv_b_proj")] = np.concatenate([x.transpose(0, 2, 1), v_b], axis=1).reshape(
+                -1, x.shape[1])
+        elif not name.endswith(".v_b_proj.weight"):
+            out[name] = x
+    return out
+
+
 def write_gguf(
     path: Path,
     model,
@@ -142,6 +217,7 @@ def write_gguf(
     tokenizer: dict | None = None,
     rope_freqs: np.ndarray | None = None,
     per_expert: bool = False,
+    split_kv_b: bool = True,
     seed: int = 0,
 ):
     """Writes ``model`` (a transformers Llama, Mixtral, Qwen2/3-MoE or OLMoE) as llama.cpp would and
@@ -159,16 +235,19 @@ def write_gguf(
     w.add_block_count(cfg.num_hidden_layers)
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_head_count_kv(1 if arch == "deepseek2" and split_kv_b else cfg.num_key_value_heads)
     w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_dimension_count(head_dim)
     w.add_vocab_size(cfg.vocab_size)
+    if arch == "deepseek2":
+        _deepseek_metadata(w, cfg, split_kv_b)
+    else:
+        w.add_rope_dimension_count(head_dim)
     experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
-    if experts:
+    if experts and arch != "deepseek2":
         w.add_expert_count(experts)
         w.add_expert_used_count(cfg.num_experts_per_tok)
-    if getattr(cfg, "moe_intermediate_size", None):
+    if getattr(cfg, "moe_intermediate_size", None) and arch != "deepseek2":
         w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
     if getattr(cfg, "shared_expert_intermediate_size", None):
         w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
@@ -181,8 +260,10 @@ def write_gguf(
         w.add_rope_scaling_factor(scaling["factor"])
     if tokenizer:
         add_tokenizer(w, **tokenizer)
-    table = LLAMA_NAMES + MOE_NAMES + PER_EXPERT_NAMES
+    table = (DEEPSEEK_NAMES if arch == "deepseek2" else []) + LLAMA_NAMES + MOE_NAMES + PER_EXPERT_NAMES
     state = _split_experts({k: v.float().numpy() for k, v in model.state_dict().items()}, per_expert)
+    if arch == "deepseek2" and split_kv_b:
+        state = _split_kv_b(state, cfg)
     values = {}
     for name, x in state.items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
@@ -204,7 +285,7 @@ def write_gguf(
     w.write_tensors_to_file()
     w.close()
     ref = type(model)(cfg).eval()
-    reference = _join_experts(values, per_expert)
+    reference = _join_experts(_join_kv_b(values, cfg) if arch == "deepseek2" else values, per_expert)
     ref.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in reference.items()}, strict=False)
     if cfg.tie_word_embeddings:
         ref.tie_weights()

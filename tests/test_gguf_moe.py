@@ -95,3 +95,47 @@ def test_moe_parameter_counts(tmp_path, model_type):
     assert info.params_total == sum(p.numel() for p in source.parameters())
     assert info.experts == (2, 4)
     assert info.params_active < info.params_total
+
+
+DEEPSEEK_TYPES = [t for t in ("deepseek_v2", "deepseek_v3") if t in supported_model_types()]
+
+
+@pytest.mark.parametrize("split_kv_b", [True, False], ids=["k_b+v_b", "kv_b"])
+@pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0])
+@pytest.mark.parametrize("model_type", DEEPSEEK_TYPES)
+def test_deepseek_logits_equal_transformers(tmp_path, model_type, qtype, split_kv_b):
+    """llama.cpp's deepseek2: MLA tensors, dense first layer, shared experts, V3's router bias; files from
+    2025 on split kv_b_proj into attn_k_b (transposed) + attn_v_b, older ones keep attn_kv_b."""
+    source = tiny(model_type)
+    if model_type == "deepseek_v3":
+        with torch.no_grad():  # a bias that changes which experts win
+            for name, p in source.named_parameters():
+                if name.endswith("e_score_correction_bias"):
+                    p.copy_(torch.randn_like(p))
+    path = tmp_path / f"{model_type}.gguf"
+    reference = write_gguf(path, source, qtype, split_kv_b=split_kv_b)
+    checkpoint = read_checkpoint(path)
+    assert checkpoint.model_type == model_type
+    assert "attn_k_b" in " ".join(checkpoint.gguf.tensors) if split_kv_b else "attn_kv_b" in " ".join(
+        checkpoint.gguf.tensors)
+    weights = checkpoint.load_weights()
+    assert set(weights) == set(checkpoint.tensors)
+    for name, info in checkpoint.tensors.items():
+        assert tuple(weights[name].shape) == info.shape, name
+    np.testing.assert_allclose(ours(path), logits_of(reference), atol=1e-4, rtol=0)
+    # what a safetensors checkpoint of the model holds (V3's router bias is a buffer, not a parameter)
+    assert describe(checkpoint).params_total == sum(t.numel() for t in source.state_dict().values())
+
+
+@pytest.mark.skipif("deepseek_v2" not in DEEPSEEK_TYPES, reason="deepseek_v2 not supported")
+def test_deepseek_yarn_and_q_lora(tmp_path):
+    """V2-Lite-like rope: yarn with mscale (llama.cpp keeps 0.1 * mscale_all_dim); q through q_a/q_b."""
+    rope = {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 64, "mscale": 0.707,
+            "mscale_all_dim": 0.707, "beta_fast": 32.0, "beta_slow": 1.0, "rope_theta": 10000.0}  # fmt: skip
+    source = tiny("deepseek_v2", q_lora_rank=32, rope_parameters=rope, max_position_embeddings=2560)
+    path = tmp_path / "v2lite.gguf"
+    reference = write_gguf(path, source, Q.Q4_0)
+    config = read_checkpoint(path).config
+    assert config["rope_scaling"]["mscale_all_dim"] == pytest.approx(0.707)
+    assert config["q_lora_rank"] == 32
+    np.testing.assert_allclose(ours(path), logits_of(reference), atol=1e-4, rtol=0)
