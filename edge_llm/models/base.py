@@ -48,3 +48,50 @@ class CausalLM(nn.Module):
     @staticmethod
     def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
         return weights
+
+
+class DecoderStack(nn.Module):
+    """The ``model.`` part of a Hugging Face decoder: token embedding, the layers, the final norm."""
+
+    def __init__(self, args: BaseModelArgs, layers: list[nn.Module]):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = layers
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, tokens: mx.array, cache: list[Cache] | None) -> mx.array:
+        h = self.embed_tokens(tokens)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cache[i] if cache is not None else None)
+        return self.norm(h)
+
+
+class DecoderLM(CausalLM):
+    """A decoder stack plus the output projection, tied to the embedding or its own ``lm_head``.
+
+    Architectures differ in their layers; they pass them in and extend ``sanitize``.
+    """
+
+    def __init__(self, args: BaseModelArgs, layers: list[nn.Module]):
+        super().__init__()
+        self.args = args
+        self.model = DecoderStack(args, layers)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def __call__(self, tokens: mx.array, cache: list[Cache] | None = None) -> mx.array:
+        h = self.model(tokens, cache)
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    @property
+    def layers(self) -> list[nn.Module]:
+        return self.model.layers
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Drops rotary buffers and, when tied, the duplicate output projection."""
+        weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+        if self.args.tie_word_embeddings:
+            weights.pop("lm_head.weight", None)
+        return weights

@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..cache import LatentCache
-from .base import BaseModelArgs, CausalLM, require
+from .base import BaseModelArgs, DecoderLM, require
 from .deepseek_gate import SOFTMAX_METHODS, DeepseekMoE, MoEGate
 from .layers import MLP
 from .mla import MLAttention
@@ -110,63 +110,37 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class DeepseekModel(nn.Module):
-    def __init__(self, args: ModelArgs, make_gate=make_gate, traditional_rope: bool = True):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [
-            DecoderLayer(args, i, make_gate(args) if args.is_moe_layer(i) else None, traditional_rope)
-            for i in range(args.num_hidden_layers)
-        ]
-        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-
-    def __call__(self, tokens: mx.array, cache: list[LatentCache] | None) -> mx.array:
-        h = self.embed_tokens(tokens)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, cache[i] if cache is not None else None)
-        return self.norm(h)
+def decoder_layers(args: ModelArgs, make_gate=make_gate, traditional_rope: bool = True) -> list[DecoderLayer]:
+    return [
+        DecoderLayer(args, i, make_gate(args) if args.is_moe_layer(i) else None, traditional_rope)
+        for i in range(args.num_hidden_layers)
+    ]
 
 
-class Model(CausalLM):
+class Model(DecoderLM):
     # The router stays float32 whatever the compute dtype (transformers keeps it so; the selection
     # bias of V3 is too fine for bfloat16). The loader skips casting parameters whose path has these.
     keep_float32 = (".mlp.gate.",)
 
     def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.args = args
-        self.model = self._build(args)
-        if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        super().__init__(args, self._layers(args))
 
-    def _build(self, args: ModelArgs) -> DeepseekModel:
-        return DeepseekModel(args, make_gate, traditional_rope=True)
-
-    def __call__(self, tokens: mx.array, cache: list[LatentCache] | None = None) -> mx.array:
-        h = self.model(tokens, cache)
-        if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
-
-    @property
-    def layers(self) -> list[DecoderLayer]:
-        return self.model.layers
+    def _layers(self, args: ModelArgs) -> list[DecoderLayer]:
+        return decoder_layers(args, make_gate, traditional_rope=True)
 
     def make_cache(self) -> list[LatentCache]:
         return [LatentCache() for _ in self.layers]
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        """Drops multi-token-prediction layers and rotary buffers; stacks experts into ``switch_mlp``."""
+        """Drops multi-token-prediction layers (and what every decoder drops); stacks experts into ``switch_mlp``."""
         n_layers = self.args.num_hidden_layers
         layer_index = re.compile(r"^model\.layers\.(\d+)\.")
 
         def keep(name: str) -> bool:
             m = layer_index.match(name)
-            return "rotary_emb.inv_freq" not in name and not (m and int(m.group(1)) >= n_layers)
+            return not (m and int(m.group(1)) >= n_layers)
 
-        weights = {k: v for k, v in weights.items() if keep(k)}
-        if self.args.tie_word_embeddings:
-            weights.pop("lm_head.weight", None)
+        weights = super().sanitize({k: v for k, v in weights.items() if keep(k)})
         for i in range(n_layers):
             if self.args.is_moe_layer(i):
                 stack_layer_experts(weights, f"model.layers.{i}.mlp", self.args.n_routed_experts)

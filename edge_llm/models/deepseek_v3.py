@@ -49,8 +49,8 @@ def make_gate(args: ModelArgs) -> MoEGate:
 
 
 class Model(deepseek_v2.Model):
-    def _build(self, args: ModelArgs) -> deepseek_v2.DeepseekModel:
-        return deepseek_v2.DeepseekModel(args, make_gate, traditional_rope=args.rope_interleave)
+    def _layers(self, args: ModelArgs) -> list[deepseek_v2.DecoderLayer]:
+        return deepseek_v2.decoder_layers(args, make_gate, traditional_rope=args.rope_interleave)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         weights = super().sanitize(weights)

@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..cache import Cache
-from .base import BaseModelArgs, CausalLM, attention, require
+from .base import BaseModelArgs, DecoderLM, attention, require
 from .layers import MLP, sliding_window_mask
 from .rope import RoPE
 
@@ -94,40 +94,6 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class LlamaModel(nn.Module):
+class Model(DecoderLM):
     def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
-        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-
-    def __call__(self, tokens: mx.array, cache: list[Cache] | None) -> mx.array:
-        h = self.embed_tokens(tokens)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, cache[i] if cache is not None else None)
-        return self.norm(h)
-
-
-class Model(CausalLM):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.args = args
-        self.model = LlamaModel(args)
-        if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-
-    def __call__(self, tokens: mx.array, cache: list[Cache] | None = None) -> mx.array:
-        h = self.model(tokens, cache)
-        if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
-
-    @property
-    def layers(self) -> list[DecoderLayer]:
-        return self.model.layers
-
-    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
-        if self.args.tie_word_embeddings:
-            weights.pop("lm_head.weight", None)
-        return weights
+        super().__init__(args, [DecoderLayer(args) for _ in range(args.num_hidden_layers)])

@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..cache import Cache
-from .base import BaseModelArgs, CausalLM, attention, require
+from .base import BaseModelArgs, DecoderLM, attention, require
 from .moe import GLU_NAMES, SparseMoeBlock, stack_moe_experts
 from .rope import RoPE
 
@@ -110,42 +110,12 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class OlmoeModel(nn.Module):
+class Model(DecoderLM):
     def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
-        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-
-    def __call__(self, tokens: mx.array, cache: list[Cache] | None) -> mx.array:
-        h = self.embed_tokens(tokens)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, cache[i] if cache is not None else None)
-        return self.norm(h)
-
-
-class Model(CausalLM):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.args = args
-        self.model = OlmoeModel(args)
-        if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-
-    def __call__(self, tokens: mx.array, cache: list[Cache] | None = None) -> mx.array:
-        h = self.model(tokens, cache)
-        if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
-
-    @property
-    def layers(self) -> list[DecoderLayer]:
-        return self.model.layers
+        super().__init__(args, [DecoderLayer(args) for _ in range(args.num_hidden_layers)])
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
-        if self.args.tie_word_embeddings:
-            weights.pop("lm_head.weight", None)
+        weights = super().sanitize(weights)
         for i in range(self.args.num_hidden_layers):
             prefix = f"model.layers.{i}.mlp"
             stack_moe_experts(weights, prefix, prefix, self.args.num_experts, GLU_NAMES)
