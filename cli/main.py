@@ -9,7 +9,7 @@ import typer
 
 from edge_llm.hub import set_pull_observer
 
-from . import bench, doctor, info, models, pull, run
+from . import bench, doctor, estimate, info, models, pull, quantize, run
 
 app = typer.Typer(
     name="edge-llm",
@@ -26,6 +26,8 @@ app.command("bench")(bench.bench)
 app.command("pull")(pull.pull)
 app.command("list")(models.list_cached)
 app.command("rm")(models.rm)
+app.command("quantize")(quantize.quantize_cmd)
+app.command("estimate")(estimate.estimate_cmd)
 # run/info/... of a repo id not yet cached pull it, with the same progress display as `pull`.
 set_pull_observer(pull.RichPullObserver)
 

@@ -13,6 +13,7 @@ from edge_llm.default_model import NAME as DEFAULT_NAME
 from edge_llm.default_model import require_default_model
 from edge_llm.loader import load
 from edge_llm.sampling import SamplingParams
+from quant.fit import check_fits
 
 from .common import err, user_errors
 from .repl import repl, stats_line
@@ -38,6 +39,7 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="One-shot: print one JSON object."),
     dtype: str | None = typer.Option(None, "--dtype", help="Compute dtype: float32, bfloat16, float16."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="One-shot: print stats to stderr."),
+    force: bool = typer.Option(False, "--force", help="Load even if the memory estimate says it won't fit."),
 ) -> None:
     """Chat with MODEL (default: the embedded SmolLM2); with --prompt or piped stdin, answer once and exit."""
     name = model
@@ -52,6 +54,8 @@ def run(
         prompt = sys.stdin.read().strip()
         if not prompt:
             raise ValueError("no prompt: stdin was empty; pass --prompt TEXT or pipe a question")
+    if not force:  # refuse before loading (or pulling) a model that cannot fit; names what would
+        check_fits(model)
     with err.status(f"loading {name}", spinner="dots") if not one_shot else _nothing():
         loaded_model, tokenizer = load(model, dtype=dtype)
     session = ChatSession(loaded_model, tokenizer, params=params, max_tokens=max_tokens, system=system)

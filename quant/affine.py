@@ -90,6 +90,12 @@ def pack(codes: mx.array, bits: int) -> mx.array:
     return mx.stack(words, axis=-1).reshape(*lead, n * bits // 32).astype(mx.uint32)
 
 
+def _group_error(w: mx.array, packed: mx.array, scales: mx.array, biases: mx.array, group_size: int,
+                 bits: int) -> mx.array:
+    deq = mx.dequantize(packed, scales, biases, group_size=group_size, bits=bits).astype(mx.float32)
+    return ((deq - w.astype(mx.float32)) ** 2).reshape(*scales.shape, group_size).sum(-1)
+
+
 def _quantize_rows(w: mx.array, group_size: int, bits: int, dtype: mx.Dtype) -> tuple[mx.array, ...]:
     rows, cols = w.shape
     n = mx.array(2**bits - 1, dtype=mx.float32)
@@ -106,17 +112,16 @@ def _quantize_rows(w: mx.array, group_size: int, bits: int, dtype: mx.Dtype) -> 
         err, scale, bias = _keep_better(err, scale, bias, new_err, new_scale, new_bias)
     # What the file holds is s and b in ``dtype``: assign codes against those rounded values.
     scale, bias = scale.astype(dtype), bias.astype(dtype)
-    codes, err = _codes_and_error(g, scale.astype(mx.float32), bias.astype(mx.float32), n)
-    # Per group, never worse than MLX's own min-max.
-    mm_w, mm_scales, mm_biases = mx.quantize(w.astype(dtype), group_size=group_size, bits=bits)
-    mm_err = ((mx.dequantize(mm_w, mm_scales, mm_biases, group_size=group_size, bits=bits).astype(mx.float32)
-               - w.astype(mx.float32)) ** 2).reshape(rows, cols // group_size, group_size).sum(-1)
-    ours_better = err.squeeze(-1) <= mm_err  # [rows, groups]
-    packed = pack(codes.reshape(rows, cols), bits)
+    codes, _ = _codes_and_error(g, scale.astype(mx.float32), bias.astype(mx.float32), n)
+    packed, scales, biases = pack(codes.reshape(rows, cols), bits), scale.squeeze(-1), bias.squeeze(-1)
+    # Per group, keep whichever of ours and MLX's min-max reconstructs better, as MLX dequantizes them.
+    mm_packed, mm_scales, mm_biases = mx.quantize(w.astype(dtype), group_size=group_size, bits=bits)
+    ours_better = _group_error(w, packed, scales, biases, group_size, bits) <= _group_error(
+        w, mm_packed, mm_scales, mm_biases, group_size, bits)  # [rows, groups]
     words_per_group = group_size * bits // 32
-    packed = mx.where(mx.repeat(ours_better, words_per_group, axis=-1), packed, mm_w)
-    scales = mx.where(ours_better, scale.squeeze(-1), mm_scales)
-    biases = mx.where(ours_better, bias.squeeze(-1), mm_biases)
+    packed = mx.where(mx.repeat(ours_better, words_per_group, axis=-1), packed, mm_packed)
+    scales = mx.where(ours_better, scales, mm_scales)
+    biases = mx.where(ours_better, biases, mm_biases)
     return packed, scales, biases
 
 

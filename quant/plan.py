@@ -189,6 +189,9 @@ def plan_stored(model: CausalLM, checkpoint: Checkpoint) -> Plan:
 def source_dtype_of(checkpoint: Checkpoint) -> Callable[[str], str]:
     """Stored dtype of a (post-sanitize) parameter; the checkpoint's main dtype when names differ."""
     main = checkpoint.dtype if checkpoint.dtype in MX_NAMES else "BF16"
+    if not checkpoint.tensors:  # known by its config alone
+        declared = checkpoint.config.get("torch_dtype") or checkpoint.config.get("dtype")
+        main = ST_DTYPES.get(declared, "BF16")
 
     def lookup(name: str) -> str:
         info = checkpoint.tensors.get(name)

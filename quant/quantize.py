@@ -252,9 +252,11 @@ def quantize(source: str | Path, out: str | Path, bits: int = 4, group_size: int
     plan = plan_quantized(model, checkpoint.config, rec, ST_DTYPES[float_dtype], source_dtype_of(checkpoint))
     weights = dequantize_fp8(checkpoint.load_weights(), checkpoint)
     if any(t.dtype.startswith("F8") for t in checkpoint.tensors.values()):
-        # dequantized FP8 is float32: bfloat16 halves the memory of a layer group and loses nothing
-        # a 2..8-bit (or 16-bit) output could keep
-        weights = {k: v.astype(mx.bfloat16) if v.dtype == mx.float32 else v for k, v in weights.items()}
+        # dequantized FP8 arrives as float32: going straight to the output's half dtype halves the memory of
+        # a layer group (stacked experts) and rounds once, as a direct conversion would
+        half = DTYPE_NAMES[float_dtype]
+        weights = {k: v.astype(half) if v.dtype == mx.float32 and checkpoint.tensors[k].dtype.startswith("F8")
+                   else v for k, v in weights.items()}
     schedule = _schedule(model, checkpoint, weights, plan)
     by_param: dict[str, list[PlannedTensor]] = {}
     for t in plan.tensors:

@@ -152,6 +152,7 @@ class AtomicFolder:
             self._created = missing
         try:
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=parent))
+            os.chmod(self.tmp, 0o777 & ~_umask())  # mkdtemp's 0700 is for secrets, not model folders
         except BaseException:
             self._cleanup()
             raise
@@ -193,6 +194,12 @@ class AtomicFolder:
             shutil.rmtree(self.tmp, ignore_errors=True)
         if self._created is not None:
             shutil.rmtree(self._created, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _remove(path: Path) -> None:

@@ -1,0 +1,87 @@
+"""``edge-llm estimate MODEL``: weights + KV cache + runtime for fp32/fp16/8-bit/4-bit, against this machine."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from quant.estimate import Estimate, Row, estimate
+
+from .common import human_bytes, human_count, stdout_is_terminal, user_errors
+
+KINDS = {"ram": "RAM", "unified": "GPU working set (unified memory)", "vram": "VRAM"}
+
+
+def _table(est: Estimate) -> Table:
+    table = Table(show_edge=False, header_style="bold")
+    for name in ("precision", "file", "weights", "KV cache", "runtime", "total", "fits", "tok/s ≤"):
+        table.add_column(name, justify="left" if name == "precision" else "right", no_wrap=True)
+    for r in est.rows:
+        tps = f"{r.decode_tps_ceiling:.1f}" if r.decode_tps_ceiling else "?"
+        marker = "▶ " if r.requested else "  "
+        table.add_row(marker + r.label, human_bytes(r.file_bytes), human_bytes(r.weights_bytes),
+                      human_bytes(r.kv_cache_bytes), human_bytes(r.overhead_bytes), human_bytes(r.total_bytes),
+                      "yes" if r.fits else "no", tps, style="bold reverse" if r.requested else None)
+    return table
+
+
+def _verdict(est: Estimate) -> str:
+    r, m = est.requested, est.machine
+    kind = KINDS.get(m.memory_kind, m.memory_kind)
+    if r.fits:
+        return (f"[green]fits:[/] {r.label} needs {human_bytes(r.total_bytes)} of this machine's "
+                f"{human_bytes(m.memory_bytes)} {kind} ({r.total_bytes / m.memory_bytes:.0%})")
+    line = (f"[red]does not fit:[/] {r.label} needs {human_bytes(r.total_bytes)}, this machine has "
+            f"{human_bytes(m.memory_bytes)} {kind} ({human_bytes(r.total_bytes - m.memory_bytes)} short)")
+    best = _best_fitting(est)
+    return line + (f"; {best.label} fits ({human_bytes(best.total_bytes)})" if best else "; no precision fits")
+
+
+def _best_fitting(est: Estimate) -> Row | None:
+    fitting = [row for row in est.rows if row.fits]
+    return max(fitting, key=lambda row: row.bits) if fitting else None
+
+
+def _speed(est: Estimate) -> str:
+    r, m = est.requested, est.machine
+    if not m.bandwidth:
+        return "decode speed ceiling: unknown until `edge-llm doctor` has measured this machine's memory bandwidth"
+    return (f"decode speed ceiling: {r.decode_tps_ceiling:.1f} tokens/s ({human_bytes(m.bandwidth)}/s memory "
+            f"bandwidth / {human_bytes(r.bytes_per_token)} read per token)")
+
+
+@user_errors
+def estimate_cmd(
+    model: str | None = typer.Argument(None, metavar="MODEL", help="Model folder or Hub repo id (headers only)."),
+    bits: int | None = typer.Option(None, "--bits", "-b", help="4, 8, 16 or 32 (default: the model as stored)."),
+    group_size: int = typer.Option(64, "--group-size", "-g", help="Quantization group size: 32, 64 or 128."),
+    context: int = typer.Option(4096, "--context", "-c", min=1, help="Tokens of context (prompt + answer)."),
+    batch: int = typer.Option(1, "--batch", min=1, help="Sequences at once."),
+    kv_bits: int | None = typer.Option(None, "--kv-bits", help="16, 8 or 4 (default: the compute dtype)."),
+    params: str | None = typer.Option(None, "--params", help="Rough mode: a parameter count, e.g. 7B."),
+    arch: str | None = typer.Option(None, "--arch", help="Rough mode: the architecture (llama, mixtral, ...)."),
+    revision: str | None = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """How much memory MODEL needs (weights + KV cache + runtime) at each precision, and whether it fits here."""
+    if model is None and params is None:
+        raise ValueError("give a MODEL (folder or Hub repo id), or --params 7B --arch llama for a rough estimate")
+    if model is not None and params is not None:
+        raise ValueError("give either MODEL or --params, not both")
+    est = estimate(model, bits=bits, group_size=group_size, context=context, batch=batch, kv_bits=kv_bits,
+                   params=params, arch=arch, revision=revision)
+    if as_json:
+        print(json.dumps(est.as_dict()))
+        return
+    out = Console(highlight=False, width=None if stdout_is_terminal() else 120)
+    experts = f", {human_count(est.params_active)} active per token" if est.params_active != est.params_total else ""
+    out.print(f"[bold]{est.model}[/] ({est.model_type}): {human_count(est.params_total)} parameters{experts}; "
+              f"context {est.context} tokens, batch {est.batch}; {est.machine.backend} backend", soft_wrap=True)
+    for note in est.notes:
+        out.print(f"[dim]{note}[/]", soft_wrap=True)
+    out.print(_table(est))
+    out.print(_verdict(est), soft_wrap=True)
+    out.print(_speed(est), soft_wrap=True)

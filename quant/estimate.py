@@ -1,0 +1,317 @@
+"""Will it fit? Peak memory of ``edge-llm run`` for a model, a precision and a context, before loading.
+
+total = weights + KV cache + runtime overhead, each computed, not guessed:
+
+- weights: from the real tensor shapes (the module tree built from config.json, checked against the
+  safetensors headers), through the same recipe ``quantize`` uses (``plan.py``), so 4-bit is packed
+  uint32 + scales and biases per group + the float norms and routers. In memory the loader casts float
+  tensors (scales and biases included) to the compute dtype: float32 on the CPU, the checkpoint's
+  dtype on a GPU (``edge_llm.backend.compute_dtype``); this module predicts exactly that.
+- KV cache: what ``edge_llm.cache`` allocates for ``context`` tokens (buffers grow in steps of 256):
+  ``2 · layers · kv_heads · head_dim`` values per token for GQA (the config's head_dim), and
+  ``layers · (kv_lora_rank + qk_rope_head_dim)`` for DeepSeek's MLA latent, in the compute dtype.
+- runtime: the process itself (interpreter, libraries, tokenizer) plus the activations of one prefill
+  chunk and the transient copy of the largest tensor while loading. The constants are measured on this
+  project's CPU runs and calibrated against peak RSS by ``benchmarks/estimate_calibration.py``.
+
+References: DESIGN.md §5 (KV per token, real 4-bit is not 4 bits), llama.cpp's and ollama's memory
+reports (the same three parts), mlx-lm's ``compute_bits_per_weight``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from edge_llm.backend import detect
+from edge_llm.cache import STEP, LatentCache
+from edge_llm.checkpoint import DTYPE_BYTES, Checkpoint, normalize_config
+from edge_llm.errors import CheckpointError
+from edge_llm.generate import PREFILL_CHUNK
+from edge_llm.loader import build_model
+
+from . import reference
+from .plan import ST_DTYPES, Plan, plan_quantized, plan_stored, source_dtype_of
+from .recipes import make_recipe
+
+MB = 1 << 20
+# Measured (benchmarks/estimate_calibration.py, RESULTS.md "Memory estimate vs measured peak RSS"):
+# resident memory of `edge-llm run` that MLX does not allocate: interpreter, MLX/BLAS/tokenizers
+# libraries, typer/rich, jinja2, with a tiny model loaded.
+PROCESS_BASE_BYTES = {"cpu": 77 * MB, "metal": 77 * MB, "cuda": 77 * MB}
+# The tokenizer's Rust/Python structures: resident bytes per byte of tokenizer.json (measured on SmolLM2).
+TOKENIZER_FACTOR = 8.0
+# Live float values per prefill-chunk token per (hidden, intermediate, attention score) element,
+# measured as MLX's peak minus weights and KV cache over several contexts and models.
+ACT_HIDDEN, ACT_INTERMEDIATE, ACT_SCORES = 8.0, 3.0, 2.0
+
+
+@dataclass(frozen=True)
+class Machine:
+    backend: str  # "cpu", "metal" or "cuda"
+    memory_bytes: int  # RAM, Apple's GPU working set, or VRAM
+    memory_kind: str
+    bandwidth: float | None  # bytes/s, measured by `edge-llm doctor`, None if never measured
+
+    @classmethod
+    def this(cls) -> Machine:
+        info = detect()
+        try:
+            from edge_llm.bandwidth import remembered_bandwidth
+
+            bandwidth = remembered_bandwidth()
+        except ImportError:
+            bandwidth = None
+        return cls(info.name, info.memory_bytes, info.memory_kind, bandwidth)
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str  # "fp32", "fp16", "bf16", "8-bit", "4-bit", or the stored format
+    bits: int
+    group_size: int | None
+    file_bytes: int  # on disk
+    weights_bytes: int  # resident at run time
+    kv_cache_bytes: int
+    overhead_bytes: int
+    bytes_per_token: int  # weights (+ KV) read per decoded token
+    fits: bool
+    decode_tps_ceiling: float | None
+    stored: bool = False  # the checkpoint as it is
+    requested: bool = False
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_cache_bytes + self.overhead_bytes
+
+
+@dataclass
+class Estimate:
+    model: str
+    model_type: str
+    params_total: int
+    params_active: int
+    context: int
+    batch: int
+    kv_bits: int | None
+    machine: Machine
+    rows: list[Row]
+    exact: bool = True  # False for --params rough answers
+    shape_of: str | None = None  # rough mode: the reference config used
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def requested(self) -> Row:
+        return next(r for r in self.rows if r.requested)
+
+    def smallest_fitting(self) -> Row | None:
+        fitting = [r for r in self.rows if r.fits]
+        return min(fitting, key=lambda r: r.bits) if fitting else None
+
+    def as_dict(self) -> dict[str, Any]:
+        r = self.requested
+        return {
+            "model": self.model, "model_type": self.model_type, "exact": self.exact, "shape_of": self.shape_of,
+            "params_total": self.params_total, "params_active": self.params_active,
+            "bits": r.bits, "group_size": r.group_size, "precision": r.label,
+            "context": self.context, "batch": self.batch, "kv_bits": self.kv_bits,
+            "file_bytes": r.file_bytes, "weights_bytes": r.weights_bytes, "kv_cache_bytes": r.kv_cache_bytes,
+            "overhead_bytes": r.overhead_bytes, "total_bytes": r.total_bytes, "fits": r.fits,
+            "bytes_per_token": r.bytes_per_token, "decode_tokens_per_s_ceiling": r.decode_tps_ceiling,
+            "backend": self.machine.backend, "memory_bytes": self.machine.memory_bytes,
+            "memory_kind": self.machine.memory_kind, "bandwidth_bytes_per_s": self.machine.bandwidth,
+            "rows": [dict(asdict(row), total_bytes=row.total_bytes) for row in self.rows],
+            "notes": self.notes,
+        }
+
+
+def kv_cache_bytes(model: Any, context: int, batch: int, itemsize: int, kv_bits: int | None = None,
+                   round_up: bool = True) -> int:
+    """What the runtime's caches hold after ``context`` tokens (buffers grow in steps of ``STEP``)."""
+    args = model.args
+    tokens = math.ceil(context / STEP) * STEP if round_up else context
+    layers = len(model.layers)
+    if isinstance(model.make_cache()[0], LatentCache):
+        per_token = args.kv_lora_rank + args.qk_rope_head_dim  # MLA: one latent per token, all heads
+    else:
+        heads = getattr(args, "num_key_value_heads", None) or args.num_attention_heads
+        head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
+        per_token = 2 * heads * head_dim
+    elements = layers * per_token * tokens * batch
+    if kv_bits is None or kv_bits >= 16:
+        return elements * (itemsize if kv_bits is None else kv_bits // 8)
+    # quantized cache (mlx-lm's QuantizedKVCache layout): packed codes + a scale and an offset per 64
+    return elements * kv_bits // 8 + elements // 64 * 2 * itemsize
+
+
+def activation_bytes(model: Any, context: int, batch: int, itemsize: int) -> int:
+    """Peak live activations of one prefill chunk (the last, attending over the whole context)."""
+    args = model.args
+    chunk = min(context, PREFILL_CHUNK) * batch
+    hidden = args.hidden_size
+    k = getattr(args, "num_experts_per_tok", None) or 1
+    moe = getattr(args, "moe_intermediate_size", None)
+    inter = max(args.intermediate_size, k * moe if moe else 0)
+    scores = args.num_attention_heads * context
+    return int(itemsize * chunk * (ACT_HIDDEN * hidden + ACT_INTERMEDIATE * inter + ACT_SCORES * scores))
+
+
+def load_transient_bytes(plan: Plan, source_itemsize: int, itemsize: int | None) -> int:
+    """While loading, the largest tensor exists twice: as read from the file and cast."""
+    if itemsize is None:
+        return 0
+    floats = [t for t in plan.tensors if t.kind != "packed" and not t.keep_float]
+    if not floats or source_itemsize == itemsize:
+        return 0
+    return max(math.prod(t.shape) for t in floats) * source_itemsize
+
+
+def tokenizer_bytes(folder: Path | None) -> int:
+    if folder is None:
+        return 0
+    files = [folder / "tokenizer.json", folder / "tokenizer.model"]
+    return int(sum(f.stat().st_size for f in files if f.is_file()) * TOKENIZER_FACTOR)
+
+
+def overhead_bytes(model: Any, plan: Plan, context: int, batch: int, machine: Machine, itemsize: int,
+                   compute: int | None, kv: int, tokenizer: int, source_itemsize: int) -> int:
+    act = activation_bytes(model, context, batch, itemsize)
+    transient = load_transient_bytes(plan, source_itemsize, compute)
+    # peak MLX allocation is the larger of loading (weights + transient) and running (weights + KV + act)
+    running = max(act, transient - kv)
+    return PROCESS_BASE_BYTES.get(machine.backend, PROCESS_BASE_BYTES["cpu"]) + tokenizer + running
+
+
+def stored_dtype(checkpoint: Checkpoint) -> str:
+    """The checkpoint's main dtype; for one known by its config alone, the dtype the config declares."""
+    if checkpoint.tensors:
+        return checkpoint.dtype
+    return ST_DTYPES.get(checkpoint.config.get("torch_dtype") or checkpoint.config.get("dtype"), "BF16")
+
+
+def _label(bits: int, float_dtype: str) -> str:
+    if bits >= 16:
+        return {"F32": "fp32", "F16": "fp16", "BF16": "bf16"}.get(float_dtype, float_dtype.lower())
+    return f"{bits}-bit"
+
+
+@dataclass(frozen=True)
+class _Context:
+    checkpoint: Checkpoint
+    context: int
+    batch: int
+    kv_bits: int | None
+    machine: Machine
+    tokenizer: int
+    scale: float  # rough mode: weights scaled from a reference shape
+
+    def row(self, plan: Plan, label: str, bits: int, group_size: int | None, file_bytes: int,
+            source_itemsize: int, stored: bool = False) -> Row:
+        model = build_model(self.checkpoint)
+        # In memory, floats take the compute dtype: float32 on the CPU, the checkpoint's own on a GPU.
+        compute = 4 if self.machine.backend == "cpu" else None
+        floats = [t for t in plan.tensors if t.kind != "packed"]
+        main = max(floats, key=lambda t: math.prod(t.shape)).dtype if floats else "F16"
+        itemsize = compute or DTYPE_BYTES[main]
+        weights = round(plan.memory_bytes(compute) * self.scale)
+        kv = kv_cache_bytes(model, self.context, self.batch, itemsize, self.kv_bits)
+        over = overhead_bytes(model, plan, self.context, self.batch, self.machine, itemsize, compute, kv,
+                              self.tokenizer, source_itemsize)
+        # a decode step reads the active weights and the KV cache of the tokens so far
+        kv_read = kv_cache_bytes(model, self.context, self.batch, itemsize, self.kv_bits, round_up=False)
+        per_token = round(plan.bytes_per_token(compute) * self.scale) + kv_read
+        total = weights + kv + over
+        tps = self.machine.bandwidth / per_token if self.machine.bandwidth and per_token else None
+        return Row(label, bits, group_size, round(file_bytes * self.scale), weights, kv, over, per_token,
+                   total <= self.machine.memory_bytes, tps, stored=stored)
+
+
+def estimate_checkpoint(checkpoint: Checkpoint, bits: int | None = None, group_size: int = 64, context: int = 4096,
+                        batch: int = 1, kv_bits: int | None = None, machine: Machine | None = None,
+                        name: str | None = None, scale: float = 1.0, folder: Path | None = None) -> Estimate:
+    """Rows for fp32, 16-bit, 8-bit and 4-bit (and ``bits`` if another), plus the checkpoint as stored.
+
+    The requested row is ``bits`` (the stored format when it matches, or when ``bits`` is None).
+    Reads config and headers only.
+    """
+    if context < 1 or batch < 1:
+        raise ValueError("--context and --batch must be at least 1")
+    if kv_bits not in (None, 4, 8, 16):
+        raise ValueError(f"--kv-bits must be 16, 8 or 4, got {kv_bits}")
+    ctx = _Context(checkpoint, context, batch, kv_bits, machine or Machine.this(), tokenizer_bytes(folder), scale)
+    source_dtype = source_dtype_of(checkpoint)
+    half = "BF16" if stored_dtype(checkpoint) in ("BF16", "F8_E4M3") else "F16"
+    variants = [32, 16, 8, 4] + ([bits] if bits is not None and bits not in (32, 16, 8, 4) else [])
+    rows: list[Row] = []
+    for b in variants:
+        float_dtype = "F32" if b == 32 else half
+        plan = plan_quantized(build_model(checkpoint), checkpoint.config, make_recipe(b, group_size), float_dtype,
+                              source_dtype)
+        rows.append(ctx.row(plan, _label(b, float_dtype), b, group_size if b < 16 else None, plan.nbytes,
+                            DTYPE_BYTES[float_dtype]))
+    q = checkpoint.quantization
+    if checkpoint.tensors:  # a real checkpoint: add it as stored, replacing the variant it equals
+        stored_bits = int(q["bits"]) if q else (32 if checkpoint.dtype == "F32" else 16)
+        stored_gs = int(q["group_size"]) if q else None
+        plan = plan_stored(build_model(checkpoint), checkpoint)
+        stored = ctx.row(plan, f"{_label(stored_bits, checkpoint.dtype)} (stored)", stored_bits, stored_gs,
+                         checkpoint.nbytes, DTYPE_BYTES.get(checkpoint.dtype, 2), stored=True)
+        rows = [r for r in rows if (r.bits, r.group_size) != (stored_bits, stored_gs)] + [stored]
+    if bits is None:
+        chosen = next((r for r in rows if r.stored), next(r for r in rows if r.bits == 16))
+    else:
+        matching = [r for r in rows if r.bits == bits]
+        chosen = next((r for r in matching if r.group_size in (None, group_size)), matching[0])
+    rows = sorted((replace(r, requested=r is chosen) for r in rows), key=lambda r: -r.bits)
+    params_plan = plan_stored(build_model(checkpoint), checkpoint)
+    return Estimate(
+        model=name or str(checkpoint.path), model_type=checkpoint.model_type,
+        params_total=round(params_plan.params_total * scale), params_active=round(params_plan.params_active * scale),
+        context=context, batch=batch, kv_bits=kv_bits, machine=ctx.machine, rows=rows,
+    )
+
+
+def estimate(model: str | None = None, bits: int | None = None, group_size: int = 64, context: int = 4096,
+             batch: int = 1, kv_bits: int | None = None, params: str | None = None, arch: str | None = None,
+             machine: Machine | None = None, revision: str | None = None) -> Estimate:
+    """Estimates a local folder, a Hub repo id (config + safetensors headers only), or ``params`` + ``arch``."""
+    if params is not None:
+        return estimate_rough(reference.parse_params(params), arch or "llama", bits, group_size, context, batch,
+                              kv_bits, machine)
+    if model is None:
+        raise ValueError("give a MODEL (folder or Hub repo id), or --params with --arch for a rough estimate")
+    from .remote import locate
+
+    checkpoint, folder = locate(model, revision)
+    return estimate_checkpoint(checkpoint, bits, group_size, context, batch, kv_bits, machine, name=model,
+                               folder=folder)
+
+
+def estimate_rough(params: int, arch: str, bits: int | None, group_size: int, context: int, batch: int,
+                   kv_bits: int | None, machine: Machine | None) -> Estimate:
+    """``--params 7B --arch llama``: the nearest public shape of that architecture, scaled to ``params``."""
+    shapes = reference.candidates(arch)
+    sizes = {}
+    for name, config in shapes.items():
+        checkpoint = config_only(config, name)
+        plan = plan_quantized(build_model(checkpoint), checkpoint.config, make_recipe(32), "F32",
+                              source_dtype_of(checkpoint))
+        sizes[name] = plan.params_total
+    ref = reference.nearest(sizes, params)
+    result = estimate_checkpoint(config_only(shapes[ref], ref), bits if bits is not None else 16, group_size,
+                                 context, batch, kv_bits, machine, name=f"{params / 1e9:.3g}B {arch}",
+                                 scale=params / sizes[ref])
+    result.exact, result.shape_of = False, ref
+    result.notes.append(f"rough: weights scaled from {ref}'s shape to {params / 1e9:.3g}B parameters; "
+                        "KV cache and runtime as for that shape")
+    return result
+
+
+def config_only(config: dict[str, Any], name: str) -> Checkpoint:
+    """A checkpoint known by its config alone (no tensor headers)."""
+    config = normalize_config(config)
+    if config.get("model_type") is None:
+        raise CheckpointError(f"{name}: config has no model_type")
+    return Checkpoint(Path(name), config, {})

@@ -1,0 +1,55 @@
+"""The check ``edge-llm run`` makes before loading: refuse a model that cannot fit in this machine's memory.
+
+It runs on config + headers (a Hub repo not yet downloaded is checked from its headers, so nothing is
+pulled that could not run), and names what would fit instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+
+from edge_llm.errors import HubError, MemoryBudgetError
+
+from .estimate import Estimate, Machine, estimate_checkpoint
+from .remote import locate
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONTEXT = 4096
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
+def refusal(est: Estimate, ref: str) -> str:
+    """One line: what the model needs, how much is missing, what would fit."""
+    r, m = est.requested, est.machine
+    kind = {"ram": "RAM", "unified": "GPU working set", "vram": "VRAM"}.get(m.memory_kind, m.memory_kind)
+    need = (f"{ref}: needs about {_gb(r.total_bytes)} ({_gb(r.weights_bytes)} weights + "
+            f"{_gb(r.kv_cache_bytes)} KV cache at {est.context} tokens + {_gb(r.overhead_bytes)} runtime) but this "
+            f"machine has {_gb(m.memory_bytes)} of {kind}, {_gb(r.total_bytes - m.memory_bytes)} short")
+    smaller = [row for row in est.rows if row.fits and not row.stored and row.bits < r.bits]
+    if not smaller:
+        return f"{need}; no smaller precision fits either (try a shorter context); pass --force to try anyway"
+    best = max(smaller, key=lambda row: row.bits)
+    out = f"{ref.rstrip('/').split('/')[-1]}-{best.bits}bit"
+    cmd = f"edge-llm quantize {shlex.quote(ref)} -o {shlex.quote(out)} --bits {best.bits}"
+    return f"{need}; at {best.label} it needs {_gb(best.total_bytes)} and fits: `{cmd}`; or pass --force to try anyway"
+
+
+def check_fits(ref: str, context: int | None = None, machine: Machine | None = None) -> Estimate | None:
+    """Raises MemoryBudgetError when ``ref`` (as stored) won't fit; returns the estimate, or None when the
+    model could not be examined before loading (the loader then reports the real problem)."""
+    try:
+        checkpoint, folder = locate(ref)
+    except HubError as e:
+        log.info("memory check skipped: %s", e)
+        return None
+    if context is None:
+        context = min(int(checkpoint.config.get("max_position_embeddings") or DEFAULT_CONTEXT), DEFAULT_CONTEXT)
+    est = estimate_checkpoint(checkpoint, context=context, machine=machine, name=ref, folder=folder)
+    if not est.requested.fits:
+        raise MemoryBudgetError(refusal(est, ref))
+    return est
