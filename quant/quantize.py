@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Iterable
@@ -207,13 +208,20 @@ def _copy_side_files(source: Path, dest: Path) -> list[str]:
 
 
 def _check_space(out: Path, needed: int) -> None:
+    """Refuses up front a destination that is read-only or lacks the space the plan needs."""
     probe = out.parent
     while not probe.exists():
         probe = probe.parent
+    if probe.is_dir() and not os.access(probe, os.W_OK):
+        raise QuantizeError(f"{out}: cannot write there ({probe} is not writable); choose another -o")
     free = shutil.disk_usage(probe).free
     if needed > free:
-        raise QuantizeError(f"{out}: needs {needed / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free on that disk; "
+        raise QuantizeError(f"{out}: needs {_size(needed)} but only {_size(free)} is free on that disk; "
                             "free some space or choose another -o")
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
 def _disk_error(out: Path, e: OSError) -> EdgeLLMError | OSError:
@@ -263,7 +271,9 @@ def quantize(source: str | Path, out: str | Path, bits: int = 4, group_size: int
         by_param.setdefault(t.param, []).append(t)
     ordered = [t for _, params in schedule for p in params for t in by_param[p]]
     shards = assign_shards(ordered, max_shard_bytes or MAX_SHARD_BYTES)
-    _check_space(out, plan.nbytes + (1 << 20))
+    side = sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name not in NOT_COPIED
+               and not p.name.endswith(WEIGHT_SUFFIXES))
+    _check_space(out, plan.nbytes + side + (64 << 10))  # + headers, index and config
     source_total = sum(t.nbytes for t in checkpoint.tensors.values())
     mx.reset_peak_memory()
     try:
