@@ -135,7 +135,8 @@ def plan_quantized(model: CausalLM, config: dict[str, Any], recipe: Recipe, floa
         module, _, leaf = name.rpartition(".")
         shape = tuple(param.shape)
         keep = _keeps_float(model, name)
-        dtype = source_dtype(name) if keep else float_dtype
+        # a parameter the model keeps in float keeps its stored precision (never less than the output's)
+        dtype = max(source_dtype(name), float_dtype, key=DTYPE_BYTES.__getitem__) if keep else float_dtype
         expert = module in experts
         spec = specs.get(module) if leaf == "weight" else None
         if spec is None:
