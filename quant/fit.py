@@ -20,7 +20,7 @@ DEFAULT_CONTEXT = 4096
 
 
 def _gb(n: float) -> str:
-    return f"{n / 1e9:.1f} GB"
+    return f"{n / 1e9:.1f} GB" if abs(n) >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def refusal(est: Estimate, ref: str) -> str:
