@@ -8,17 +8,18 @@ What a reader of the checkpoint sees is what a converted Hugging Face folder wou
 
 - ``config``: the transformers config keys the architectures read (``hidden_size``, ``rope_theta``,
   ``rope_scaling``, ``tie_word_embeddings`` when there is no ``output.weight``, ...), and a
-  ``quantization`` block in the MLX format when tensors stay quantized (Q4_0/Q4_1/Q8_0, group 32,
-  per-module overrides where a file mixes 4 and 8 bits, e.g. a Q8_0 embedding in a Q4_1 file).
-- ``tensors``: header facts per HF name as they will be in memory (packed uint32 + float16 scales and
-  biases for quantized ones, float16 for dequantized K-quants).
+  ``quantization`` block in the MLX format when tensors stay quantized (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/
+  Q5_K as 4, 5 or 8 bits, group 32; the commonest bits the default, per-module entries for the others,
+  e.g. a Q8_0 embedding in a Q4_1 file).
+- ``tensors``: header facts per HF name as they will be in memory (packed uint32 + scales and biases
+  for quantized ones, float16 for dequantized Q2_K/Q3_K/Q6_K).
 - ``load_weights()``: HF-named MLX arrays, with llama.cpp's rope permutation of q/k rows undone (its
   ``permute`` interleaves the two rotary halves for GGML's "normal" rope; we use rotate-half, as HF).
 
 Architectures (config keys, tensor names, which ones llama.cpp permuted) live in ``gguf_arch``.
-Files whose tensors are all of the types MLX reads natively go through ``mx.load`` (fast C++); any
-BF16 (which ``mx.load`` rounds to float16) or K-quant tensor sends the whole file through our numpy
-path (``gguf_quants``), which gives bit-identical results for the native types.
+Files whose tensors are all F32/F16/Q4_0/Q4_1/Q8_0 go through ``mx.load`` (fast C++); any other type
+(BF16, which ``mx.load`` rounds to float16; Q5_*, K-quants) sends the whole file through our numpy path
+(``gguf_quants``), which gives bit-identical arrays for the types both read.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from .models import supported_model_types
 log = logging.getLogger(__name__)
 
 SUPPORTED_TYPES = (*gguf_quants.FLOATS, *gguf_quants.MLX_QUANTIZED, *gguf_quants.DEQUANTIZED)
-_NATIVE = {"F32", "F16", *gguf_quants.MLX_QUANTIZED}  # what mx.load reads exactly
+_NATIVE = {"F32", "F16", *gguf_quants.MX_LOAD_NATIVE}  # what mx.load reads exactly
 
 # Tensors llama.cpp writes that hold no weights of the HF model.
 _DROPPED = ("rope_freqs.weight",)
@@ -217,7 +218,7 @@ def _tensor_infos(g: GGUFFile, names: dict[str, str], spec: Arch, config: dict[s
             groups = cols // gguf_quants.GROUP_SIZE
             add(f"{module}.weight", "U32", (*outer, cols * bits // 32))
             for part in ("scales", "biases"):
-                add(f"{module}.{part}", "F16", (*outer, groups))
+                add(f"{module}.{part}", "F32" if t.type_name in gguf_quants.FLOAT32_SCALES else "F16", (*outer, groups))
         else:
             dtype = "F16" if t.type_name in gguf_quants.DEQUANTIZED else t.type_name
             add(f"{module}.{suffix}", dtype, _hf_shape(module, t.shape))
@@ -252,13 +253,19 @@ def _check_types(g: GGUFFile) -> None:
         raise CheckpointError(
             f"{g.path}: tensor {bad[0].name!r} is {bad[0].type_name}"
             f"{' (also ' + ', '.join(kinds[1:]) + ')' if len(kinds) > 1 else ''}, a GGUF type edge-llm cannot load; "
-            f"use a file quantized as Q4_0, Q4_1, Q8_0, a K-quant (Q2_K-Q6_K), F16 or F32"
+            f"use one in F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 or a K-quant (Q2_K to Q6_K)"
         )
 
 
 def read_gguf_checkpoint(path: str | Path) -> GGUFCheckpoint:
     """A GGUF file as a checkpoint; raises CheckpointError with one line for what it cannot read."""
     g = read_gguf(Path(path).expanduser())
+    parts = g.get("split.count", 1)
+    if isinstance(parts, int) and parts > 1:
+        raise CheckpointError(
+            f"{g.path}: part {g.get('split.no', 0) + 1} of a GGUF split into {parts} files; merge them first "
+            f"(llama-gguf-split --merge {g.path.name} merged.gguf) and run the merged file"
+        )
     arch = g.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise CheckpointError(

@@ -1,24 +1,31 @@
-"""ggml tensor blocks -> MLX arrays: Q4_0/Q4_1/Q8_0 repacked into MLX's affine format, K-quants dequantized.
+"""ggml tensor blocks -> MLX arrays: most types repacked exactly into MLX's affine format, the rest dequantized.
 
 References: llama.cpp ``ggml/src/ggml-quants.c`` (``dequantize_row_*``, block layouts in
-``ggml-common.h``) and MLX's affine quantization (``w = scale * q + bias`` per group, ``q`` packed
-little-endian into uint32 words, 8 x 4-bit or 4 x 8-bit per word).
+``ggml-common.h``) and MLX's affine quantization (``w = scale * q + bias`` per group of 32 here, ``q``
+packed as a little-endian bit stream into uint32 words).
 
-- Q4_0 ``d * (q - 8)``, Q4_1 ``d * q + m`` and Q8_0 ``d * q`` (q int8) are affine with group 32, so they
-  stay quantized: scale ``d``, bias ``-8d`` / ``m`` / ``-128d`` (exact in float16: powers of two).
-  This matches what ``mx.load(file.gguf)`` produces for them (tests/test_gguf_quants.py).
-- Q2_K..Q6_K have two-level scales that MLX's affine format cannot hold; they are dequantized to
-  float16. (``mx.load`` dequantizes Q4_K itself, but gives every odd 32-value sub-block the scale of
-  the even one before it: wrong weights. Measured with MLX 0.32.4 against llama.cpp's gguf-py.)
-- Every other type (Q5_0, Q5_1, IQ*, TQ*, MXFP4...) is refused by the caller.
+Kept quantized, exactly (every weight the same value ggml computes; tests/test_gguf_reader.py):
+- Q4_0 ``d * (q - 8)``, Q4_1 ``d * q + m``, Q8_0 ``d * q`` (q int8), Q5_0 ``d * (q - 16)``, Q5_1 ``d * q + m``:
+  one float16 scale (and min) per 32 values, so scale ``d`` and bias ``-8d`` / ``m`` / ``-128d`` / ``-16d``
+  / ``m`` (exact in float16: powers of two). Q4_0/Q4_1/Q8_0 equal what ``mx.load(file.gguf)`` makes.
+- Q4_K, Q5_K: 256-value super-blocks of eight 32-value sub-blocks, each ``(d * sc) * q - dmin * m``
+  with 6-bit ``sc``/``m``: affine per 32 values with scale ``d * sc`` and bias ``-dmin * m``, kept in
+  float32 (the products need more bits than float16 has).
+Dequantized to float16: Q2_K, Q3_K, Q6_K, whose 16-value sub-blocks each carry their own scale (MLX's
+smallest group is 32). (``mx.load`` dequantizes Q4_K itself, but gives every odd sub-block the scale
+of the even one before it: wrong weights. Measured with MLX 0.32.4 against llama.cpp's gguf-py.)
+Every other type (IQ*, TQ*, MXFP4, ...) is refused by the caller.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-MLX_QUANTIZED = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}  # type -> bits; group size 32
-DEQUANTIZED = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+# type -> bits of the MLX affine form (group size 32)
+MLX_QUANTIZED = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8, "Q5_0": 5, "Q5_1": 5, "Q4_K": 4, "Q5_K": 5}
+MX_LOAD_NATIVE = ("Q4_0", "Q4_1", "Q8_0")  # what mx.load itself turns into the same arrays
+FLOAT32_SCALES = ("Q4_K", "Q5_K")
+DEQUANTIZED = ("Q2_K", "Q3_K", "Q6_K")
 FLOATS = ("F32", "F16", "BF16")
 GROUP_SIZE = 32
 QK_K = 256
@@ -29,27 +36,68 @@ def _f16(raw: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(raw).view(np.float16).astype(np.float32)
 
 
-def to_mlx_quantized(raw: np.ndarray, type_name: str, shape: tuple[int, ...]) -> tuple[np.ndarray, ...]:
-    """(weight uint32, scales float16, biases float16) of a Q4_0/Q4_1/Q8_0 tensor [..., cols]."""
-    rows = int(np.prod(shape[:-1]))
-    blocks = raw.reshape(rows, shape[-1] // GROUP_SIZE, -1)  # [rows, groups, block bytes]
-    d = blocks[..., 0:2].copy().view(np.float16)[..., 0]  # [rows, groups]
-    if type_name == "Q8_0":
-        packed = blocks[..., 2:] ^ np.uint8(0x80)  # int8 q -> unsigned q + 128, one byte each
-        biases = d * np.float16(-128)
+def _half(raw: np.ndarray) -> np.ndarray:
+    """[..., 2] bytes -> [...] float16."""
+    return np.ascontiguousarray(raw).view(np.float16)[..., 0]
+
+
+def _pack(values: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned ``bits``-bit values [rows, n] -> MLX's packing [rows, n * bits / 32] uint32: a little-endian
+    bit stream, value i in bits [i * bits, (i + 1) * bits)."""
+    rows = values.shape[0]
+    if bits == 8:
+        packed = values.astype(np.uint8)
+    elif bits == 4:
+        packed = values[:, 0::2] | (values[:, 1::2] << 4)
+    elif bits == 5:  # 8 values fill 5 bytes
+        v = [x[..., 0] for x in np.split(values.reshape(rows, -1, 8).astype(np.uint16), 8, axis=-1)]
+        packed = np.stack([
+            v[0] | (v[1] << 5), (v[1] >> 3) | (v[2] << 2) | (v[3] << 7), (v[3] >> 1) | (v[4] << 4),
+            (v[4] >> 4) | (v[5] << 1) | (v[6] << 6), (v[6] >> 2) | (v[7] << 3),
+        ], axis=-1).astype(np.uint8)  # fmt: skip  (astype keeps the low byte of each)
     else:
-        first = 4 if type_name == "Q4_1" else 2
-        # ggml: byte j holds value j (low nibble) and value j + 16 (high). MLX: byte i holds values 2i
-        # (low) and 2i + 1 (high). Read the 16 bytes as 8 little-endian pairs w = b[2k] | b[2k+1] << 8.
-        w = blocks[..., first:].copy().view(np.uint16)  # [rows, groups, 8]
-        low = (w & 0x0F) | ((w >> 4) & 0xF0)  # values 2k, 2k + 1
-        high = ((w >> 4) & 0x0F) | ((w >> 8) & 0xF0)  # values 16 + 2k, 16 + 2k + 1
-        packed = np.concatenate([low, high], axis=-1).astype(np.uint8)
-        biases = blocks[..., 2:4].copy().view(np.float16)[..., 0] if type_name == "Q4_1" else d * np.float16(-8)
-    # little-endian bytes -> uint32 words keep the first value in the low bits, as MLX packs them
-    weight = np.ascontiguousarray(packed).reshape(rows, -1).view(np.uint32)
-    out_shape = tuple(shape[:-1])
-    return weight.reshape(*out_shape, -1), d.reshape(*out_shape, -1), biases.reshape(*out_shape, -1)
+        raise ValueError(f"no packing for {bits}-bit values")
+    return np.ascontiguousarray(packed, dtype=np.uint8).reshape(rows, -1).view(np.uint32)
+
+
+def _low_high(qs: np.ndarray) -> np.ndarray:
+    """Q4_0/Q5_0 nibbles: byte j holds value j (low) and value j + 16 (high) -> [..., 32] in order."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def to_mlx_quantized(raw: np.ndarray, type_name: str, shape: tuple[int, ...]) -> tuple[np.ndarray, ...]:
+    """(weight uint32, scales, biases) in MLX's affine form (group 32) of a tensor [..., cols]."""
+    rows, cols = int(np.prod(shape[:-1])), shape[-1]
+    if type_name in ("Q4_K", "Q5_K"):
+        values, scales, biases = _k_affine(raw.reshape(-1, 144 if type_name == "Q4_K" else 176), type_name)
+    else:
+        blocks = raw.reshape(rows * cols // GROUP_SIZE, -1)  # [groups, block bytes]
+        d = _half(blocks[:, 0:2])
+        if type_name == "Q8_0":
+            values, scales, biases = blocks[:, 2:] ^ np.uint8(0x80), d, d * np.float16(-128)  # int8 -> q + 128
+        elif type_name in ("Q4_0", "Q4_1"):
+            first = 4 if type_name == "Q4_1" else 2
+            values = _low_high(blocks[:, first:])
+            scales, biases = d, _half(blocks[:, 2:4]) if type_name == "Q4_1" else d * np.float16(-8)
+        else:  # Q5_0 / Q5_1: the fifth bits of the 32 values in 4 bytes (bit j: value j)
+            first = 4 if type_name == "Q5_1" else 2
+            high = np.unpackbits(blocks[:, first : first + 4], axis=-1, bitorder="little")
+            values = _low_high(blocks[:, first + 4 :]) | (high << 4)
+            scales, biases = d, _half(blocks[:, 2:4]) if type_name == "Q5_1" else d * np.float16(-16)
+    weight = _pack(values.reshape(rows, cols), MLX_QUANTIZED[type_name])
+    out = tuple(shape[:-1])
+    return weight.reshape(*out, -1), scales.reshape(*out, -1), biases.reshape(*out, -1)
+
+
+def _k_affine(b: np.ndarray, type_name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K super-blocks -> (values [n * 8, 32], scales float32 [n, 8], biases [n, 8])."""
+    d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
+    sc, mn = _scale_min_k4(b[:, 4:16])
+    if type_name == "Q4_K":
+        values = _split_nibbles(b[:, 16:144], 32)
+    else:
+        values = _split_nibbles(b[:, 48:176], 32) | (_bits(b[:, 16:48], 1, 32) << 4)
+    return values, d * sc, -(dmin * mn)
 
 
 def _scale_min_k4(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -96,21 +144,6 @@ def _q3_k(b: np.ndarray) -> np.ndarray:
     return (d * scales).reshape(-1, 16, 1) * q.reshape(-1, 16, 16)
 
 
-def _q4_k(b: np.ndarray) -> np.ndarray:
-    d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
-    sc, mn = _scale_min_k4(b[:, 4:16])
-    q = _split_nibbles(b[:, 16:144], 32).reshape(-1, 8, 32)
-    return (d * sc).reshape(-1, 8, 1) * q - (dmin * mn).reshape(-1, 8, 1)
-
-
-def _q5_k(b: np.ndarray) -> np.ndarray:
-    d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])
-    sc, mn = _scale_min_k4(b[:, 4:16])
-    qh, qs = b[:, 16:48], b[:, 48:176]
-    q = _split_nibbles(qs, 32) | (_bits(qh, 1, 32) << 4)
-    return (d * sc).reshape(-1, 8, 1) * q.reshape(-1, 8, 32) - (dmin * mn).reshape(-1, 8, 1)
-
-
 def _q6_k(b: np.ndarray) -> np.ndarray:
     ql, qh, scales, d = b[:, :128], b[:, 128:192], b[:, 192:208], _f16(b[:, 208:210])
     low = _split_nibbles(ql, 64)  # two halves of 128 values, each from 64 bytes
@@ -120,8 +153,7 @@ def _q6_k(b: np.ndarray) -> np.ndarray:
     return dl * q.reshape(-1, 16, 16)
 
 
-_K_QUANTS = {"Q2_K": (_q2_k, 84), "Q3_K": (_q3_k, 110), "Q4_K": (_q4_k, 144), "Q5_K": (_q5_k, 176),
-             "Q6_K": (_q6_k, 210)}  # fmt: skip
+_K_QUANTS = {"Q2_K": (_q2_k, 84), "Q3_K": (_q3_k, 110), "Q6_K": (_q6_k, 210)}
 
 
 def dequantize(raw: np.ndarray, type_name: str, shape: tuple[int, ...], chunk_blocks: int = 1 << 16) -> np.ndarray:

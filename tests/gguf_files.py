@@ -103,8 +103,15 @@ def encode(x: np.ndarray, qtype: Q, rng: np.random.Generator) -> tuple[np.ndarra
             scales = rng.uniform(2e-5, 1e-4, n).astype(np.float16)
             raw[:, offset : offset + 2] = scales.view(np.uint8).reshape(n, 2)
         stored = raw.reshape(*x.shape[:-1], -1)
-        # edge-llm dequantizes K-quants to float16 (what mx.load does too): the reference rounds the same way
-        return stored, gguf.quants.dequantize(stored, qtype).astype(np.float16).astype(np.float32)
+        values = gguf.quants.dequantize(stored, qtype)
+        if qtype in (Q.Q4_K, Q.Q5_K):  # kept quantized by edge-llm, exactly
+            return stored, values.astype(np.float32)
+        # the others are dequantized to float16 (what mx.load does too): the reference rounds the same way
+        return stored, values.astype(np.float16).astype(np.float32)
+    if qtype in (Q.IQ4_NL, Q.IQ4_XS, Q.IQ2_XXS, Q.TQ2_0):  # types edge-llm refuses: any bytes will do
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        stored = rng.integers(0, 256, (x.size // block, size), dtype=np.uint8).reshape(*x.shape[:-1], -1)
+        return stored, np.zeros_like(x)
     stored = gguf.quants.quantize(x.astype(np.float32), qtype)
     return stored, gguf.quants.dequantize(stored, qtype).astype(np.float32)
 

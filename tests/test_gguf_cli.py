@@ -45,10 +45,11 @@ def kquant_file(tmp_path_factory):
 
 
 def test_info_on_a_k_quant_file(kquant_file):
+    """Q4_K_M's layout: Q4_K kept quantized (4-bit, group 32), Q6_K dequantized."""
     result = CliRunner().invoke(app, ["info", str(kquant_file), "--json"])
     assert result.exit_code == 0, result.output
     facts = json.loads(result.stdout)
-    assert facts["quantization"].startswith("dequantized to float16 (GGUF ")
+    assert facts["quantization"].startswith("4-bit affine, group 32 (GGUF ")  # Q4_K stays quantized
     assert "Q4_K" in facts["quantization"] and "Q6_K" in facts["quantization"]
 
 
@@ -63,4 +64,4 @@ def test_run_a_k_quant_file_warns_about_memory(kquant_file):
     assert answer["generation_tokens"] == len(answer["tokens"]) > 0
     warnings = [line for line in result.stderr.splitlines() if line.startswith("WARNING")]
     assert len(warnings) == 1, result.stderr
-    assert "Q4_K/Q6_K tensors are dequantized to float16" in warnings[0] and "GB on disk" in warnings[0]
+    assert "Q6_K tensors are dequantized to float16" in warnings[0] and "GB on disk" in warnings[0]

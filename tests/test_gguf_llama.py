@@ -48,16 +48,16 @@ def our_logits(path) -> np.ndarray:
     return np.array(model(mx.array(TOKENS)))
 
 
-@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1])
+BITS = {Q.Q8_0: 8, Q.Q4_0: 4, Q.Q4_1: 4, Q.Q5_0: 5, Q.Q5_1: 5}
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16, *BITS])
 def test_logits_equal_transformers(tmp_path, qtype):
     path = tmp_path / f"tiny-{qtype.name}.gguf"
     reference = write_llama_gguf(path, tiny_llama(), qtype)
     checkpoint = read_checkpoint(path)
     assert isinstance(checkpoint, GGUFCheckpoint)
-    quantized = qtype in (Q.Q8_0, Q.Q4_0, Q.Q4_1)
-    assert (checkpoint.quantization is not None) == quantized
-    if quantized:
-        assert checkpoint.quantization == {"group_size": 32, "bits": 8 if qtype == Q.Q8_0 else 4}
+    assert checkpoint.quantization == ({"group_size": 32, "bits": BITS[qtype]} if qtype in BITS else None)
     np.testing.assert_allclose(our_logits(path), hf_logits(reference), atol=1e-4, rtol=0)
 
 
@@ -71,7 +71,8 @@ def test_writer_matches_transformers_gguf_reader(tmp_path):
     np.testing.assert_allclose(our_logits(path), hf_logits(source), atol=1e-4, rtol=0)
 
 
-def test_k_quants_dequantized_with_a_warning(tmp_path, caplog):
+def test_k_quants(tmp_path, caplog):
+    """Q4_K/Q5_K stay quantized (4/5-bit, group 32, exact); Q2_K/Q3_K/Q6_K are dequantized, with a warning."""
     # K-quant blocks hold 256 values: rows of 256 and 512
     model = tiny_llama(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=1)
     kinds = [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K]
@@ -80,14 +81,16 @@ def test_k_quants_dequantized_with_a_warning(tmp_path, caplog):
     path = tmp_path / "kquants.gguf"
     reference = write_llama_gguf(path, model, lambda name, shape: by_name[name])
     checkpoint = read_checkpoint(path)
-    assert checkpoint.quantization is None
-    assert {t.dtype for n, t in checkpoint.tensors.items() if n in by_name} == {"F16"}
+    kept = {n[: -len(".weight")]: {Q.Q4_K: 4, Q.Q5_K: 5}[k] for n, k in by_name.items() if k in (Q.Q4_K, Q.Q5_K)}
+    quantization = checkpoint.quantization
+    assert quantization["group_size"] == 32
+    assert {m: quantization.get(m, {"bits": quantization["bits"]})["bits"] for m in kept} == kept
+    dequantized = {n for n, k in by_name.items() if k in (Q.Q2_K, Q.Q3_K, Q.Q6_K)}
+    assert {checkpoint.tensors[n].dtype for n in dequantized} == {"F16"}
     with caplog.at_level(logging.WARNING, logger="edge_llm.gguf"):
         ours = our_logits(path)
     warning = " ".join(r.getMessage() for r in caplog.records)
-    assert "dequantized to float16" in warning and "GB in memory" in warning
-    for kind in kinds:
-        assert kind.name in warning
+    assert "Q2_K/Q3_K/Q6_K tensors are dequantized to float16" in warning and "GB in memory" in warning
     np.testing.assert_allclose(ours, hf_logits(reference), atol=1e-4, rtol=0)
 
 

@@ -50,7 +50,7 @@ def ours(path) -> np.ndarray:
     return np.array(model(mx.array(TOKENS)))
 
 
-@pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0, Q.Q4_0])
+@pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0, Q.Q4_0, Q.Q5_0])
 @pytest.mark.parametrize("model_type", MOE_TYPES)
 def test_moe_logits_equal_transformers(tmp_path, model_type, qtype):
     path = tmp_path / f"{model_type}.gguf"
