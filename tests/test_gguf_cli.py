@@ -65,3 +65,19 @@ def test_run_a_k_quant_file_warns_about_memory(kquant_file):
     warnings = [line for line in result.stderr.splitlines() if line.startswith("WARNING")]
     assert len(warnings) == 1, result.stderr
     assert "Q6_K tensors are dequantized to float16" in warnings[0] and "GB on disk" in warnings[0]
+
+
+def test_estimate_on_the_smollm2_gguf():
+    """The estimator reads the GGUF as it reads a folder: its stored row is what loading really takes."""
+    from mlx.utils import tree_flatten
+
+    from edge_llm import load
+
+    result = CliRunner().invoke(app, ["estimate", str(gguf_path()), "--json"])
+    assert result.exit_code == 0, result.output
+    facts = json.loads(result.stdout)
+    assert facts["precision"] == "4-bit (stored)" and facts["group_size"] == 32
+    assert facts["params_total"] == 134_515_008
+    assert facts["file_bytes"] == pytest.approx(gguf_path().stat().st_size, rel=1e-3)
+    model, _ = load(gguf_path())
+    assert facts["weights_bytes"] == sum(v.nbytes for _, v in tree_flatten(model.parameters()))
