@@ -17,7 +17,8 @@ import mlx.core as mx
 
 from .backend import detect
 
-MEASURE_BYTES = 512 * 1024 * 1024
+MEASURE_BYTES = 512 * 1024 * 1024  # CPU: several times the caches
+GPU_MEASURE_BYTES = 4 * 1024 * 1024 * 1024  # a GPU reads 512 MiB in ~0.1 ms: too short to time well
 
 
 def state_dir() -> Path:
@@ -33,8 +34,9 @@ def _device_key() -> str:
     return f"{info.name}:{info.device_name}"
 
 
-def measure_bandwidth(nbytes: int = MEASURE_BYTES, repeats: int = 5) -> float:
+def measure_bandwidth(nbytes: int | None = None, repeats: int = 5) -> float:
     """Bytes per second read by a full reduction over ``nbytes`` of float32 (best of ``repeats``)."""
+    nbytes = nbytes or (MEASURE_BYTES if detect().name == "cpu" else GPU_MEASURE_BYTES)
     a = mx.ones((nbytes // 4,), dtype=mx.float32)
     mx.eval(a)
     mx.eval(mx.sum(a))  # warm up
