@@ -87,6 +87,20 @@ class GGUFCheckpoint(Checkpoint):
         """config.json for a converted folder: the config without the GGUF quantization block."""
         return {k: v for k, v in self.config.items() if k != "quantization"}
 
+    def dequantized(self) -> GGUFCheckpoint:
+        """The same file seen as a float16 checkpoint (what a converter re-quantizing it needs): no
+        quantization block, float16 headers, and ``load_weights`` dequantizing lazily, tensor by tensor."""
+        float_infos: dict[str, TensorInfo] = {}
+        for name, info in self.tensors.items():
+            module, suffix = name.rsplit(".", 1)
+            if suffix in ("scales", "biases"):
+                continue
+            if f"{module}.scales" in self.tensors:  # one scale per 32 values
+                columns = self.tensors[f"{module}.scales"].shape[-1] * gguf_quants.GROUP_SIZE
+                info = TensorInfo(name, info.file, "F16", (*info.shape[:-1], columns))
+            float_infos[name] = info
+        return _DequantizedGGUF(self.path, self.hf_config, float_infos, gguf=self.gguf, names=self.names)
+
     def load_weights(self) -> dict[str, mx.array]:
         """HF-named arrays, q/k rows un-permuted; quantized tensors as ``weight``/``scales``/``biases``."""
         raw = self._load_native() if self._all_native() else self._load_numpy()
@@ -158,6 +172,17 @@ class GGUFCheckpoint(Checkpoint):
         if module.endswith("self_attn.k_proj"):
             return self.config["num_key_value_heads"]
         return None
+
+
+@dataclass
+class _DequantizedGGUF(GGUFCheckpoint):
+    """``GGUFCheckpoint.dequantized()``: quantized tensors come back as float16 weights."""
+
+    def load_weights(self) -> dict[str, mx.array]:
+        weights = super().load_weights()
+        for key in [k for k in weights if k.endswith(".scales")]:
+            weights[f"{key[: -len('scales')]}weight"] = _dense(weights, key[: -len(".scales")]).astype(mx.float16)
+        return weights
 
 
 def _hf_name(gguf_base: str, table: Names) -> str | None:

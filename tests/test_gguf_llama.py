@@ -173,3 +173,20 @@ def test_llama3_rope_from_rope_freqs(tmp_path):
     with torch.no_grad():
         theirs = reference(torch.tensor(tokens)).logits.numpy()
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_dequantized_view_for_converters(tmp_path):
+    """``dequantized()``: float16 headers and weights (what a re-quantizer starts from), the same model."""
+    path = tmp_path / "mixed.gguf"
+    write_llama_gguf(path, tiny_llama(), lambda name, shape: Q.Q8_0 if "embed" in name else Q.Q5_1)
+    quantized = read_checkpoint(path)
+    floats = quantized.dequantized()
+    assert floats.quantization is None and "quantization" in quantized.config
+    weights = floats.load_weights()
+    assert set(weights) == set(floats.tensors) and not any(n.endswith((".scales", ".biases")) for n in weights)
+    for name, info in floats.tensors.items():
+        assert tuple(weights[name].shape) == info.shape, name
+    assert {floats.tensors[n].dtype for n in floats.tensors if n.endswith("proj.weight")} == {"F16"}
+    a = np.array(load_checkpoint(quantized, dtype="float32")(mx.array(TOKENS)))
+    b = np.array(load_checkpoint(floats, dtype="float32")(mx.array(TOKENS)))
+    np.testing.assert_allclose(a, b, atol=1e-3, rtol=0)  # float16 rounding of the dequantized values
