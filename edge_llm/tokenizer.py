@@ -509,6 +509,8 @@ def describe_tokenizer(path: str | Path) -> TokenizerInfo:
     folder = Path(path)
     if folder.is_file():  # a GGUF file carries its tokenizer in its metadata
         gguf = read_gguf(folder)
+        if not gguf.get("tokenizer.ggml.tokens"):  # weights only: say so, as for a folder without one
+            return TokenizerInfo(None, None, None)
         tok = Tokenizer.from_gguf(gguf)
         kind = gguf.get("tokenizer.ggml.model")
         kind = {"gpt2": "GGUF byte-level BPE", "llama": "GGUF sentencepiece"}.get(kind, f"GGUF {kind}")

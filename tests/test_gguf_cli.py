@@ -81,3 +81,14 @@ def test_estimate_on_the_smollm2_gguf():
     assert facts["file_bytes"] == pytest.approx(gguf_path().stat().st_size, rel=1e-3)
     model, _ = load(gguf_path())
     assert facts["weights_bytes"] == sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+def test_info_on_a_file_without_tokenizer(tmp_path):
+    path = tmp_path / "weights-only.gguf"
+    write_gguf(path, tiny_llama(), Q.Q8_0)
+    result = CliRunner().invoke(app, ["info", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    facts = json.loads(result.stdout)
+    assert facts["tokenizer"] is None and facts["quantization"] == "8-bit affine, group 32 (GGUF Q8_0, F32)"
+    result = CliRunner().invoke(app, ["run", str(path), "--prompt", "hi"])
+    assert result.exit_code == 1 and "holds no tokenizer" in result.stderr
