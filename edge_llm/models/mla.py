@@ -15,8 +15,11 @@ Two exact ways to attend (they differ only in float rounding):
 A multi-token call picks whichever form does fewer multiply-adds (``_use_absorbed``).
 
 Quantized ``kv_b_proj``: the absorbed form slices the packed weight, scales and biases per head into
-``W_uk`` and ``W_uv`` (rows of the same matrix, quantized along r) and uses ``mx.quantized_matmul``, so
-nothing is dequantized or duplicated; mlx-community files whose ``kv_b_proj`` is quantized run as is.
+``W_uk`` and ``W_uv`` (rows of the same matrix, quantized along r). ``W_uv`` stays quantized
+(``mx.quantized_matmul``, transposed); ``W_uk`` would need the untransposed quantized matmul, which MLX's
+CUDA backend does not implement for these shapes (measured on an H200), so it is dequantized once and
+kept (``H·n·r`` values per layer: 1M for V2-Lite, 8M for V3). mlx-community files whose ``kv_b_proj`` is
+quantized run as is.
 
 Rotary layout: DeepSeek pairs rotary features as (x0, x1), (x2, x3)... (``traditional`` in MLX terms);
 V3's ``rope_interleave: false`` switches to the rotate-half layout. YaRN's ``mscale_all_dim`` multiplies
@@ -147,11 +150,16 @@ class MLAttention(nn.Module):
             return a[:, :n], a[:, n:]
 
         if isinstance(proj, nn.QuantizedLinear):
-            (wk, wv), (sk, sv) = per_head(proj["weight"]), per_head(proj["scales"])
-            bk, bv = per_head(proj["biases"]) if "biases" in proj else (None, None)
+            (_, wv), (_, sv) = per_head(proj["weight"]), per_head(proj["scales"])
+            _, bv = per_head(proj["biases"]) if "biases" in proj else (None, None)
             kwargs = dict(group_size=proj.group_size, bits=proj.bits, mode=proj.mode)
+            if getattr(self, "_dense_wk_of", None) is not proj["weight"]:
+                dense = mx.dequantize(proj["weight"], proj["scales"], proj.get("biases"), **kwargs)
+                self._dense_wk = per_head(dense)[0]  # [H, n, r]
+                self._dense_wk_of = proj["weight"]
+            wk = self._dense_wk
             return (
-                lambda q: mx.quantized_matmul(q, wk, sk, bk, transpose=False, **kwargs),
+                lambda q: q @ wk,
                 lambda o: mx.quantized_matmul(o, wv, sv, bv, transpose=True, **kwargs),
             )
         wk, wv = per_head(proj.weight)  # [H, n, r], [H, v, r]
