@@ -106,9 +106,13 @@ def random_checkpoint(folder: Path, config: dict, arch_module, dtype: str = "bfl
 
 
 def bench(folder: Path, lengths: tuple[int, ...], decode: int) -> dict:
+    """``edge-llm bench`` figures; a failure is recorded (what broke is a finding too), not fatal."""
     from edge_llm.bench import run_bench
 
-    r = run_bench(folder, lengths, decode).to_dict()
+    try:
+        r = run_bench(folder, lengths, decode).to_dict()
+    except RuntimeError as e:
+        r = {"model": str(folder), "error": str(e)}
     print(json.dumps(r), flush=True)
     return r
 
