@@ -151,9 +151,9 @@ def activation_bytes(model: Any, context: int, batch: int, itemsize: int) -> int
     args = model.args
     chunk = min(context, PREFILL_CHUNK) * batch
     hidden = args.hidden_size
-    k = getattr(args, "num_experts_per_tok", None) or 1
-    moe = getattr(args, "moe_intermediate_size", None)
-    inter = max(args.intermediate_size, k * moe if moe else 0)
+    k = getattr(args, "num_experts_per_tok", None) or 0
+    moe = (getattr(args, "moe_intermediate_size", None) or args.intermediate_size) if k else 0
+    inter = max(args.intermediate_size, k * moe)  # routed experts see each token k times
     scores = args.num_attention_heads * context
     return int(itemsize * chunk * (ACT_HIDDEN * hidden + ACT_INTERMEDIATE * inter + ACT_SCORES * scores))
 
