@@ -117,7 +117,7 @@ def bench(folder: Path, lengths: tuple[int, ...], decode: int) -> dict:
     return r
 
 
-def speed(work: Path, quick: bool, save) -> dict:
+def speed(work: Path, quick: bool, save, cases: set[str]) -> dict:
     from benchmarks import moe_bench
     from benchmarks.harness import alternate
     from edge_llm.models import deepseek_v2, llama
@@ -128,12 +128,17 @@ def speed(work: Path, quick: bool, save) -> dict:
     dense_shape = dict(DENSE_SHAPE, num_hidden_layers=2) if quick else DENSE_SHAPE
     out = {}
     for name, shape, arch in (("moe", moe_shape, deepseek_v2), ("dense", dense_shape, llama)):
+        if not cases & {f"{name}-bf16", f"{name}-4bit"}:
+            continue
         bf16 = random_checkpoint(work / f"{name}-bf16", shape, arch)
         q4 = work / f"{name}-4bit"
         if not q4.exists():
             quantize(bf16, q4, bits=4, group_size=64)
-        out[name] = {"bf16": bench(bf16, lengths, decode), "4bit": bench(q4, lengths, decode)}
+        out[name] = {dtype: bench(folder, lengths, decode)
+                     for dtype, folder in (("bf16", bf16), ("4bit", q4)) if f"{name}-{dtype}" in cases}
         save(out)
+    if "side-by-side" not in cases:
+        return out
     context = 128 if quick else 2048
     start = time.perf_counter()
     try:
@@ -158,6 +163,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/cuda-work"))
     parser.add_argument("--make-fixtures", action="store_true", help="build the fixtures here (CPU, transformers)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the script itself")
+    parser.add_argument("--cases", default="moe-bf16,moe-4bit,dense-bf16,dense-4bit,side-by-side",
+                        help="which speed cases to run (comma-separated)")
+    parser.add_argument("--skip-parity", action="store_true")
     a = parser.parse_args()
     if a.make_fixtures:
         make_fixtures(a.fixtures)
@@ -169,13 +177,13 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     results = {"backend": asdict(detect()), "device_info": {k: str(v) for k, v in mx.device_info().items()}}
     print(results, flush=True)
-    results["parity"] = parity(a.fixtures)
+    results["parity"] = [] if a.skip_parity else parity(a.fixtures)
     (a.out / "cuda_results.json").write_text(json.dumps(results, indent=2))
 
     def save(partial: dict) -> None:
         (a.out / "cuda_results.json").write_text(json.dumps({**results, "speed": partial}, indent=2))
 
-    results["speed"] = speed(a.work, a.quick, save)
+    results["speed"] = speed(a.work, a.quick, save, set(a.cases.split(",")))
     save(results["speed"])
     print(json.dumps(results, indent=2))
 

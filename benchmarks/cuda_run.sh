@@ -15,4 +15,4 @@ export LD_LIBRARY_PATH=$(ls -d "$NV"/*/lib | paste -sd:):${LD_LIBRARY_PATH:-}
 OUT=${OUT:-/tmp/cuda-out}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import mlx.core as mx; print('cuda available:', mx.cuda.is_available(), mx.default_device())"
-python3 -m benchmarks.cuda_check --fixtures .gpu --out "$OUT" 2>&1 | tee "$OUT/log.txt"
+python3 -m benchmarks.cuda_check --fixtures .gpu --out "$OUT" "$@" 2>&1 | tee "$OUT/log.txt"

@@ -14,12 +14,12 @@ Two exact ways to attend (they differ only in float rounding):
   O(T·(r + rope)) per head instead of re-expanding all T latents through ``kv_b_proj``.
 A multi-token call picks whichever form does fewer multiply-adds (``_use_absorbed``).
 
-Quantized ``kv_b_proj``: the absorbed form slices the packed weight, scales and biases per head into
-``W_uk`` and ``W_uv`` (rows of the same matrix, quantized along r). ``W_uv`` stays quantized
-(``mx.quantized_matmul``, transposed); ``W_uk`` would need the untransposed quantized matmul, which MLX's
-CUDA backend does not implement for these shapes (measured on an H200), so it is dequantized once and
-kept (``H·n·r`` values per layer: 1M for V2-Lite, 8M for V3). mlx-community files whose ``kv_b_proj`` is
-quantized run as is.
+Quantized ``kv_b_proj``: the absorbed form needs ``W_uk`` and ``W_uv`` per head, i.e. a batched
+quantized matmul over a 3-D packed weight, which MLX's CUDA backend does not implement (measured on an
+H200: "[quantized_matmul] No implementation for problem shape"), in either orientation. So the absorbed
+maps use ``kv_b_proj`` dequantized once and kept beside it (``H·(n+v)·r`` values per layer: 2M for
+V2-Lite, 17M for V3; a few percent of a 4-bit model), while prefill's expanded form runs the quantized
+layer itself. mlx-community files whose ``kv_b_proj`` is quantized run as is.
 
 Rotary layout: DeepSeek pairs rotary features as (x0, x1), (x2, x3)... (``traditional`` in MLX terms);
 V3's ``rope_interleave: false`` switches to the rotate-half layout. YaRN's ``mscale_all_dim`` multiplies
@@ -149,18 +149,12 @@ class MLAttention(nn.Module):
             a = a.reshape(H, n + self.v_dim, -1)  # rows of head h: its n key rows, then its v value rows
             return a[:, :n], a[:, n:]
 
+        weight = proj.weight
         if isinstance(proj, nn.QuantizedLinear):
-            (_, wv), (_, sv) = per_head(proj["weight"]), per_head(proj["scales"])
-            _, bv = per_head(proj["biases"]) if "biases" in proj else (None, None)
-            kwargs = dict(group_size=proj.group_size, bits=proj.bits, mode=proj.mode)
-            if getattr(self, "_dense_wk_of", None) is not proj["weight"]:
-                dense = mx.dequantize(proj["weight"], proj["scales"], proj.get("biases"), **kwargs)
-                self._dense_wk = per_head(dense)[0]  # [H, n, r]
-                self._dense_wk_of = proj["weight"]
-            wk = self._dense_wk
-            return (
-                lambda q: q @ wk,
-                lambda o: mx.quantized_matmul(o, wv, sv, bv, transpose=True, **kwargs),
-            )
-        wk, wv = per_head(proj.weight)  # [H, n, r], [H, v, r]
+            if getattr(self, "_dense_of", None) is not proj["weight"]:
+                self._dense = mx.dequantize(proj["weight"], proj["scales"], proj.get("biases"),
+                                            group_size=proj.group_size, bits=proj.bits, mode=proj.mode)
+                self._dense_of = proj["weight"]
+            weight = self._dense
+        wk, wv = per_head(weight)  # [H, n, r], [H, v, r]
         return (lambda q: q @ wk), (lambda o: o @ wv.swapaxes(-1, -2))
