@@ -21,13 +21,11 @@ match it (tests/test_tokenizer.py proves it on SmolLM2 and a trained sentencepie
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import sentencepiece
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as _RustTokenizer
 
@@ -36,13 +34,19 @@ from edge_llm.detokenizer import StreamingDetokenizer
 from edge_llm.errors import TokenizerError
 from edge_llm.gguf_reader import GGUFFile, read_gguf
 from edge_llm.gguf_tokenizer import build_gguf_tokenizer
+from edge_llm.sentencepiece_backend import (
+    BYTE_TOKEN,
+    SentencePieceBackend,
+    load_sentencepiece,
+    sentencepiece_defaults,
+    token_text,
+)
 
 __all__ = [
     "DEFAULT_CHAT_TEMPLATE", "StreamingDetokenizer", "Tokenizer", "TokenizerInfo", "describe_tokenizer",
 ]  # fmt: skip
 
 _SPECIAL_ATTRS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
             (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))  # fmt: skip
 
@@ -57,15 +61,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise TokenizerError(f"{path}: expected a JSON object, found {type(data).__name__}; repair the file")
     return data
-
-
-def _token_text(value: Any) -> str | None:
-    """A special token as written in the configs: a string or ``{"content": ..., ...}``."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, Mapping) and isinstance(value.get("content"), str):
-        return value["content"]
-    return None
 
 
 def _int_list(value: Any) -> list[int]:
@@ -121,7 +116,7 @@ class _TokenizersBackend:
         self.special_ids = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
         byte_fallback = tok.decoder is not None and "ByteFallback" in repr(tok.decoder)
         vocab = tok.get_vocab(with_added_tokens=False) if byte_fallback else {}
-        self.byte_fallback_ids = frozenset(i for t, i in vocab.items() if _BYTE_TOKEN.fullmatch(t))
+        self.byte_fallback_ids = frozenset(i for t, i in vocab.items() if BYTE_TOKEN.fullmatch(t))
         # transformers skips the cleanup for BPE models: it would eat real spaces before punctuation.
         is_bpe = type(tok.model).__name__ == "BPE"
         self.cleanup_spaces = bool(config.get("clean_up_tokenization_spaces")) and not is_bpe
@@ -141,137 +136,6 @@ class _TokenizersBackend:
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
-
-
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            return value, pos
-
-
-def _without_normalizer(proto: bytes) -> bytes:
-    """The ModelProto with normalizer_spec (field 3) replaced by identity, no dummy prefix, no
-    whitespace squeezing, and without self_test_data (field 4, which would no longer pass)."""
-    out, pos = bytearray(), 0
-    while pos < len(proto):
-        start = pos
-        key, pos = _varint(proto, pos)
-        wire = key & 7
-        if wire == 0:
-            _, pos = _varint(proto, pos)
-        elif wire == 2:
-            size, pos = _varint(proto, pos)
-            pos += size
-        elif wire in (1, 5):
-            pos += 8 if wire == 1 else 4
-        else:
-            raise ValueError(f"unexpected protobuf wire type {wire}")
-        if key >> 3 not in (3, 4):
-            out += proto[start:pos]
-    # name="identity", add_dummy_prefix=false, remove_extra_whitespaces=false, escape_whitespaces=true
-    spec = b"\x0a\x08identity\x18\x00\x20\x00\x28\x01"
-    return bytes(out + b"\x1a" + bytes([len(spec)]) + spec)
-
-
-class _SentencePieceBackend:
-    """tokenizer.model through `sentencepiece`, behaving like transformers 5's LlamaTokenizer."""
-
-    def __init__(
-        self,
-        sp: sentencepiece.SentencePieceProcessor,
-        named: Mapping[str, str],
-        extra: list[str],
-        config: Mapping[str, Any],
-    ) -> None:
-        self._sp = sp
-        size = sp.get_piece_size()
-        self._by_id: dict[int, str] = {}  # added tokens, some renaming a piece, some past the vocab
-        self._added: dict[str, int] = {}
-        self.special_ids: set[int] = set()
-        declared = config.get("added_tokens_decoder")
-        for key, spec in (declared if isinstance(declared, Mapping) else {}).items():
-            if str(key).isdigit() and (content := _token_text(spec)) is not None:
-                self._add(content, int(key), bool(isinstance(spec, Mapping) and spec.get("special")))
-        for content in [*named.values(), *extra]:
-            token_id = self.token_to_id(content)
-            self._add(content, token_id if token_id is not None else max([size - 1, *self._by_id]) + 1, True)
-        self.vocab_size = max([size - 1, *self._by_id]) + 1
-        self._split = re.compile("|".join(re.escape(t) for t in sorted(self._added, key=len, reverse=True)))
-        self.byte_fallback_ids = frozenset(i for i in range(size) if sp.is_byte(i) and i not in self._by_id)
-        self.cleanup_spaces = False  # a BPE model: transformers never cleans up
-        prefix_space = config.get("add_prefix_space") is not False
-        self._prepend = "never" if not prefix_space else "always" if config.get("legacy") is True else "first"
-        self._strip_space = prefix_space
-        bos, eos = named.get("bos_token"), named.get("eos_token")
-        self._bos = [self._added[bos]] if bos is not None and config.get("add_bos_token") is True else []
-        self._eos = [self._added[eos]] if eos is not None and config.get("add_eos_token") is True else []
-
-    def _add(self, content: str, token_id: int, special: bool) -> None:
-        self._added[content] = token_id
-        self._by_id[token_id] = content
-        if special:
-            self.special_ids.add(token_id)
-
-    def token_to_id(self, token: str) -> int | None:
-        if token in self._added:
-            return self._added[token]
-        token_id = self._sp.piece_to_id(token)
-        return token_id if self._sp.id_to_piece(token_id) == token else None
-
-    def id_to_token(self, token_id: int) -> str | None:
-        if token_id in self._by_id:
-            return self._by_id[token_id]
-        return self._sp.id_to_piece(token_id) if 0 <= token_id < self._sp.get_piece_size() else None
-
-    def _encode_text(self, text: str, at_start: bool) -> list[int]:
-        if not text:
-            return []
-        if (self._prepend == "always" or (self._prepend == "first" and at_start)) and text[0] not in " ▁":
-            text = " " + text
-        return self._sp.encode(text)
-
-    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        ids, pos = [], 0
-        for match in self._split.finditer(text) if self._added else ():
-            ids += self._encode_text(text[pos : match.start()], pos == 0)
-            ids.append(self._added[match.group()])
-            pos = match.end()
-        ids += self._encode_text(text[pos:], pos == 0)
-        return self._bos + ids + self._eos if add_special_tokens else ids
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
-        parts: list[str] = []
-        run = bytearray()
-        for token_id in ids:
-            if skip_special_tokens and token_id in self.special_ids:
-                continue
-            token = self.id_to_token(token_id)
-            if token is None:
-                continue
-            if (byte := _BYTE_TOKEN.fullmatch(token)) is not None:
-                run.append(int(byte[1], 16))
-                continue
-            if run:
-                parts.append(_byte_run_text(run))
-                run.clear()
-            parts.append(token.replace("▁", " "))
-        if run:
-            parts.append(_byte_run_text(run))
-        text = "".join(parts)
-        return text[1:] if self._strip_space and text.startswith(" ") else text
-
-
-def _byte_run_text(run: bytearray) -> str:
-    # tokenizers' ByteFallback: a run of byte tokens is valid UTF-8 or becomes one U+FFFD per byte.
-    try:
-        return run.decode("utf-8")
-    except UnicodeDecodeError:
-        return "\ufffd" * len(run)
 
 
 class Tokenizer:
@@ -306,23 +170,23 @@ class Tokenizer:
         token_map = _read_json(folder / "special_tokens_map.json")
         named = {}
         for attr in _SPECIAL_ATTRS:
-            text = _token_text(config.get(attr))
-            text = text if text is not None or attr in config else _token_text(token_map.get(attr))
+            text = token_text(config.get(attr))
+            text = text if text is not None or attr in config else token_text(token_map.get(attr))
             if text is not None:
                 named[attr] = text
         extra_values = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
         if isinstance(extra_values, Mapping):
             extra_values = list(extra_values.values())
-        extra = [t for t in map(_token_text, extra_values) if t is not None]
+        extra = [t for t in map(token_text, extra_values) if t is not None]
 
         if (folder / "tokenizer.json").is_file():
             backend: _Backend = _TokenizersBackend(
                 folder / "tokenizer.json", list(dict.fromkeys([*named.values(), *extra])), config
             )
         elif (folder / "tokenizer.model").is_file():
-            sp = _load_sentencepiece(folder / "tokenizer.model")
-            named = _sentencepiece_defaults(sp, named)
-            backend = _SentencePieceBackend(sp, named, extra, config)
+            sp = load_sentencepiece(folder / "tokenizer.model")
+            named = sentencepiece_defaults(sp, named)
+            backend = SentencePieceBackend(sp, named, extra, config)
         else:
             raise TokenizerError(
                 f"{folder}: no tokenizer.json or tokenizer.model; put the model's tokenizer files in it"
@@ -471,28 +335,6 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.source!r}, vocab_size={self.vocab_size}, eos_token_ids={self.eos_token_ids})"
-
-
-def _load_sentencepiece(path: Path) -> sentencepiece.SentencePieceProcessor:
-    sp = sentencepiece.SentencePieceProcessor()
-    try:
-        sp.LoadFromSerializedProto(_without_normalizer(path.read_bytes()))
-    except (OSError, RuntimeError, ValueError, IndexError) as error:
-        raise TokenizerError(f"{path}: not a sentencepiece model ({error}); re-download it") from error
-    return sp
-
-
-def _sentencepiece_defaults(
-    sp: sentencepiece.SentencePieceProcessor,
-    named: Mapping[str, str],
-) -> dict[str, str]:
-    """bos/eos/unk from the sentencepiece model when the configs do not name them (as transformers)."""
-    out = dict(named)
-    proto_ids = {"bos_token": sp.bos_id(), "eos_token": sp.eos_id(), "unk_token": sp.unk_id()}
-    for attr, token_id in proto_ids.items():
-        if attr not in out and token_id >= 0:
-            out[attr] = sp.id_to_piece(token_id)
-    return out
 
 
 @dataclass(frozen=True)
