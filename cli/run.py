@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import nullcontext
 
 import typer
 
@@ -56,7 +57,7 @@ def run(
             raise ValueError("no prompt: stdin was empty; pass --prompt TEXT or pipe a question")
     if not force:  # refuse before loading (or pulling) a model that cannot fit; names what would
         check_fits(model)
-    with err.status(f"loading {name}", spinner="dots") if not one_shot else _nothing():
+    with err.status(f"loading {name}", spinner="dots") if not one_shot else nullcontext():
         loaded_model, tokenizer = load(model, dtype=dtype)
     session = ChatSession(loaded_model, tokenizer, params=params, max_tokens=max_tokens, system=system)
     if not one_shot:
@@ -88,11 +89,3 @@ def run(
         sys.stdout.write("\n")
         if verbose:
             err.print(stats_line(session), style="dim")
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
