@@ -21,6 +21,8 @@ so ``QuantizedLinear``, ``gather_qmm`` and mlx-lm read it unchanged. References:
 
 from __future__ import annotations
 
+import functools
+
 import mlx.core as mx
 
 CLIP_GRID = (0.0, 0.04, 0.08, 0.12, 0.16, 0.2)
@@ -90,10 +92,20 @@ def pack(codes: mx.array, bits: int) -> mx.array:
     return mx.stack(words, axis=-1).reshape(*lead, n * bits // 32).astype(mx.uint32)
 
 
+@functools.cache
+def _group_error_fn(group_size: int, bits: int):
+    @mx.compile
+    def error(w: mx.array, packed: mx.array, scales: mx.array, biases: mx.array) -> mx.array:
+        deq = mx.dequantize(packed, scales, biases, group_size=group_size, bits=bits).astype(mx.float32)
+        return ((deq - w.astype(mx.float32)) ** 2).reshape(*scales.shape, group_size).sum(-1)
+
+    return error
+
+
 def _group_error(w: mx.array, packed: mx.array, scales: mx.array, biases: mx.array, group_size: int,
                  bits: int) -> mx.array:
-    deq = mx.dequantize(packed, scales, biases, group_size=group_size, bits=bits).astype(mx.float32)
-    return ((deq - w.astype(mx.float32)) ** 2).reshape(*scales.shape, group_size).sum(-1)
+    """Squared error per group of ``w`` against its dequantized form, as MLX dequantizes it."""
+    return _group_error_fn(group_size, bits)(w, packed, scales, biases)
 
 
 def _quantize_rows(w: mx.array, group_size: int, bits: int, dtype: mx.Dtype) -> tuple[mx.array, ...]:
