@@ -4,48 +4,31 @@ total = weights + KV cache + runtime overhead, each computed, not guessed:
 
 - weights: from the real tensor shapes (the module tree built from config.json, checked against the
   safetensors headers), through the same recipe ``quantize`` uses (``plan.py``), so 4-bit is packed
-  uint32 + scales and biases per group + the float norms and routers. In memory the loader casts float
-  tensors (scales and biases included) to the compute dtype: float32 on the CPU, the checkpoint's
-  dtype on a GPU (``edge_llm.backend.compute_dtype``); this module predicts exactly that.
-- KV cache: what ``edge_llm.cache`` allocates for ``context`` tokens (buffers grow in steps of 256):
-  ``2 · layers · kv_heads · head_dim`` values per token for GQA (the config's head_dim), and
-  ``layers · (kv_lora_rank + qk_rope_head_dim)`` for DeepSeek's MLA latent, in the compute dtype.
-- runtime: the process itself (interpreter, libraries, tokenizer) plus the activations of one prefill
-  chunk and the transient copy of the largest tensor while loading. The constants are measured on this
-  project's CPU runs and calibrated against peak RSS by ``benchmarks/estimate_calibration.py``.
+  uint32 + scales and biases per group + the float norms and routers; in memory, in the dtypes the
+  loader gives them on this backend (``memory.MemoryPolicy``).
+- KV cache per architecture and runtime overhead (measured, calibrated against peak RSS): ``memory.py``.
 
-References: DESIGN.md §5 (KV per token, real 4-bit is not 4 bits), llama.cpp's and ollama's memory
-reports (the same three parts), mlx-lm's ``compute_bits_per_weight``.
+The table has fp32, 16-bit, 8-bit and 4-bit rows plus the checkpoint as stored; MoE models report total
+and active parameters and the bytes one decoded token reads, which with a measured memory bandwidth
+bounds decode speed. References: DESIGN.md §5 (KV per token, real 4-bit is not 4 bits), llama.cpp's
+and ollama's memory reports (the same three parts), mlx-lm's ``compute_bits_per_weight``.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from edge_llm.backend import detect
-from edge_llm.cache import STEP, LatentCache
-from edge_llm.checkpoint import DTYPE_BYTES, Checkpoint, normalize_config
+from edge_llm.checkpoint import Checkpoint, normalize_config
 from edge_llm.errors import CheckpointError
-from edge_llm.generate import PREFILL_CHUNK
 from edge_llm.loader import build_model
 
 from . import reference
+from .memory import kv_cache_bytes, overhead_bytes, policy_for, tokenizer_bytes
 from .plan import ST_DTYPES, Plan, plan_quantized, plan_stored, source_dtype_of
 from .recipes import make_recipe
-
-MB = 1 << 20
-# Measured (benchmarks/estimate_calibration.py, RESULTS.md "Memory estimate vs measured peak RSS"):
-# resident memory of `edge-llm run` that MLX does not allocate: interpreter, MLX/BLAS/tokenizers
-# libraries, typer/rich, jinja2, with a tiny model loaded.
-PROCESS_BASE_BYTES = {"cpu": 77 * MB, "metal": 77 * MB, "cuda": 77 * MB}
-# The tokenizer's Rust/Python structures: resident bytes per byte of tokenizer.json (measured on SmolLM2).
-TOKENIZER_FACTOR = 8.0
-# Live float values per prefill-chunk token per (hidden, intermediate, attention score) element,
-# measured as MLX's peak minus weights and KV cache over several contexts and models.
-ACT_HIDDEN, ACT_INTERMEDIATE, ACT_SCORES = 8.0, 3.0, 2.0
 
 
 @dataclass(frozen=True)
@@ -127,63 +110,6 @@ class Estimate:
         }
 
 
-def kv_cache_bytes(model: Any, context: int, batch: int, itemsize: int, kv_bits: int | None = None,
-                   round_up: bool = True) -> int:
-    """What the runtime's caches hold after ``context`` tokens (buffers grow in steps of ``STEP``)."""
-    args = model.args
-    tokens = math.ceil(context / STEP) * STEP if round_up else context
-    layers = len(model.layers)
-    if isinstance(model.make_cache()[0], LatentCache):
-        per_token = args.kv_lora_rank + args.qk_rope_head_dim  # MLA: one latent per token, all heads
-    else:
-        heads = getattr(args, "num_key_value_heads", None) or args.num_attention_heads
-        head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
-        per_token = 2 * heads * head_dim
-    elements = layers * per_token * tokens * batch
-    if kv_bits is None or kv_bits >= 16:
-        return elements * (itemsize if kv_bits is None else kv_bits // 8)
-    # quantized cache (mlx-lm's QuantizedKVCache layout): packed codes + a scale and an offset per 64
-    return elements * kv_bits // 8 + elements // 64 * 2 * itemsize
-
-
-def activation_bytes(model: Any, context: int, batch: int, itemsize: int) -> int:
-    """Peak live activations of one prefill chunk (the last, attending over the whole context)."""
-    args = model.args
-    chunk = min(context, PREFILL_CHUNK) * batch
-    hidden = args.hidden_size
-    k = getattr(args, "num_experts_per_tok", None) or 0
-    moe = (getattr(args, "moe_intermediate_size", None) or args.intermediate_size) if k else 0
-    inter = max(args.intermediate_size, k * moe)  # routed experts see each token k times
-    scores = args.num_attention_heads * context
-    return int(itemsize * chunk * (ACT_HIDDEN * hidden + ACT_INTERMEDIATE * inter + ACT_SCORES * scores))
-
-
-def load_transient_bytes(plan: Plan, source_itemsize: int, itemsize: int | None) -> int:
-    """While loading, the largest tensor exists twice: as read from the file and cast."""
-    if itemsize is None:
-        return 0
-    floats = [t for t in plan.tensors if t.kind != "packed" and not t.keep_float]
-    if not floats or source_itemsize == itemsize:
-        return 0
-    return max(math.prod(t.shape) for t in floats) * source_itemsize
-
-
-def tokenizer_bytes(folder: Path | None) -> int:
-    if folder is None:
-        return 0
-    files = [folder / "tokenizer.json", folder / "tokenizer.model"]
-    return int(sum(f.stat().st_size for f in files if f.is_file()) * TOKENIZER_FACTOR)
-
-
-def overhead_bytes(model: Any, plan: Plan, context: int, batch: int, machine: Machine, itemsize: int,
-                   compute: int | None, kv: int, tokenizer: int, source_itemsize: int) -> int:
-    act = activation_bytes(model, context, batch, itemsize)
-    transient = load_transient_bytes(plan, source_itemsize, compute)
-    # peak MLX allocation is the larger of loading (weights + transient) and running (weights + KV + act)
-    running = max(act, transient - kv)
-    return PROCESS_BASE_BYTES.get(machine.backend, PROCESS_BASE_BYTES["cpu"]) + tokenizer + running
-
-
 def stored_dtype(checkpoint: Checkpoint) -> str:
     """The checkpoint's main dtype; for one known by its config alone, the dtype the config declares."""
     if checkpoint.tensors:
@@ -208,20 +134,15 @@ class _Context:
     scale: float  # rough mode: weights scaled from a reference shape
 
     def row(self, plan: Plan, label: str, bits: int, group_size: int | None, file_bytes: int,
-            source_itemsize: int, stored: bool = False) -> Row:
+            stored: bool = False) -> Row:
         model = build_model(self.checkpoint)
-        # In memory, floats take the compute dtype: float32 on the CPU, the checkpoint's own on a GPU.
-        compute = 4 if self.machine.backend == "cpu" else None
-        floats = [t for t in plan.tensors if t.kind != "packed"]
-        main = max(floats, key=lambda t: math.prod(t.shape)).dtype if floats else "F16"
-        itemsize = compute or DTYPE_BYTES[main]
-        weights = round(plan.memory_bytes(compute) * self.scale)
-        kv = kv_cache_bytes(model, self.context, self.batch, itemsize, self.kv_bits)
-        over = overhead_bytes(model, plan, self.context, self.batch, self.machine, itemsize, compute, kv,
-                              self.tokenizer, source_itemsize)
+        policy = policy_for(self.machine.backend, plan)
+        weights = round(plan.memory_bytes(policy.itemsize) * self.scale)
+        kv = kv_cache_bytes(model, self.context, self.batch, policy.compute, self.kv_bits)
+        over = overhead_bytes(model, plan, policy, self.context, self.batch, kv, self.tokenizer)
         # a decode step reads the active weights and the KV cache of the tokens so far
-        kv_read = kv_cache_bytes(model, self.context, self.batch, itemsize, self.kv_bits, round_up=False)
-        per_token = round(plan.bytes_per_token(compute) * self.scale) + kv_read
+        kv_read = kv_cache_bytes(model, self.context, self.batch, policy.compute, self.kv_bits, round_up=False)
+        per_token = round(plan.bytes_per_token(policy.itemsize) * self.scale) + kv_read
         total = weights + kv + over
         tps = self.machine.bandwidth / per_token if self.machine.bandwidth and per_token else None
         return Row(label, bits, group_size, round(file_bytes * self.scale), weights, kv, over, per_token,
@@ -249,15 +170,14 @@ def estimate_checkpoint(checkpoint: Checkpoint, bits: int | None = None, group_s
         float_dtype = "F32" if b == 32 else half
         plan = plan_quantized(build_model(checkpoint), checkpoint.config, make_recipe(b, group_size), float_dtype,
                               source_dtype)
-        rows.append(ctx.row(plan, _label(b, float_dtype), b, group_size if b < 16 else None, plan.nbytes,
-                            DTYPE_BYTES[float_dtype]))
+        rows.append(ctx.row(plan, _label(b, float_dtype), b, group_size if b < 16 else None, plan.nbytes))
     q = checkpoint.quantization
     if checkpoint.tensors:  # a real checkpoint: add it as stored, replacing the variant it equals
         stored_bits = int(q["bits"]) if q else (32 if checkpoint.dtype == "F32" else 16)
         stored_gs = int(q["group_size"]) if q else None
         plan = plan_stored(build_model(checkpoint), checkpoint)
         stored = ctx.row(plan, f"{_label(stored_bits, checkpoint.dtype)} (stored)", stored_bits, stored_gs,
-                         checkpoint.nbytes, DTYPE_BYTES.get(checkpoint.dtype, 2), stored=True)
+                         checkpoint.nbytes, stored=True)
         rows = [r for r in rows if (r.bits, r.group_size) != (stored_bits, stored_gs)] + [stored]
     if bits is None:
         chosen = next((r for r in rows if r.stored), next(r for r in rows if r.bits == 16))

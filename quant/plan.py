@@ -77,24 +77,15 @@ class Plan:
     def params_active(self) -> int:
         return round(sum(t.params * self._active_fraction(t) for t in self.tensors))
 
-    def memory_bytes(self, compute_itemsize: int | None) -> int:
-        """Bytes the loaded model holds when float tensors are cast to ``compute_itemsize`` bytes.
+    def memory_bytes(self, itemsize: Callable[[PlannedTensor], int]) -> int:
+        """Bytes the loaded model holds, ``itemsize(t)`` giving each tensor's in-memory element size."""
+        return sum(math.prod(t.shape) * itemsize(t) for t in self.tensors)
 
-        ``None`` keeps the file's dtypes (a GPU computing in the checkpoint's dtype). The loader casts
-        every float tensor, scales and biases included, except those the model keeps in float.
-        """
-        return sum(self._tensor_memory(t, compute_itemsize) for t in self.tensors)
-
-    def _tensor_memory(self, t: PlannedTensor, compute_itemsize: int | None) -> int:
-        if t.kind == "packed" or t.keep_float or compute_itemsize is None:
-            return t.nbytes
-        return math.prod(t.shape) * compute_itemsize
-
-    def bytes_per_token(self, compute_itemsize: int | None) -> int:
+    def bytes_per_token(self, itemsize: Callable[[PlannedTensor], int]) -> int:
         """Weight bytes one decode step reads: k of E experts, one embedding row (unless tied)."""
         total = 0.0
         for t in self.tensors:
-            size = self._tensor_memory(t, compute_itemsize)
+            size = math.prod(t.shape) * itemsize(t)
             if "embed_tokens" in t.name and not self.tied_embeddings:
                 size /= t.shape[0]  # a lookup reads one row
             total += size * self._active_fraction(t)
