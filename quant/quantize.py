@@ -27,8 +27,9 @@ from mlx.utils import tree_flatten
 
 from edge_llm.backend import DTYPE_NAMES
 from edge_llm.checkpoint import Checkpoint, normalize_config, read_checkpoint, read_safetensors_header
-from edge_llm.errors import CheckpointError, EdgeLLMError
+from edge_llm.errors import CheckpointError, EdgeLLMError, TokenizerError
 from edge_llm.fp8 import dequantize_fp8
+from edge_llm.gguf import GGUFCheckpoint
 from edge_llm.hub import resolve_model
 from edge_llm.loader import build_model
 from edge_llm.models.base import CausalLM
@@ -89,6 +90,19 @@ def default_float_dtype(checkpoint: Checkpoint, bits: int, requested: str | None
     if bits < 16 and checkpoint.dtype == "BF16":
         return "bfloat16"
     return "float16"
+
+
+def _check_not_quantized(checkpoint: Checkpoint) -> None:
+    """Quantizing a quantized model compounds the error: say so instead, naming the format."""
+    if isinstance(checkpoint, GGUFCheckpoint):
+        quantized = [t for t in checkpoint.gguf_types if t not in ("F32", "F16", "BF16")]
+        if quantized:
+            raise CheckpointError(f"{checkpoint.path}: already quantized (GGUF {', '.join(quantized)}); quantize "
+                                  "the original float checkpoint (or a F16/BF16 GGUF) instead")
+    elif checkpoint.quantization:
+        q = checkpoint.quantization
+        raise CheckpointError(f"{checkpoint.path}: already quantized ({q.get('bits')}-bit, group "
+                              f"{q.get('group_size')}); quantize the original float checkpoint instead")
 
 
 def _check_destination(source: Path, out: Path, force: bool) -> None:
@@ -246,13 +260,7 @@ def quantize(source: str | Path, out: str | Path, bits: int = 4, group_size: int
     out = Path(out).expanduser()
     folder = resolve_model(source)
     checkpoint = read_checkpoint(folder)
-    if not folder.is_dir():
-        raise QuantizeError(f"{folder}: a GGUF file is already quantized; quantize the original safetensors "
-                            "checkpoint instead")
-    if checkpoint.quantization:
-        q = checkpoint.quantization
-        raise CheckpointError(f"{folder}: already quantized ({q.get('bits')}-bit, group {q.get('group_size')}); "
-                              "quantize from the original float checkpoint")
+    _check_not_quantized(checkpoint)
     _check_destination(folder, out, force)
     rec = make_recipe(bits, group_size, recipe)
     float_dtype = default_float_dtype(checkpoint, bits, dtype)
@@ -271,8 +279,9 @@ def quantize(source: str | Path, out: str | Path, bits: int = 4, group_size: int
         by_param.setdefault(t.param, []).append(t)
     ordered = [t for _, params in schedule for p in params for t in by_param[p]]
     shards = assign_shards(ordered, max_shard_bytes or MAX_SHARD_BYTES)
-    side = sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name not in NOT_COPIED
-               and not p.name.endswith(WEIGHT_SUFFIXES))
+    gguf = isinstance(checkpoint, GGUFCheckpoint)
+    side = 0 if gguf else sum(p.stat().st_size for p in folder.iterdir() if p.is_file()
+                              and p.name not in NOT_COPIED and not p.name.endswith(WEIGHT_SUFFIXES))
     _check_space(out, plan.nbytes + side + (64 << 10))  # + headers, index and config
     source_total = sum(t.nbytes for t in checkpoint.tensors.values())
     mx.reset_peak_memory()
@@ -296,9 +305,16 @@ def quantize(source: str | Path, out: str | Path, bits: int = 4, group_size: int
                 writer.close(complete=False)
                 raise
             writer.write_index(plan.params_total)
-            raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+            if gguf:  # config and tokenizer files rebuilt from the GGUF metadata
+                raw = checkpoint.hf_config
+                try:
+                    checkpoint.write_side_files(tmp)
+                except TokenizerError as e:  # a weights-only file: the output has no tokenizer either
+                    log.warning("%s", e)
+            else:
+                raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+                _copy_side_files(folder, tmp)
             (tmp / "config.json").write_text(json.dumps(output_config(raw, plan), indent=2) + "\n")
-            _copy_side_files(folder, tmp)
             for name in writer.names:  # read back what a loader will see
                 read_safetensors_header(tmp / name)
     except OSError as e:

@@ -273,3 +273,26 @@ def test_cli_progress_summary_json_and_eval(tiny, tmp_path):
     data = json.loads(result.stdout)
     assert data["output_bytes"] < data["source_bytes"] and 4.4 < data["bits_per_weight"] < 5.5
     assert 0 <= data["kl_divergence"] < 0.5 and data["perplexity_quantized"] > 1
+
+
+def test_gguf_input(tmp_path):
+    """A float GGUF converts (to the same values at 16 bits); a quantized GGUF is refused, not requantized."""
+    import torch
+    from gguf import GGMLQuantizationType as Q
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tests.gguf_files import write_gguf
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY_CONFIGS["llama"])).eval()
+    write_gguf(tmp_path / "f16.gguf", model, Q.F16)
+    write_gguf(tmp_path / "q8.gguf", model, Q.Q8_0)
+    tokens = mx.array(random_tokens(384, 12))
+    source = np.array(load_model(tmp_path / "f16.gguf")(tokens))
+    quantize(tmp_path / "f16.gguf", tmp_path / "f16", bits=16)
+    np.testing.assert_array_equal(np.array(load_model(tmp_path / "f16")(tokens)), source)
+    quantize(tmp_path / "f16.gguf", tmp_path / "q4", bits=4, group_size=32)
+    assert np.corrcoef(np.array(load_model(tmp_path / "q4")(tokens)).ravel(), source.ravel())[0, 1] > 0.98
+    result = CliRunner().invoke(app, ["quantize", str(tmp_path / "q8.gguf"), "-o", str(tmp_path / "x")])
+    assert result.exit_code == 1 and "already quantized (GGUF Q8_0)" in result.stderr
+    assert not (tmp_path / "x").exists()
