@@ -291,15 +291,15 @@ def quantize(source: str | Path, out: str | Path, bits: int = 4, group_size: int
             try:
                 progress.start(len(ordered), sum(t.nbytes for t in ordered))
                 for names, params in schedule:
-                    arrays = _sanitize(model, weights, names)
+                    # The group's source arrays leave ``weights``: once a tensor is converted nothing refers
+                    # to it (or to the per-expert sources of a stacked one) and its memory is freed.
+                    arrays = model.sanitize({k: weights.pop(k) for k in names})
                     for name in params:
                         w = arrays.pop(name)
                         written = _convert(checkpoint, name, w, by_param[name], writer)
                         del w
                         progress.advance(name, written)
                     del arrays
-                    for k in names:  # evaluated source arrays are released with their last reference
-                        weights.pop(k, None)
                 writer.close()
             except BaseException:
                 writer.close(complete=False)
