@@ -186,10 +186,16 @@ def estimate_checkpoint(checkpoint: Checkpoint, bits: int | None = None, group_s
         chosen = next((r for r in matching if r.group_size in (None, group_size)), matching[0])
     rows = sorted((replace(r, requested=r is chosen) for r in rows), key=lambda r: -r.bits)
     params_plan = plan_stored(build_model(checkpoint), checkpoint)
+    notes = []
+    if kv_bits is not None:
+        notes.append(f"--kv-bits {kv_bits}: what such a KV cache would take; edge-llm run keeps it in the compute "
+                     "dtype today")
+    if ctx.machine.backend != "cpu":
+        notes.append(f"runtime overhead calibrated on the CPU backend; on {ctx.machine.backend} it is an estimate")
     return Estimate(
         model=name or str(checkpoint.path), model_type=checkpoint.model_type,
         params_total=round(params_plan.params_total * scale), params_active=round(params_plan.params_active * scale),
-        context=context, batch=batch, kv_bits=kv_bits, machine=ctx.machine, rows=rows,
+        context=context, batch=batch, kv_bits=kv_bits, machine=ctx.machine, rows=rows, notes=notes,
     )
 
 

@@ -174,9 +174,12 @@ def test_context_batch_and_kv_bits():
     assert base["4-bit"].kv_cache_bytes == per_token * 1024  # the cache grows in steps of 256 tokens
     _, batched = rows(MIXTRAL_8X7B, context=1000, batch=3)
     assert batched["4-bit"].kv_cache_bytes == 3 * per_token * 1024
-    _, q8 = rows(MIXTRAL_8X7B, context=1024, kv_bits=8)
+    est, q8 = rows(MIXTRAL_8X7B, context=1024, kv_bits=8)
     elements = per_token // 2 * 1024
-    assert q8["4-bit"].kv_cache_bytes == elements + elements // 64 * 2 * 2
+    assert q8["4-bit"].kv_cache_bytes == elements + elements // 64 * 2 * 2  # codes + a scale and offset per 64
+    assert any("--kv-bits 8" in note for note in est.notes)
+    with pytest.raises(ValueError, match="--kv-bits"):
+        rows(MIXTRAL_8X7B, kv_bits=3)
 
 
 @pytest.mark.parametrize("arch", sorted(TINY_CONFIGS))
