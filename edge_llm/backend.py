@@ -74,6 +74,43 @@ def compute_dtype(checkpoint_dtype: str, requested: str | None = None) -> mx.Dty
     return MX_DTYPES.get(checkpoint_dtype, mx.bfloat16)
 
 
+@dataclass(frozen=True)
+class DtypePolicy:
+    """Where a checkpoint's floating tensors live in memory, and the dtype the model computes in.
+
+    ``compute`` is the activations' dtype (and so the KV cache's). ``weights`` is the dtype of the
+    matrices and of quantization scales/offsets; None keeps each tensor as the checkpoint stores it.
+    On the CPU that is the default: bf16/fp16 weights stay half precision (half the memory of float32)
+    and every matmul upcasts them to float32 as it runs (MLX type promotion), which gives exactly the
+    float32 result, the upcast being exact. Held in ``compute`` whatever ``weights`` says: vectors (norms,
+    biases), the token embedding's quantization scales/offsets (its lookup output *is* the activations;
+    half-precision scales would round it), and a tied embedding table, which is the output projection too,
+    read in full every token, where upcasting it block by block costs 10-20% of decode speed (measured on
+    SmolLM2-135M: benchmarks/RESULTS.md).
+    """
+
+    compute: mx.Dtype
+    weights: mx.Dtype | None
+
+    def stored_dtype(self, name: str, dtype: mx.Dtype, ndim: int, tied_embeddings: bool = False) -> mx.Dtype:
+        """The in-memory dtype of the floating parameter ``name`` (module path) stored as ``dtype``."""
+        if ndim <= 1 or name.endswith(("embed_tokens.scales", "embed_tokens.biases")):
+            return self.compute
+        if tied_embeddings and name.endswith("embed_tokens.weight"):
+            return self.compute
+        return self.weights or dtype
+
+
+def dtype_policy(checkpoint_dtype: str, requested: str | None = None) -> DtypePolicy:
+    """``--dtype`` puts everything in that dtype; otherwise float32 compute over the stored weights on
+    the CPU, and the checkpoint's dtype for everything on a GPU."""
+    if requested:
+        d = DTYPE_NAMES[requested]
+        return DtypePolicy(d, d)
+    d = compute_dtype(checkpoint_dtype)
+    return DtypePolicy(d, None if backend_name() == "cpu" else d)
+
+
 def peak_memory_bytes() -> int:
     return int(mx.get_peak_memory())
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from .backend import peak_memory_bytes, reset_peak_memory
+from .backend import peak_memory_bytes
 from .cache import Cache
 from .models.base import CausalLM
 from .sampling import Sampler, SamplingParams
@@ -28,7 +28,7 @@ class GenerationStats:
     prompt_time: float = 0.0  # seconds until the first token was ready
     generation_tokens: int = 0
     generation_time: float = 0.0  # seconds from the first token to the last
-    peak_memory_bytes: int = 0
+    peak_memory_bytes: int = 0  # MLX's peak allocation in this process so far, load included (as mlx-lm reports)
     finish_reason: str = "length"  # "stop", "length" or "interrupted"
 
     @property
@@ -131,7 +131,6 @@ def stream_generate(
     sampler = Sampler(params or SamplingParams(), history=list(prompt))
     detok, stops = tokenizer.detokenizer(), _StopMatcher(stop_strings)
     stats = GenerationStats(prompt_tokens=len(prompt))
-    reset_peak_memory()
     start = time.perf_counter()
     first = None
     hit_stop_string = False

@@ -10,6 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..cache import Cache, KVCache
+from .layers import output_projection
 
 
 @dataclasses.dataclass
@@ -81,9 +82,7 @@ class DecoderLM(CausalLM):
 
     def __call__(self, tokens: mx.array, cache: list[Cache] | None = None) -> mx.array:
         h = self.model(tokens, cache)
-        if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
+        return output_projection(self.model.embed_tokens if self.args.tie_word_embeddings else self.lm_head, h)
 
     @property
     def layers(self) -> list[nn.Module]:
