@@ -53,7 +53,8 @@ def _quality_line(q: Quality) -> str:
 
 @user_errors
 def quantize_cmd(
-    model: str = typer.Argument(..., metavar="MODEL", help="Model folder or Hub repo id (float or FP8 weights)."),
+    model: str = typer.Argument(..., metavar="MODEL",
+                                help="Model folder, Hub repo id or float GGUF file (bf16/fp16/fp32, FP8)."),
     out: str = typer.Option(..., "--out", "-o", help="Output folder (must not exist unless --force)."),
     bits: int = typer.Option(4, "--bits", "-b", help="4 or 8 (also 2, 3, 5, 6); 16 converts to float16/bfloat16."),
     group_size: int = typer.Option(64, "--group-size", "-g", help="Weights per scale and offset: 32, 64 or 128."),
