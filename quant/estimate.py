@@ -139,7 +139,8 @@ class _Context:
         policy = policy_for(self.machine.backend, plan)
         weights = round(plan.memory_bytes(policy.itemsize) * self.scale)
         kv = kv_cache_bytes(model, self.context, self.batch, policy.compute, self.kv_bits)
-        over = overhead_bytes(model, plan, policy, self.context, self.batch, kv, self.tokenizer)
+        over = overhead_bytes(model, plan, policy, self.context, self.batch, kv, self.tokenizer,
+                              self.machine.backend == "cpu")
         # a decode step reads the active weights and the KV cache of the tokens so far
         kv_read = kv_cache_bytes(model, self.context, self.batch, policy.compute, self.kv_bits, round_up=False)
         per_token = round(plan.bytes_per_token(policy.itemsize) * self.scale) + kv_read

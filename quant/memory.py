@@ -1,8 +1,8 @@
 """What ``edge-llm run`` holds in memory besides the weights' bytes: dtype policy, KV cache, runtime.
 
-- In-memory dtypes follow the runtime's policy (``edge_llm.backend``): on a GPU every float tensor in
-  the checkpoint's dtype; on the CPU activations and the KV cache are float32 (MLX's half-precision CPU
-  kernels are slow), see ``MemoryPolicy``.
+- In-memory dtypes follow the runtime's policy (``edge_llm.backend.DtypePolicy``): on a GPU every float
+  tensor in the checkpoint's dtype; on the CPU activations and the KV cache in float32 (MLX's
+  half-precision CPU kernels are slow) over half-precision weights, see ``MemoryPolicy``.
 - KV cache: what ``edge_llm.cache`` allocates for ``context`` tokens (buffers grow in steps of 256):
   ``2 · layers · kv_heads · head_dim`` values per token for GQA (the config's head_dim), and
   ``layers · (kv_lora_rank + qk_rope_head_dim)`` for DeepSeek's MLA latent.
@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
+
+from edge_llm.backend import MX_DTYPES, DtypePolicy
 from edge_llm.cache import STEP, LatentCache
 from edge_llm.checkpoint import DTYPE_BYTES
 from edge_llm.generate import PREFILL_CHUNK
@@ -36,6 +39,8 @@ TOKENIZER_FACTOR = 5.0
 # Live activations of a prefill chunk, in values of the compute dtype: per attention score of the largest
 # chunk x keys product, per (chunk token x intermediate width), per (key x expanded MLA head width).
 ACT_SCORES, ACT_INTERMEDIATE, ACT_MLA = 0.78, 7.24, 2.93
+# Dequantized weights alive at once when quantized linears prefill through BLAS on the CPU.
+ACT_DEQUANT = 1.0
 # Freed buffers the C allocator keeps (glibc trims its heap only past a threshold of up to 64 MB): a share
 # of what was allocated and freed (KV cache growth, activations), capped.
 RETAINED_SHARE, RETAINED_CAP = 0.5, 64 * MB
@@ -43,30 +48,36 @@ RETAINED_SHARE, RETAINED_CAP = 0.5, 64 * MB
 
 @dataclass(frozen=True)
 class MemoryPolicy:
-    """Element sizes in memory, as the loader stores a checkpoint's tensors.
+    """Element sizes in memory, by the loader's own rule (``edge_llm.backend.DtypePolicy``).
 
-    ``compute``: activations and KV cache. ``weights``: float tensors (matrices, vectors, quantization
-    scales and offsets); None keeps each as the checkpoint stores it. Packed codes and the parameters a
-    model keeps in float (``keep_float32``) always stay as stored.
+    ``compute`` is the activations' and the KV cache's element size. Packed codes and the parameters a
+    model keeps in float (``keep_float32``) stay as stored; every other float tensor goes where the
+    runtime's policy puts it (on the CPU: matrices and scales as stored, vectors and a tied embedding
+    table in float32).
     """
 
-    compute: int
-    weights: int | None
+    runtime: DtypePolicy
+    tied_embeddings: bool
+
+    @property
+    def compute(self) -> int:
+        return self.runtime.compute.size
 
     def itemsize(self, t: PlannedTensor) -> int:
-        if t.kind == "packed" or t.keep_float or self.weights is None:
+        if t.kind == "packed" or t.keep_float:
             return DTYPE_BYTES[t.dtype]
-        return self.weights
+        stored = MX_DTYPES[t.dtype]
+        return self.runtime.stored_dtype(t.name, stored, len(t.shape), self.tied_embeddings).size
 
 
 def policy_for(backend: str, plan: Plan) -> MemoryPolicy:
-    """The loader's rule (``edge_llm.backend.compute_dtype``): float32 for everything on the CPU; on a GPU
-    the checkpoint's main float dtype for everything."""
+    """What ``edge_llm.backend.dtype_policy`` picks on ``backend``: float32 compute over the stored weights
+    on the CPU; the checkpoint's main float dtype for everything on a GPU."""
     if backend == "cpu":
-        return MemoryPolicy(4, 4)
+        return MemoryPolicy(DtypePolicy(mx.float32, None), plan.tied_embeddings)
     floats = [t for t in plan.tensors if t.kind != "packed"]
-    main = DTYPE_BYTES[max(floats, key=lambda t: math.prod(t.shape)).dtype] if floats else 2
-    return MemoryPolicy(main, main)
+    main = MX_DTYPES[max(floats, key=lambda t: math.prod(t.shape)).dtype] if floats else mx.bfloat16
+    return MemoryPolicy(DtypePolicy(main, main), plan.tied_embeddings)
 
 
 def kv_cache_bytes(model: Any, context: int, batch: int, itemsize: int, kv_bits: int | None = None,
@@ -124,12 +135,22 @@ def tokenizer_bytes(folder: Path | None) -> int:
     return int(sum(f.stat().st_size for f in files if f.is_file()) * TOKENIZER_FACTOR)
 
 
+def dequantized_prefill_values(plan: Plan) -> int:
+    """On the CPU a quantized linear prefills by dequantizing its weight (``edge_llm.models.layers``): the
+    largest one used in prefill (not routed experts, not the output head) is a float transient."""
+    sizes = [t.params for t in plan.tensors if t.kind == "packed" and not t.expert
+             and not t.name.startswith(("lm_head.", "model.embed_tokens."))]
+    return max(sizes, default=0)
+
+
 def overhead_bytes(model: Any, plan: Plan, policy: MemoryPolicy, context: int, batch: int, kv: int,
-                   tokenizer: int) -> int:
+                   tokenizer: int, cpu: bool) -> int:
     """Everything but weights and KV cache at the peak: the process, plus the larger of the running peak
     (activations) and the loading peak (the largest tensor held twice while cast), plus the freed buffers
     the allocator keeps (from casting at load, KV cache growth and activations)."""
     act = activation_bytes(model, context, batch, policy.compute)
+    if cpu and context > 1:
+        act += int(ACT_DEQUANT * dequantized_prefill_values(plan) * policy.compute)
     cast = cast_bytes(plan, policy)
     retained = min(RETAINED_CAP, int(RETAINED_SHARE * (sum(cast) + act + kv)))
     loading = max(cast, default=0) - kv  # the loading peak has no KV cache yet

@@ -157,14 +157,17 @@ def test_deepseek_v3():
     assert not r["4-bit"].fits  # not on a 64 GB machine
 
 
-def test_cpu_runs_in_float32():
-    """On the CPU the loader casts floats (scales and offsets included) to float32: predict that."""
+def test_cpu_computes_in_float32_over_stored_weights():
+    """The CPU loader's policy (edge_llm.backend.DtypePolicy): activations, KV cache, vectors and the
+    token embedding's scales in float32; matrices and other quantization scales as stored."""
     params, norms = dense_llama(32000, 4096, 11008, 32, kv_heads=32)
+    embed = 32000 * 4096
     _, r = rows(LLAMA_2_7B, machine=CPU)
-    assert r["fp16"].weights_bytes == r["fp32"].weights_bytes == params * 4
+    assert r["fp32"].weights_bytes == params * 4
+    assert r["fp16"].weights_bytes == (params - norms) * 2 + norms * 4
     assert r["fp16"].file_bytes == params * 2
-    groups = (params - norms) // 64
-    assert r["4-bit"].weights_bytes == (params - norms) // 2 + groups * 2 * 4 + norms * 4
+    groups, embed_groups = (params - norms - embed) // 64, embed // 64
+    assert r["4-bit"].weights_bytes == (params - norms) // 2 + groups * 2 * 2 + embed_groups * 2 * 4 + norms * 4
     assert r["4-bit"].kv_cache_bytes == 2 * 32 * 32 * 128 * 4 * 4096
 
 

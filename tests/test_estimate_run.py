@@ -1,8 +1,8 @@
 """``edge-llm run`` refuses, before loading, a model that will not fit, and says what would.
 
-The model that does not fit is real on disk: a Llama-shaped checkpoint whose bf16 weights are half of
-this machine's memory (a sparse file: its headers are complete, its data never read), so in float32 on
-the CPU it needs twice the memory, and at 4 bits it fits.
+The model that does not fit is real on disk: a Llama-shaped checkpoint whose bf16 weights take 1.2 times
+this machine's memory (a sparse file: its headers are complete, its data never read); at 4 bits (a
+quarter of that and a little more) it fits.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def safetensors_header(shapes: dict[str, tuple[int, ...]]) -> tuple[bytes, int]:
 
 def too_big_config(memory: int) -> tuple[dict, dict[str, tuple[int, ...]]]:
     per_layer = 2 * HIDDEN * HIDDEN + 2 * HIDDEN * KV * 128 + 3 * HIDDEN * INTER
-    layers = max(1, math.ceil((memory / 2 / 2) / per_layer))  # bf16 file = half the memory
+    layers = max(1, math.ceil((1.2 * memory / 2) / per_layer))  # bf16 weights = 1.2 x the memory
     config = dict(model_type="llama", vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER,
                   num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=KV,
                   max_position_embeddings=8192, torch_dtype="bfloat16", tie_word_embeddings=False)
