@@ -18,9 +18,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edge_llm.blas import find_openblas
 from edge_llm.checkpoint import read_config
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
+# mlx-lm given the OpenBLAS edge-llm loads by default (the informational like-for-like column)
+OPENBLAS_ENV = {"LD_PRELOAD": find_openblas() or ""}
 
 
 @dataclass
@@ -84,6 +87,42 @@ def alternate(tools: dict[str, Callable[[], dict[str, float]]], rounds: int) -> 
             for key, value in metrics.items():
                 results[name].setdefault(key, Series()).values.append(value)
     return results
+
+
+@dataclass
+class Case:
+    """One comparison: tools to alternate (the first is ours) and the metrics to tabulate.
+
+    ``metrics`` rows are (key, label, ratio?): ratios are ours / theirs, for speeds and memory alike.
+    """
+
+    title: str
+    tools: dict[str, Callable[[], dict[str, float]]]
+    metrics: list[tuple[str, str, bool]]
+
+
+def table(results: dict[str, dict[str, Series]], metrics: list[tuple[str, str, bool]]) -> str:
+    """Medians per tool, and ours / each other tool's ratio, as a markdown table."""
+    names = list(results)
+    ours, others = names[0], names[1:]
+    head = f"| metric | {ours} | " + " | ".join(f"{o} | ratio" for o in others) + " |"
+    lines = [head, "|---" * (2 + 2 * len(others)) + "|"]
+    for key, label, ratio in metrics:
+        a = results[ours][key].median
+        cells = [f"{a:.4g}"]
+        for o in others:
+            b = results[o][key].median
+            cells += [f"{b:.4g}", f"{a / b:.2f}x" if ratio and b else ""]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def machine_load() -> str:
+    """The 1/5/15-minute load averages (the machine is shared; say how busy it was)."""
+    try:
+        return " / ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
 
 
 def old_style_copy(folder: Path, dst: Path) -> Path:

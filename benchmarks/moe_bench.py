@@ -1,35 +1,35 @@
-"""A DeepSeek-V2-Lite-shaped MoE (~0.4B parameters, random bf16 weights): edge-llm beside mlx-lm at long context.
+"""A DeepSeek-V2-Lite-shaped MoE (~0.4B parameters, random bf16 weights): edge-llm beside mlx-lm.
 
 The model keeps V2-Lite's structure (MLA with q_lora_rank None and kv_lora_rank 512, 16 heads of 128+64 / 128,
 64 routed experts top-6 plus 2 shared, first_k_dense_replace 1, its YaRN rope and 102400-token vocabulary)
-with fewer layers and narrower hidden/intermediate sizes. The benchmark writes it once as a bf16 safetensors
-folder in the Hub layout (per-expert tensors, old-style config keys, which is all mlx-lm 0.32 reads).
+with fewer layers and narrower hidden/intermediate sizes. It is written once as a bf16 safetensors folder in
+the Hub layout (per-expert tensors, old-style config keys, which is all mlx-lm 0.32 reads) with a small
+tokenizer, so each tool's own quantizer can convert it: ``edge-llm quantize`` and ``mlx_lm convert -q``.
 
-Each measurement is a fresh process (``--worker``) that loads the model, prefills ``--context`` random tokens
-in 512-token chunks and then decodes greedily, all through the same driver loop for both tools: prefill and
-decode tok/s, MLX peak memory, the process's peak RSS and the KV-cache bytes at that context. Tools alternate
-(A B A B); we report medians and ratios and write them to RESULTS.md.
+Each measurement is a fresh process (``--worker``) that loads a folder and runs the tool's own generation
+loop at its default settings on the same random prompt: ``edge_llm.generate.generate_tokens`` and
+``mlx_lm.generate.generate_step`` (greedy). Prefill tok/s is prompt tokens / time to the first token;
+decode tok/s counts the steps after it. MLX's peak allocation covers the whole process (load included, as
+mlx-lm reports it); the parent takes the process's peak RSS from ``wait4``.
 
-    python -m benchmarks.moe_bench [--rounds 2] [--context 4096] [--decode 16] [--work DIR]
+    python -m benchmarks.moe_bench [--bits 4|16] [--rounds 3] [--context 256] [--decode 16] [--work DIR]
 
-mlx-lm on MLX's CPU backend cannot run the bf16 folder (``gather_mm`` is float32-only there, DESIGN.md §5):
-the benchmark tries it once and records what happens, then runs mlx-lm on a float32 copy. edge-llm reads
-the bf16 folder and computes in float32 on the CPU (its policy). Both worker processes load the same system
-OpenBLAS before MLX (edge-llm does so by default; the mlx-lm worker is given it too, so the comparison is
-of the model code, not of the BLAS).
+``--bits 16`` compares the bf16 folder: mlx-lm on MLX's CPU backend cannot run it (``gather_mm`` is
+float32-only there, DESIGN.md §5), so mlx-lm gets a float32 copy. benchmarks/compare_mlx_lm.py runs the
+4-bit case beside the dense ones.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-from benchmarks.harness import alternate, measure, write_section
+from benchmarks.harness import OPENBLAS_ENV, Case, alternate, measure, table, write_section
 
 SHAPE = dict(
     model_type="deepseek_v2", architectures=["DeepseekV2ForCausalLM"], vocab_size=102400, hidden_size=1024,
@@ -43,8 +43,10 @@ SHAPE = dict(
     attention_bias=False, tie_word_embeddings=False, bos_token_id=100000, eos_token_id=100001,
     torch_dtype="bfloat16",
 )
-CHUNK = 512
 TOOLS = ("edge-llm", "mlx-lm")
+DESCRIPTION = ("A DeepSeek-V2-Lite-shaped MoE scaled to {params:.2f}B parameters (random weights; 6 layers, hidden "
+               "1024, MLA with kv_lora_rank 512 and q_lora_rank None, 16 heads, 64 routed experts top-6 + 2 shared "
+               "of width 128, first_k_dense_replace 1, vocab 102400)")
 
 
 def write_checkpoint(folder: Path, dtype: str = "bfloat16") -> Path:
@@ -53,8 +55,11 @@ def write_checkpoint(folder: Path, dtype: str = "bfloat16") -> Path:
     from mlx.utils import tree_flatten
 
     from edge_llm.models.deepseek_v2 import Model, ModelArgs
+    from tests.tiny_tokenizer import write_tiny_tokenizer
 
     if (folder / "config.json").is_file():
+        if not (folder / "tokenizer.json").is_file():  # folders written before the converters needed one
+            write_tiny_tokenizer(folder)
         return folder
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -73,6 +78,7 @@ def write_checkpoint(folder: Path, dtype: str = "bfloat16") -> Path:
             weights[name] = (mx.random.normal(shape) * 0.02).astype(dt)
     mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps({**SHAPE, "torch_dtype": dtype}, indent=2))
+    write_tiny_tokenizer(tmp)  # the converters load a tokenizer; the benchmark feeds token ids
     tmp.rename(folder)
     return folder
 
@@ -92,60 +98,62 @@ def float32_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+def quantize_both(src: Path, work: Path, bits: int = 4, group_size: int = 64) -> tuple[Path, Path]:
+    """(ours, theirs): ``src`` converted by each tool's own quantizer CLI, once."""
+    ours, theirs = work / f"{src.name}-q{bits}-edge-llm", work / f"{src.name}-q{bits}-mlx-lm"
+    if not (ours / "config.json").is_file():
+        subprocess.run([sys.executable, "-m", "cli.main", "quantize", str(src), "-o", str(ours), "--bits", str(bits),
+                        "--group-size", str(group_size), "--force"], check=True, capture_output=True)
+    if not (theirs / "config.json").is_file():
+        shutil.rmtree(theirs, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(src), "--mlx-path", str(theirs),
+                        "-q", "--q-group-size", str(group_size), "--q-bits", str(bits)],
+                       check=True, capture_output=True)
+    return ours, theirs
+
+
 def worker(tool: str, folder: Path, context: int, decode: int) -> dict[str, float]:
-    """One measurement, in this process: load, chunked prefill, greedy decode. Prints nothing else."""
-    import mlx.core as mx  # edge_llm (imported by benchmarks.harness) has loaded the system OpenBLAS first
+    """One measurement, in this process: load, then the tool's own generation loop. Prints nothing else."""
+    import mlx.core as mx
     import numpy as np
 
-    import edge_llm
-
+    prompt = np.random.default_rng(0).integers(0, SHAPE["vocab_size"], size=context).tolist()
     start = time.perf_counter()
     if tool == "edge-llm":
+        import edge_llm
+        from edge_llm.generate import generate_tokens
+        from edge_llm.sampling import Sampler, SamplingParams
+
         model = edge_llm.load_model(folder)
         cache = model.make_cache()
+        tokens = generate_tokens(model, prompt, cache, Sampler(SamplingParams(temperature=0)), decode + 1)
     else:
+        from mlx_lm.generate import generate_step
         from mlx_lm.models.cache import make_prompt_cache
+        from mlx_lm.sample_utils import make_sampler
         from mlx_lm.utils import load_model
 
         model, _ = load_model(folder)
         cache = make_prompt_cache(model)
-    mx.eval(model.parameters())
+        steps = generate_step(mx.array(prompt), model, max_tokens=decode + 1, sampler=make_sampler(0.0),
+                              prompt_cache=cache)
+        tokens = (int(t) for t, _ in steps)
     load_s = time.perf_counter() - start
-    tokens = mx.array(np.random.default_rng(0).integers(0, SHAPE["vocab_size"], size=context + 1))
-    mx.reset_peak_memory()
     start = time.perf_counter()
-    for s in range(0, context, CHUNK):
-        model(tokens[None, s : min(s + CHUNK, context)], cache=cache)
-        mx.eval([c.state for c in cache])
-    prefill_s = time.perf_counter() - start
-    y = tokens[context:]
-    y = mx.argmax(model(y[None], cache=cache)[0, -1]).reshape(1)  # first step: not timed
-    mx.eval(y)
-    start = time.perf_counter()
-    for _ in range(decode):
-        y = mx.argmax(model(y[None], cache=cache)[0, -1]).reshape(1)
-        mx.eval(y)
-    decode_s = time.perf_counter() - start
+    next(tokens)
+    first = time.perf_counter()
+    count = sum(1 for _ in tokens)
+    end = time.perf_counter()
     return {
-        "prefill_tps": context / prefill_s, "decode_tps": decode / decode_s, "load_s": load_s,
+        "prompt_tps": context / (first - start), "generation_tps": count / (end - first), "load_s": load_s,
         "mlx_peak_gb": mx.get_peak_memory() / 1e9, "kv_cache_mb": sum(c.nbytes for c in cache) / 1e6,
     }
 
 
-def run_once(tool: str, folder: Path, context: int, decode: int) -> dict[str, float]:
+def run_once(tool: str, folder: Path, context: int, decode: int, env: dict[str, str] | None = None) -> dict:
     run = measure([sys.executable, "-m", "benchmarks.moe_bench", "--worker", tool, "--model", str(folder),
-                   "--context", str(context), "--decode", str(decode)])
+                   "--context", str(context), "--decode", str(decode)], env=env)
     return {**json.loads(run.stdout.strip().splitlines()[-1]), "rss_gb": run.max_rss_bytes / 1e9}
-
-
-def try_mlx_lm_bf16(folder: Path) -> str:
-    """What a user of mlx-lm gets on this bf16 folder with MLX's CPU backend (a short run)."""
-    try:
-        run_once("mlx-lm", folder, 64, 2)
-        return "ran"
-    except RuntimeError as e:
-        errors = [ln.strip() for ln in str(e).splitlines() if "Error" in ln]
-        return errors[-1] if errors else str(e).splitlines()[0]
 
 
 def param_count(folder: Path) -> int:
@@ -154,22 +162,37 @@ def param_count(folder: Path) -> int:
     return sum(t.size for t in read_checkpoint(folder).tensors.values())
 
 
-def table(results: dict, context: int) -> str:
-    rows = [("prefill tok/s", "prefill_tps"), ("decode tok/s at context", "decode_tps"),
-            ("MLX peak memory (GB)", "mlx_peak_gb"), ("peak RSS (GB)", "rss_gb"),
-            (f"KV cache at {context} tokens (MB)", "kv_cache_mb"), ("load (s)", "load_s")]
-    out = ["| metric | edge-llm | mlx-lm | ratio |", "|---|---|---|---|"]
-    for label, key in rows:
-        a, b = results["edge-llm"][key].median, results["mlx-lm"][key].median
-        out.append(f"| {label} | {a:.4g} | {b:.4g} | {a / b:.2f}x |" if b and not math.isnan(b) else
-                   f"| {label} | {a:.4g} | {b:.4g} | |")
-    return "\n".join(out)
+METRICS = [("prompt_tps", "prefill tok/s", True), ("generation_tps", "decode tok/s", True),
+           ("mlx_peak_gb", "MLX peak memory (GB)", True), ("rss_gb", "peak RSS (GB)", True),
+           ("kv_cache_mb", "KV cache (MB)", True), ("load_s", "load (s)", True)]
+
+
+def moe_case(work: Path, bits: int, context: int, decode: int, openblas_row: bool = True) -> tuple[Case, str]:
+    """The MoE comparison at ``bits`` (4: each tool's quantizer; 16: bf16 for us, a float32 copy for mlx-lm)."""
+    bf16 = write_checkpoint(work / "v2-lite-shaped-bf16")
+    if bits == 16:
+        ours, theirs = bf16, float32_copy(bf16, work / "v2-lite-shaped-f32")
+        what = "edge-llm reads the bf16 folder; mlx-lm cannot run it on the CPU and reads a float32 copy"
+    else:
+        ours, theirs = quantize_both(bf16, work, bits)
+        what = f"each tool's own {bits}-bit quantizer, group 64 (`edge-llm quantize`, `mlx_lm convert -q`)"
+    tools = {"edge-llm": lambda: run_once("edge-llm", ours, context, decode),
+             "mlx-lm": lambda: run_once("mlx-lm", theirs, context, decode)}
+    if openblas_row:
+        tools["mlx-lm + OpenBLAS"] = lambda: run_once("mlx-lm", theirs, context, decode, env=OPENBLAS_ENV)
+    notes = (DESCRIPTION.format(params=param_count(bf16) / 1e9) + f"; {what}. A random {context}-token prompt, "
+             f"then {decode} greedy tokens, through each tool's own generation loop at its default settings "
+             "(edge-llm `generate_tokens`, mlx-lm `generate_step`: prefill step 2048). KV cache: each tool's cache "
+             "object (`nbytes`): edge-llm keeps MLA's latent, mlx-lm's deepseek_v2 per-head keys and values.")
+    return Case(f"DeepSeek-V2-Lite-shaped MoE (0.4B) {bits if bits < 16 else 'bf16'}"
+                f"{'-bit' if bits < 16 else ''}", tools, METRICS), notes
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--context", type=int, default=4096)
+    parser.add_argument("--bits", type=int, choices=(4, 8, 16), default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--decode", type=int, default=16)
     parser.add_argument("--work", type=Path, default=Path("/tmp/edge-llm-moe-bench"))
     parser.add_argument("--worker", choices=TOOLS)
@@ -178,38 +201,11 @@ def main() -> None:
     if a.worker:
         print(json.dumps(worker(a.worker, a.model, a.context, a.decode)))
         return
-    bf16 = write_checkpoint(a.work / "v2-lite-shaped-bf16")
-    params = param_count(bf16)
-    print(f"checkpoint: {bf16} ({params / 1e9:.3f}B parameters, bf16)", flush=True)
-    bf16_outcome = try_mlx_lm_bf16(bf16)
-    print(f"mlx-lm on the bf16 folder: {bf16_outcome}", flush=True)
-    f32 = float32_copy(bf16, a.work / "v2-lite-shaped-f32")
-    results = alternate({
-        "edge-llm": lambda: run_once("edge-llm", bf16, a.context, a.decode),
-        "mlx-lm": lambda: run_once("mlx-lm", f32, a.context, a.decode),
-    }, a.rounds)
-    command = f"python -m benchmarks.moe_bench --rounds {a.rounds} --context {a.context} --decode {a.decode}"
-    body = f"""Command: `{command}`
-
-A DeepSeek-V2-Lite-shaped MoE scaled to {params / 1e9:.2f}B parameters (random weights; 6 layers, hidden 1024,
-MLA with kv_lora_rank 512 and q_lora_rank None, 16 heads, 64 routed experts top-6 + 2 shared of width 128,
-first_k_dense_replace 1, vocab 102400), prefilled with {a.context} tokens in {CHUNK}-token chunks, then
-{a.decode} greedy decode steps at that context.
-
-{table(results, a.context)}
-
-Medians of {a.rounds} alternating runs per tool (A B A B), each a fresh process, same driver loop and tokens
-for both. Ratio = edge-llm / mlx-lm. edge-llm reads the bf16 folder and computes in float32 (its CPU policy);
-mlx-lm on the bf16 folder: `{bf16_outcome}`
-— so mlx-lm ran on a float32 copy of the same weights. Both processes use the system OpenBLAS. The KV-cache
-row is each tool's own cache object (`nbytes`, summed over layers): edge-llm keeps MLA's latent
-(kv_lora_rank + qk_rope_head_dim per token and layer), mlx-lm's deepseek_v2 keeps per-head keys and values;
-both grow their buffers in 256-token steps. At decode, edge-llm attends over the latent in absorbed form:
-about 3.6x the attention multiply-adds of per-head attention at these shapes, for 9x fewer cache bytes read.
-**Noisy figures**: measured on a shared 2-core machine while other engineers ran their tests; to be re-run
-on a quiet machine.
-"""
-    write_section(f"DeepSeek-V2-Lite-shaped MoE (0.4B, bf16) at {a.context}-token context: edge-llm vs mlx-lm", body)
+    case, notes = moe_case(a.work, a.bits, a.context, a.decode)
+    results = alternate(case.tools, a.rounds)
+    command = "python -m benchmarks.moe_bench " + " ".join(sys.argv[1:])
+    body = f"Command: `{command.strip()}`\n\n{table(results, case.metrics)}\n\n{notes}"
+    write_section(f"{case.title} at {a.context}-token context", body)
     print(body)
 
 

@@ -19,7 +19,7 @@ from .cache import Cache
 from .models.base import CausalLM
 from .sampling import Sampler, SamplingParams
 
-PREFILL_CHUNK = 512
+PREFILL_CHUNK = 256  # measured on SmolLM2: faster than 512 or 128 on the CPU, and half the transient of 512
 
 
 @dataclass
@@ -54,6 +54,8 @@ def prefill(model: CausalLM, tokens: Sequence[int], cache: list[Cache], chunk: i
     for start in range(0, len(tokens), chunk):
         model(mx.array(tokens[start : start + chunk])[None], cache=cache)
         mx.eval([c.state for c in cache])
+    if tokens:
+        mx.clear_cache()  # hand the chunk's activation buffers back rather than keep them resident
 
 
 def generate_tokens(

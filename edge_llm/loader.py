@@ -101,8 +101,13 @@ def load_checkpoint(checkpoint: Checkpoint, dtype: str | None = None) -> CausalL
         quantize_modules(model, checkpoint.quantization, lambda p: f"{p}.scales" in weights)
     policy = dtype_policy(checkpoint.dtype, dtype)
     tied = bool(getattr(model.args, "tie_word_embeddings", False))
+    stored = {k: v.dtype for k, v in weights.items()}
     weights = _cast(weights, policy, getattr(model, "keep_float32", ()), tied)
     check_weights(checkpoint, model, weights)
+    # Converted tensors first, one at a time, largest first: each source copy is freed once its cast
+    # exists, so loading peaks at the model plus one source tensor, not at both copies of everything.
+    for v in sorted((v for k, v in weights.items() if v.dtype != stored[k]), key=lambda a: -a.nbytes):
+        mx.eval(v)
     model.load_weights(list(weights.items()), strict=False)
     mx.eval(model.parameters())
     model.eval()

@@ -19,7 +19,9 @@ quantized matmul over a 3-D packed weight, which MLX's CUDA backend does not imp
 H200: "[quantized_matmul] No implementation for problem shape"), in either orientation. So the absorbed
 maps use ``kv_b_proj`` dequantized once and kept beside it (``H·(n+v)·r`` values per layer: 2M for
 V2-Lite, 17M for V3; a few percent of a 4-bit model), while prefill's expanded form runs the quantized
-layer itself. mlx-community files whose ``kv_b_proj`` is quantized run as is.
+layer itself. MLX's CPU backend has both orientations, so there the maps slice the packed weight, scales
+and offsets per head and nothing is duplicated. mlx-community files whose ``kv_b_proj`` is quantized run
+as is.
 
 Rotary layout: DeepSeek pairs rotary features as (x0, x1), (x2, x3)... (``traditional`` in MLX terms);
 V3's ``rope_interleave: false`` switches to the rotate-half layout. YaRN's ``mscale_all_dim`` multiplies
@@ -150,6 +152,13 @@ class MLAttention(nn.Module):
             return a[:, :n], a[:, n:]
 
         weight = proj.weight
+        if isinstance(proj, nn.QuantizedLinear) and mx.default_device() == mx.cpu:
+            # the CPU has the batched quantized matmuls: no dense copy (MLX computes in the query's dtype)
+            (wk, wv), (sk, sv) = per_head(proj["weight"]), per_head(proj["scales"])
+            bk, bv = per_head(proj["biases"]) if "biases" in proj else (None, None)
+            kwargs = dict(group_size=proj.group_size, bits=proj.bits, mode=proj.mode)
+            return (lambda q: mx.quantized_matmul(q, wk, sk, bk, transpose=False, **kwargs),
+                    lambda o: mx.quantized_matmul(o, wv, sv, bv, transpose=True, **kwargs))
         if isinstance(proj, nn.QuantizedLinear):
             if getattr(self, "_dense_of", None) is not proj["weight"]:
                 self._dense = mx.dequantize(proj["weight"], proj["scales"], proj.get("biases"),
