@@ -2,7 +2,8 @@
 
 Decoding reads every active weight once per token, so bandwidth / bytes-per-token is the ceiling on
 decode speed. We measure a large read (a reduction over an array several times the size of the
-caches) with MLX on the active device, keep the best of a few runs, and store the figure per device
+caches, and a matrix-vector product over the same array) with MLX on the active device, keep the best
+of a few runs, and store the figure per device
 under ``$EDGE_LLM_HOME`` (default ``~/.cache/edge-llm``) so later commands can use it at no cost.
 """
 
@@ -35,17 +36,22 @@ def _device_key() -> str:
 
 
 def measure_bandwidth(nbytes: int | None = None, repeats: int = 5) -> float:
-    """Bytes per second read by a full reduction over ``nbytes`` of float32 (best of ``repeats``)."""
+    """Bytes per second read from ``nbytes`` of float32, the best of ``repeats`` of two probes: a full
+    reduction (MLX's own loop) and a matrix-vector product (BLAS, multi-threaded), which is how decoding
+    reads weights; on a shared machine each is sometimes slowed, so the best of both is the ceiling."""
     nbytes = nbytes or (MEASURE_BYTES if detect().name == "cpu" else GPU_MEASURE_BYTES)
-    a = mx.ones((nbytes // 4,), dtype=mx.float32)
-    mx.eval(a)
-    mx.eval(mx.sum(a))  # warm up
+    cols = 4096
+    w = mx.ones((nbytes // 4 // cols, cols), dtype=mx.float32)  # [rows, cols]
+    x = mx.ones((1, cols), dtype=mx.float32)
+    mx.eval(w, x)
+    probes = (lambda: mx.sum(w), lambda: x @ w.T)
     best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        mx.eval(mx.sum(a))
-        best = min(best, time.perf_counter() - start)
-    del a
+    for probe in probes:
+        mx.eval(probe())  # warm up
+        for _ in range(repeats):
+            start = time.perf_counter()
+            mx.eval(probe())
+            best = min(best, time.perf_counter() - start)
     return nbytes / best
 
 
