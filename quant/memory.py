@@ -41,6 +41,8 @@ TOKENIZER_FACTOR = 5.0
 ACT_SCORES, ACT_INTERMEDIATE, ACT_MLA = 0.78, 7.24, 2.93
 # Dequantized weights alive at once when quantized linears prefill through BLAS on the CPU.
 ACT_DEQUANT = 1.0
+# Heap kept per byte of the float scale/offset copies prefill dequantization makes (see overhead_bytes).
+DEQUANT_CHURN = 2.0
 # Freed buffers the C allocator keeps (glibc trims its heap only past a threshold of up to 64 MB): a share
 # of what was allocated and freed (KV cache growth, activations), capped.
 RETAINED_SHARE, RETAINED_CAP = 0.5, 64 * MB
@@ -135,12 +137,23 @@ def tokenizer_bytes(folder: Path | None) -> int:
     return int(sum(f.stat().st_size for f in files if f.is_file()) * TOKENIZER_FACTOR)
 
 
+def _prefill_dequantized(plan: Plan) -> list[PlannedTensor]:
+    """On the CPU a quantized linear prefills by dequantizing its weight (``edge_llm.models.layers``):
+    every one used in prefill (not routed experts, not the output head or the embedding)."""
+    return [t for t in plan.tensors if t.kind == "packed" and not t.expert
+            and not t.name.startswith(("lm_head.", "model.embed_tokens."))]
+
+
 def dequantized_prefill_values(plan: Plan) -> int:
-    """On the CPU a quantized linear prefills by dequantizing its weight (``edge_llm.models.layers``): the
-    largest one used in prefill (not routed experts, not the output head) is a float transient."""
-    sizes = [t.params for t in plan.tensors if t.kind == "packed" and not t.expert
-             and not t.name.startswith(("lm_head.", "model.embed_tokens."))]
-    return max(sizes, default=0)
+    """The largest weight dequantized for prefill: a float transient."""
+    return max((t.params for t in _prefill_dequantized(plan)), default=0)
+
+
+def dequantize_churn_values(plan: Plan) -> int:
+    """Float copies of scales and offsets made for every prefill dequantization: small buffers allocated
+    and freed once per layer, which fragment the C heap."""
+    module_scales = {f"{t.name.rsplit('.', 1)[0]}.scales" for t in _prefill_dequantized(plan)}
+    return sum(2 * math.prod(t.shape) for t in plan.tensors if t.name in module_scales)
 
 
 def overhead_bytes(model: Any, plan: Plan, policy: MemoryPolicy, context: int, batch: int, kv: int,
@@ -149,9 +162,11 @@ def overhead_bytes(model: Any, plan: Plan, policy: MemoryPolicy, context: int, b
     (activations) and the loading peak (the largest tensor held twice while cast), plus the freed buffers
     the allocator keeps (from casting at load, KV cache growth and activations)."""
     act = activation_bytes(model, context, batch, policy.compute)
+    churn = 0
     if cpu and context > 1:
         act += int(ACT_DEQUANT * dequantized_prefill_values(plan) * policy.compute)
+        churn = int(DEQUANT_CHURN * dequantize_churn_values(plan) * policy.compute)
     cast = cast_bytes(plan, policy)
-    retained = min(RETAINED_CAP, int(RETAINED_SHARE * (sum(cast) + act + kv)))
+    retained = min(RETAINED_CAP, int(RETAINED_SHARE * (sum(cast) + act + kv))) + churn
     loading = max(cast, default=0) - kv  # the loading peak has no KV cache yet
     return PROCESS_BASE_BYTES + tokenizer + max(act, loading) + retained
