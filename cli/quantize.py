@@ -54,10 +54,12 @@ def _quality_line(q: Quality) -> str:
 @user_errors
 def quantize_cmd(
     model: str = typer.Argument(..., metavar="MODEL",
-                                help="Model folder, Hub repo id or float GGUF file (bf16/fp16/fp32, FP8)."),
+                                help="Model folder, Hub repo id or GGUF file (float, FP8, or llama.cpp-quantized)."),
     out: str = typer.Option(..., "--out", "-o", help="Output folder (must not exist unless --force)."),
-    bits: int = typer.Option(4, "--bits", "-b", help="4 or 8 (also 2, 3, 5, 6); 16 converts to float16/bfloat16."),
-    group_size: int = typer.Option(64, "--group-size", "-g", help="Weights per scale and offset: 32, 64 or 128."),
+    bits: int | None = typer.Option(None, "--bits", "-b", help="4 (default) or 8 (also 2, 3, 5, 6); 16 converts "
+                                    "to float16/bfloat16. A quantized GGUF keeps its own bits unless given."),
+    group_size: int | None = typer.Option(None, "--group-size", "-g", help="Weights per scale and offset: 32, 64 "
+                                          "(default) or 128; 32 for a quantized GGUF."),
     dtype: str | None = typer.Option(None, "--dtype", help="float16 or bfloat16 for unquantized tensors and scales."),
     recipe: str | None = typer.Option(None, "--recipe", help="uniform, mixed_3_6, mixed_4_6, ... or rules "
                                       "like 'lm_head=8,*.v_proj=6' (glob over module paths = bits or float)."),

@@ -77,6 +77,28 @@ class GGUFCheckpoint(Checkpoint):
             mlx_form = "dequantized to float16" if set(types) & set(gguf_quants.DEQUANTIZED) else "none"
         return f"{mlx_form} (GGUF {', '.join(types)})"
 
+    @property
+    def quantized(self) -> bool:
+        return any(t not in gguf_quants.FLOATS for t in self.gguf_types)
+
+    def module_bits(self) -> dict[str, int | None]:
+        """The bits each matrix holds in the file, by HF module path: 4/5/8 for types kept quantized, the
+        nominal bits of dequantized K-quants (Q2_K 2, Q3_K 3, Q6_K 6), None for float matrices. DeepSeek's
+        kv_b_proj, joined from llama.cpp's k_b/v_b halves in float (``_join_kv_b``), is a float matrix."""
+        spec = ARCHITECTURES[self.gguf.get("general.architecture")]
+        bits: dict[str, int | None] = {}
+        for name, t in self.gguf.tensors.items():
+            base = name.rsplit(".", 1)[0]
+            if len(t.shape) < 2 or base not in self.names:
+                continue
+            if self.names[base].endswith(spec.split_modules):
+                bits[f"{self.names[base].rsplit('.', 1)[0]}.kv_b_proj"] = None
+                continue
+            kind = t.type_name
+            bits[self.names[base]] = (
+                gguf_quants.MLX_QUANTIZED.get(kind) or gguf_quants.DEQUANTIZED_BITS.get(kind))
+        return bits
+
     def write_side_files(self, folder: Path) -> list[str]:
         """What a Hugging Face folder holds besides weights and config.json: the tokenizer files and
         generation_config.json, rebuilt from the GGUF metadata (for ``quantize FILE.gguf -o OUT``)."""
@@ -178,10 +200,17 @@ class GGUFCheckpoint(Checkpoint):
 class _DequantizedGGUF(GGUFCheckpoint):
     """``GGUFCheckpoint.dequantized()``: quantized tensors come back as float16 weights."""
 
+    packed: dict[str, tuple[mx.array, mx.array, mx.array]] = field(default_factory=dict, repr=False)
+
     def load_weights(self) -> dict[str, mx.array]:
+        """Float16 weights, dequantized lazily; ``packed`` keeps each module's original ``weight``/``scales``/
+        ``biases`` (MLX affine, group 32), so a converter can copy them exactly instead of re-quantizing."""
         weights = super().load_weights()
+        self.packed = {}
         for key in [k for k in weights if k.endswith(".scales")]:
-            weights[f"{key[: -len('scales')]}weight"] = _dense(weights, key[: -len(".scales")]).astype(mx.float16)
+            module = key[: -len(".scales")]
+            self.packed[module] = (weights[f"{module}.weight"], weights[key], weights[f"{module}.biases"])
+            weights[f"{module}.weight"] = _dense(weights, module).astype(mx.float16)
         return weights
 
 

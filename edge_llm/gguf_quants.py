@@ -26,6 +26,7 @@ MLX_QUANTIZED = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8, "Q5_0": 5, "Q5_1": 5, "Q4_K": 
 MX_LOAD_NATIVE = ("Q4_0", "Q4_1", "Q8_0")  # what mx.load itself turns into the same arrays
 FLOAT32_SCALES = ("Q4_K", "Q5_K")
 DEQUANTIZED = ("Q2_K", "Q3_K", "Q6_K")
+DEQUANTIZED_BITS = {"Q2_K": 2, "Q3_K": 3, "Q6_K": 6}  # nominal bits, for re-quantizing them
 FLOATS = ("F32", "F16", "BF16")
 GROUP_SIZE = 32
 QK_K = 256

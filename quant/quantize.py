@@ -11,12 +11,14 @@ to its place in a pre-planned shard (``writer.ShardWriter``), so peak memory fol
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
 import os
 import shutil
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,16 +95,35 @@ def default_float_dtype(checkpoint: Checkpoint, bits: int, requested: str | None
 
 
 def _check_not_quantized(checkpoint: Checkpoint) -> None:
-    """Quantizing a quantized model compounds the error: say so instead, naming the format."""
-    if isinstance(checkpoint, GGUFCheckpoint):
-        quantized = [t for t in checkpoint.gguf_types if t not in ("F32", "F16", "BF16")]
-        if quantized:
-            raise CheckpointError(f"{checkpoint.path}: already quantized (GGUF {', '.join(quantized)}); quantize "
-                                  "the original float checkpoint (or a F16/BF16 GGUF) instead")
-    elif checkpoint.quantization:
+    """Quantizing a quantized model compounds the error: say so instead, naming the format. (A quantized
+    GGUF is converted instead: its Q4_0/Q4_1/Q8_0/... tensors are copied exactly, see ``_gguf_recipe``.)"""
+    if not isinstance(checkpoint, GGUFCheckpoint) and checkpoint.quantization:
         q = checkpoint.quantization
         raise CheckpointError(f"{checkpoint.path}: already quantized ({q.get('bits')}-bit, group "
                               f"{q.get('group_size')}); quantize the original float checkpoint instead")
+
+
+def _gguf_recipe(checkpoint: GGUFCheckpoint, recipe: str | None) -> tuple[int, str | None]:
+    """``quantize FILE.gguf`` without ``--bits``: the file's own quantization, module by module (the commonest
+    bits as default, rules for the rest; float matrices stay float), so the conversion copies its tensors
+    exactly. A recipe the user gave is added after these rules (first match wins, so theirs come first)."""
+    bits_of = checkpoint.module_bits()
+    counts = Counter(b for b in bits_of.values() if b is not None)
+    default = counts.most_common(1)[0][0] if counts else 16
+    rules = [f"{module}={bits or 'float'}" for module, bits in bits_of.items() if bits != default]
+    if recipe and recipe != "uniform":
+        rules.insert(0, recipe)
+    return default, ",".join(rules) or None
+
+
+def _options(checkpoint: Checkpoint, bits: int | None, group_size: int | None,
+             recipe: str | None) -> tuple[int, int, str | None]:
+    """Defaults: 4-bit, group 64; for a quantized GGUF its own bits at llama.cpp's group of 32 (its grid: a
+    4-bit GGUF re-quantized at group 64 loses accuracy that group 32 keeps)."""
+    gguf = isinstance(checkpoint, GGUFCheckpoint) and checkpoint.quantized
+    if gguf and bits is None:
+        bits, recipe = _gguf_recipe(checkpoint, recipe)
+    return (4 if bits is None else bits), (group_size or (32 if gguf else 64)), recipe
 
 
 def _check_destination(source: Path, out: Path, force: bool) -> None:
@@ -174,8 +195,26 @@ def _finite(checkpoint: Checkpoint, name: str, array: mx.array, what: str) -> No
                               "needs a wider dtype (try --dtype bfloat16)")
 
 
+def _copy_packed(tensors: list[PlannedTensor], packed: tuple[mx.array, mx.array, mx.array] | None,
+                 writer: ShardWriter) -> int | None:
+    """Writes a source tensor already in the planned affine form (a GGUF's Q4_0/Q4_1/Q8_0/...) as it is,
+    scales and offsets in the planned dtype; None when there is none or its bits or group differ."""
+    if packed is None or tensors[0].kind != "packed":
+        return None
+    w, scales, biases = packed
+    spec = tensors[0].spec
+    if tuple(w.shape) != tensors[0].shape or tuple(scales.shape) != tensors[1].shape or spec.group_size != 32:
+        return None
+    dtype = DTYPE_NAMES[MX_NAMES[tensors[1].dtype]]
+    return sum(writer.write(t.name, a) for t, a in zip(tensors, (w, scales.astype(dtype), biases.astype(dtype)),
+                                                       strict=True))
+
+
 def _convert(checkpoint: Checkpoint, name: str, w: mx.array, tensors: list[PlannedTensor],
              writer: ShardWriter) -> int:
+    copied = _copy_packed(tensors, getattr(checkpoint, "packed", {}).get(name.rsplit(".", 1)[0]), writer)
+    if copied is not None:
+        return copied
     mx.eval(w)
     _finite(checkpoint, name, w, "holds NaN or infinite values")
     first = tensors[0]
@@ -247,10 +286,12 @@ def _disk_error(out: Path, e: OSError) -> EdgeLLMError | OSError:
     return e
 
 
-def quantize(source: str | Path, out: str | Path, bits: int = 4, group_size: int = 64, dtype: str | None = None,
+def quantize(source: str | Path, out: str | Path, bits: int | None = None, group_size: int | None = None,
+             dtype: str | None = None,
              recipe: str | None = None, force: bool = False, progress: Progress | None = None,
              max_shard_bytes: int | None = None) -> QuantizeResult:
-    """Converts the checkpoint ``source`` into ``out``: ``bits`` 2..8 (MLX affine) or 16 (float16/bfloat16).
+    """Converts the checkpoint ``source`` into ``out``: ``bits`` 2..8 (MLX affine) or 16 (float16/bfloat16);
+    by default 4-bit at group 64, or for a quantized GGUF its own quantization (``_options``).
 
     ``out`` appears complete or not at all. Raises CheckpointError for unreadable or already quantized
     input, QuantizeError for an existing ``out`` (unless ``force``) or a full destination.
@@ -262,7 +303,15 @@ def quantize(source: str | Path, out: str | Path, bits: int = 4, group_size: int
     checkpoint = read_checkpoint(folder)
     _check_not_quantized(checkpoint)
     _check_destination(folder, out, force)
+    source_total = sum(t.nbytes for t in checkpoint.tensors.values())
+    as_stored = (isinstance(checkpoint, GGUFCheckpoint) and checkpoint.quantized and bits is None and not recipe
+                 and group_size in (None, 32))
+    bits, group_size, recipe = _options(checkpoint, bits, group_size, recipe)
+    if isinstance(checkpoint, GGUFCheckpoint) and checkpoint.quantized:
+        checkpoint = checkpoint.dequantized()  # float16 values; ``packed`` keeps the originals to copy
     rec = make_recipe(bits, group_size, recipe)
+    if as_stored:
+        rec = dataclasses.replace(rec, name="as in the GGUF")
     float_dtype = default_float_dtype(checkpoint, bits, dtype)
     model = build_model(checkpoint)
     plan = plan_quantized(model, checkpoint.config, rec, ST_DTYPES[float_dtype], source_dtype_of(checkpoint))
@@ -283,7 +332,6 @@ def quantize(source: str | Path, out: str | Path, bits: int = 4, group_size: int
     side = 0 if gguf else sum(p.stat().st_size for p in folder.iterdir() if p.is_file()
                               and p.name not in NOT_COPIED and not p.name.endswith(WEIGHT_SUFFIXES))
     _check_space(out, plan.nbytes + side + (64 << 10))  # + headers, index and config
-    source_total = sum(t.nbytes for t in checkpoint.tensors.values())
     mx.reset_peak_memory()
     try:
         with AtomicFolder(out, force) as tmp:

@@ -92,3 +92,54 @@ def test_info_on_a_file_without_tokenizer(tmp_path):
     assert facts["tokenizer"] is None and facts["quantization"] == "8-bit affine, group 32 (GGUF Q8_0, F32)"
     result = CliRunner().invoke(app, ["run", str(path), "--prompt", "hi"])
     assert result.exit_code == 1 and "holds no tokenizer" in result.stderr
+
+
+def test_quantize_the_smollm2_gguf_to_mlx_safetensors(tmp_path):
+    """``quantize FILE.gguf -o OUT`` copies Q4_1/Q8_0 exactly: the folder computes what the file does, in ours
+    and in mlx-lm (code we did not write), whose float32 logits must match, and it answers the question."""
+    import mlx.core as mx
+    import mlx_lm
+    import numpy as np
+    from mlx.utils import tree_map
+
+    from edge_llm.loader import load_model
+
+    out = tmp_path / "smollm2-q4"
+    result = CliRunner().invoke(app, ["quantize", str(gguf_path()), "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["source_bytes"] == pytest.approx(gguf_path().stat().st_size, rel=0.01)
+    assert summary["output_bytes"] == pytest.approx(summary["source_bytes"], rel=0.02)
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization"]["bits"] == 4 and config["quantization"]["group_size"] == 32
+    assert config["quantization"]["model.embed_tokens"]["bits"] == 8  # Q8_0 in the file
+    model, tokenizer = mlx_lm.load(str(out))
+    tokens = tokenizer.encode("The capital of France is Paris, and the capital of Italy is")
+    ids = mx.array(tokens)[None]
+    model.update(tree_map(lambda p: p.astype(mx.float32) if mx.issubdtype(p.dtype, mx.floating) else p,
+                          model.parameters()))
+    theirs = np.array(model(ids))
+    mine = np.array(load_model(out)(ids))
+    np.testing.assert_array_equal(mine, np.array(load_model(gguf_path())(ids)))
+    np.testing.assert_allclose(mine, theirs, atol=2e-3, rtol=0)
+    answer = CliRunner().invoke(app, ["run", str(out), "--prompt", "What is the capital of France?", "--temp", "0",
+                                      "--max-tokens", "24"])
+    assert answer.exit_code == 0 and "Paris" in answer.stdout, answer.output
+
+
+def test_quantize_a_k_quant_file(kquant_file, tmp_path):
+    """Q4_K is copied (its float32 scales rounded to float16); Q6_K, which MLX cannot run, becomes 6-bit."""
+    import mlx.core as mx
+    import numpy as np
+
+    from edge_llm.loader import load_model
+
+    out = tmp_path / "kq"
+    result = CliRunner().invoke(app, ["quantize", str(kquant_file), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    block = json.loads((out / "config.json").read_text())["quantization"]
+    assert block["bits"] == 4 and block["group_size"] == 32
+    assert block["model.layers.0.mlp.down_proj"]["bits"] == 6 and block["model.embed_tokens"]["bits"] == 6
+    ids = mx.array([[1, 504, 3458, 282, 4649, 314]])
+    source, converted = np.array(load_model(kquant_file)(ids)), np.array(load_model(out)(ids))
+    assert np.corrcoef(source.ravel(), converted.ravel())[0, 1] > 0.999

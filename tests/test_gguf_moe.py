@@ -139,3 +139,17 @@ def test_deepseek_yarn_and_q_lora(tmp_path):
     assert config["rope_scaling"]["mscale_all_dim"] == pytest.approx(0.707)
     assert config["q_lora_rank"] == 32
     np.testing.assert_allclose(ours(path), logits_of(reference), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("model_type", MOE_TYPES + DEEPSEEK_TYPES)
+def test_quantized_moe_file_converts_to_mlx_safetensors(tmp_path, model_type):
+    """``quantize FILE.gguf`` keeps the stacked experts' Q4_0 as they are (a DeepSeek k_b/v_b pair becomes a
+    float kv_b_proj, as the runtime joins it); only the float vectors round to float16."""
+    from quant.quantize import quantize
+
+    path = tmp_path / f"{model_type}.gguf"
+    write_gguf(path, tiny(model_type), Q.Q4_0, **({"split_kv_b": True} if model_type in DEEPSEEK_TYPES else {}))
+    result = quantize(path, tmp_path / "out")
+    assert result.recipe.startswith("as in the GGUF, 4-bit, group 32")
+    assert result.output_bytes < 1.2 * result.source_bytes
+    np.testing.assert_allclose(ours(tmp_path / "out"), ours(path), atol=2e-3, rtol=0)

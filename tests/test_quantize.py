@@ -276,7 +276,8 @@ def test_cli_progress_summary_json_and_eval(tiny, tmp_path):
 
 
 def test_gguf_input(tmp_path):
-    """A float GGUF converts (to the same values at 16 bits); a quantized GGUF is refused, not requantized."""
+    """A float GGUF converts (to the same values at 16 bits); a quantized one converts exactly: its Q8_0/Q4_0
+    tensors are copied, not re-quantized, so the folder computes what the file does."""
     import torch
     from gguf import GGMLQuantizationType as Q
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -287,12 +288,23 @@ def test_gguf_input(tmp_path):
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY_CONFIGS["llama"])).eval()
     write_gguf(tmp_path / "f16.gguf", model, Q.F16)
     write_gguf(tmp_path / "q8.gguf", model, Q.Q8_0)
+    write_gguf(tmp_path / "mixed.gguf", model, lambda name, shape: Q.Q4_0 if "proj" in name else Q.Q8_0)
     tokens = mx.array(random_tokens(384, 12))
     source = np.array(load_model(tmp_path / "f16.gguf")(tokens))
     quantize(tmp_path / "f16.gguf", tmp_path / "f16", bits=16)
     np.testing.assert_array_equal(np.array(load_model(tmp_path / "f16")(tokens)), source)
     quantize(tmp_path / "f16.gguf", tmp_path / "q4", bits=4, group_size=32)
     assert np.corrcoef(np.array(load_model(tmp_path / "q4")(tokens)).ravel(), source.ravel())[0, 1] > 0.98
-    result = CliRunner().invoke(app, ["quantize", str(tmp_path / "q8.gguf"), "-o", str(tmp_path / "x")])
-    assert result.exit_code == 1 and "already quantized (GGUF Q8_0)" in result.stderr
-    assert not (tmp_path / "x").exists()
+    for name, bits in (("q8", {"bits": 8, "group_size": 32}), ("mixed", {"bits": 4, "group_size": 32})):
+        result = CliRunner().invoke(app, ["quantize", str(tmp_path / f"{name}.gguf"), "-o", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+        block = json.loads((tmp_path / name / "config.json").read_text())["quantization"]
+        assert {k: block[k] for k in ("bits", "group_size")} == bits
+        if name == "mixed":  # the embedding and head stay at 8 bits, as in the file
+            assert block["model.embed_tokens"]["bits"] == 8 and block["lm_head"]["bits"] == 8
+        gguf_logits = np.array(load_model(tmp_path / f"{name}.gguf")(tokens))
+        np.testing.assert_array_equal(np.array(load_model(tmp_path / name)(tokens)), gguf_logits)
+    quantize(tmp_path / "q8.gguf", tmp_path / "q8-to-4", bits=4)  # asked for: re-quantized from its values
+    block = json.loads((tmp_path / "q8-to-4" / "config.json").read_text())["quantization"]
+    assert block["bits"] == 4 and block["group_size"] == 32
+    assert np.corrcoef(np.array(load_model(tmp_path / "q8-to-4")(tokens)).ravel(), source.ravel())[0, 1] > 0.98
