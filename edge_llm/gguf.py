@@ -86,17 +86,10 @@ class GGUFCheckpoint(Checkpoint):
         nominal bits of dequantized K-quants (Q2_K 2, Q3_K 3, Q6_K 6), None for float matrices. DeepSeek's
         kv_b_proj, joined from llama.cpp's k_b/v_b halves in float (``_join_kv_b``), is a float matrix."""
         spec = ARCHITECTURES[self.gguf.get("general.architecture")]
-        bits: dict[str, int | None] = {}
-        for name, t in self.gguf.tensors.items():
-            base = name.rsplit(".", 1)[0]
-            if len(t.shape) < 2 or base not in self.names:
-                continue
-            if self.names[base].endswith(spec.split_modules):
-                bits[f"{self.names[base].rsplit('.', 1)[0]}.kv_b_proj"] = None
-                continue
-            kind = t.type_name
-            bits[self.names[base]] = (
-                gguf_quants.MLX_QUANTIZED.get(kind) or gguf_quants.DEQUANTIZED_BITS.get(kind))
+        bits: dict[str, int | None] = {f"{m.rsplit('.', 1)[0]}.kv_b_proj": None
+                                       for m in self.names.values() if m.endswith(spec.split_modules)}
+        for module, kind in _matrices(self.gguf, self.names, spec):
+            bits[module] = gguf_quants.MLX_QUANTIZED.get(kind) or gguf_quants.DEQUANTIZED_BITS.get(kind)
         return bits
 
     def write_side_files(self, folder: Path) -> list[str]:
@@ -282,17 +275,30 @@ def _tensor_infos(g: GGUFFile, names: dict[str, str], spec: Arch, config: dict[s
     return infos
 
 
+def _matrices(g: GGUFFile, names: dict[str, str], spec: Arch) -> list[tuple[str, str]]:
+    """(HF module path, ggml type) of each weight matrix the model uses as stored (not the k_b/v_b halves
+    DeepSeek's loader joins)."""
+    found = []
+    for t in g.tensors.values():
+        module = names.get(t.name.rsplit(".", 1)[0])
+        if len(t.shape) >= 2 and module is not None and not module.endswith(spec.split_modules):
+            found.append((module, t.type_name))
+    return found
+
+
+def commonest_bits(bits_of: dict[str, int | None]) -> int | None:
+    """The bits most matrices have (ties: the first seen); None when none is quantized."""
+    counts = Counter(b for b in bits_of.values() if b is not None)
+    return counts.most_common(1)[0][0] if counts else None
+
+
 def _quantization(g: GGUFFile, names: dict[str, str], spec: Arch) -> dict[str, Any] | None:
     """The MLX quantization block: the commonest bits as default, other bits as per-module entries."""
-    bits_of = {
-        names[t.name.rsplit(".", 1)[0]]: gguf_quants.MLX_QUANTIZED[t.type_name]
-        for t in g.tensors.values()
-        if t.type_name in gguf_quants.MLX_QUANTIZED and t.name.rsplit(".", 1)[0] in names
-        and not names[t.name.rsplit(".", 1)[0]].endswith(spec.split_modules)
-    }
-    if not bits_of:
+    bits_of = {module: gguf_quants.MLX_QUANTIZED[kind] for module, kind in _matrices(g, names, spec)
+               if kind in gguf_quants.MLX_QUANTIZED}
+    default = commonest_bits(bits_of)
+    if default is None:
         return None
-    default = Counter(bits_of.values()).most_common(1)[0][0]
     block: dict[str, Any] = {"group_size": gguf_quants.GROUP_SIZE, "bits": default}
     for module, bits in bits_of.items():
         if bits != default:
@@ -359,4 +365,4 @@ def is_gguf(path: str | Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
-__all__ = ["GGUFCheckpoint", "GGUFTensor", "SUPPORTED_TYPES", "is_gguf", "read_gguf_checkpoint"]
+__all__ = ["GGUFCheckpoint", "GGUFTensor", "SUPPORTED_TYPES", "commonest_bits", "is_gguf", "read_gguf_checkpoint"]

@@ -18,7 +18,6 @@ import logging
 import os
 import shutil
 import time
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,14 +30,15 @@ from edge_llm.backend import DTYPE_NAMES
 from edge_llm.checkpoint import Checkpoint, normalize_config, read_checkpoint, read_safetensors_header
 from edge_llm.errors import CheckpointError, EdgeLLMError, TokenizerError
 from edge_llm.fp8 import dequantize_fp8
-from edge_llm.gguf import GGUFCheckpoint
+from edge_llm.gguf import GGUFCheckpoint, commonest_bits
+from edge_llm.gguf_quants import GROUP_SIZE
 from edge_llm.hub import resolve_model
 from edge_llm.loader import build_model
 from edge_llm.models.base import CausalLM
 
 from . import affine
 from .plan import MX_NAMES, ST_DTYPES, Plan, PlannedTensor, plan_quantized, source_dtype_of
-from .recipes import layer_of, make_recipe
+from .recipes import Recipe, layer_of, make_recipe
 from .writer import MAX_SHARD_BYTES, AtomicFolder, ShardWriter, assign_shards
 
 log = logging.getLogger(__name__)
@@ -96,34 +96,30 @@ def default_float_dtype(checkpoint: Checkpoint, bits: int, requested: str | None
 
 def _check_not_quantized(checkpoint: Checkpoint) -> None:
     """Quantizing a quantized model compounds the error: say so instead, naming the format. (A quantized
-    GGUF is converted instead: its Q4_0/Q4_1/Q8_0/... tensors are copied exactly, see ``_gguf_recipe``.)"""
+    GGUF is converted instead: its Q4_0/Q4_1/Q8_0/... tensors are copied exactly, see ``_recipe``.)"""
     if not isinstance(checkpoint, GGUFCheckpoint) and checkpoint.quantization:
         q = checkpoint.quantization
         raise CheckpointError(f"{checkpoint.path}: already quantized ({q.get('bits')}-bit, group "
                               f"{q.get('group_size')}); quantize the original float checkpoint instead")
 
 
-def _gguf_recipe(checkpoint: GGUFCheckpoint, recipe: str | None) -> tuple[int, str | None]:
-    """``quantize FILE.gguf`` without ``--bits``: the file's own quantization, module by module (the commonest
-    bits as default, rules for the rest; float matrices stay float), so the conversion copies its tensors
-    exactly. A recipe the user gave is added after these rules (first match wins, so theirs come first)."""
+def _recipe(checkpoint: Checkpoint, bits: int | None, group_size: int | None, recipe: str | None) -> Recipe:
+    """Defaults: 4-bit, group 64. A quantized GGUF is re-quantized at llama.cpp's group of 32 (its grid: a
+    4-bit GGUF re-quantized at group 64 loses accuracy that group 32 keeps) and, without ``--bits``, keeps
+    its own quantization module by module (the commonest bits as default, rules for the rest, float
+    matrices float), so its tensors are copied exactly; a user's recipe rules come first."""
+    if not (isinstance(checkpoint, GGUFCheckpoint) and checkpoint.quantized):
+        return make_recipe(4 if bits is None else bits, group_size or 64, recipe)
+    if bits is not None:
+        return make_recipe(bits, group_size or GROUP_SIZE, recipe)
     bits_of = checkpoint.module_bits()
-    counts = Counter(b for b in bits_of.values() if b is not None)
-    default = counts.most_common(1)[0][0] if counts else 16
+    default = commonest_bits(bits_of) or 16
     rules = [f"{module}={bits or 'float'}" for module, bits in bits_of.items() if bits != default]
     if recipe and recipe != "uniform":
         rules.insert(0, recipe)
-    return default, ",".join(rules) or None
-
-
-def _options(checkpoint: Checkpoint, bits: int | None, group_size: int | None,
-             recipe: str | None) -> tuple[int, int, str | None]:
-    """Defaults: 4-bit, group 64; for a quantized GGUF its own bits at llama.cpp's group of 32 (its grid: a
-    4-bit GGUF re-quantized at group 64 loses accuracy that group 32 keeps)."""
-    gguf = isinstance(checkpoint, GGUFCheckpoint) and checkpoint.quantized
-    if gguf and bits is None:
-        bits, recipe = _gguf_recipe(checkpoint, recipe)
-    return (4 if bits is None else bits), (group_size or (32 if gguf else 64)), recipe
+    rec = make_recipe(default, group_size or GROUP_SIZE, ",".join(rules) or None)
+    as_stored = not recipe and rec.group_size == GROUP_SIZE
+    return dataclasses.replace(rec, name="as in the GGUF") if as_stored else rec
 
 
 def _check_destination(source: Path, out: Path, force: bool) -> None:
@@ -203,16 +199,16 @@ def _copy_packed(tensors: list[PlannedTensor], packed: tuple[mx.array, mx.array,
         return None
     w, scales, biases = packed
     spec = tensors[0].spec
-    if tuple(w.shape) != tensors[0].shape or tuple(scales.shape) != tensors[1].shape or spec.group_size != 32:
+    if tuple(w.shape) != tensors[0].shape or tuple(scales.shape) != tensors[1].shape or spec.group_size != GROUP_SIZE:
         return None
     dtype = DTYPE_NAMES[MX_NAMES[tensors[1].dtype]]
     return sum(writer.write(t.name, a) for t, a in zip(tensors, (w, scales.astype(dtype), biases.astype(dtype)),
                                                        strict=True))
 
 
-def _convert(checkpoint: Checkpoint, name: str, w: mx.array, tensors: list[PlannedTensor],
-             writer: ShardWriter) -> int:
-    copied = _copy_packed(tensors, getattr(checkpoint, "packed", {}).get(name.rsplit(".", 1)[0]), writer)
+def _convert(checkpoint: Checkpoint, name: str, w: mx.array, tensors: list[PlannedTensor], writer: ShardWriter,
+             packed: tuple[mx.array, mx.array, mx.array] | None = None) -> int:
+    copied = _copy_packed(tensors, packed, writer)
     if copied is not None:
         return copied
     mx.eval(w)
@@ -291,7 +287,7 @@ def quantize(source: str | Path, out: str | Path, bits: int | None = None, group
              recipe: str | None = None, force: bool = False, progress: Progress | None = None,
              max_shard_bytes: int | None = None) -> QuantizeResult:
     """Converts the checkpoint ``source`` into ``out``: ``bits`` 2..8 (MLX affine) or 16 (float16/bfloat16);
-    by default 4-bit at group 64, or for a quantized GGUF its own quantization (``_options``).
+    by default 4-bit at group 64, or for a quantized GGUF its own quantization (``_recipe``).
 
     ``out`` appears complete or not at all. Raises CheckpointError for unreadable or already quantized
     input, QuantizeError for an existing ``out`` (unless ``force``) or a full destination.
@@ -304,18 +300,14 @@ def quantize(source: str | Path, out: str | Path, bits: int | None = None, group
     _check_not_quantized(checkpoint)
     _check_destination(folder, out, force)
     source_total = sum(t.nbytes for t in checkpoint.tensors.values())
-    as_stored = (isinstance(checkpoint, GGUFCheckpoint) and checkpoint.quantized and bits is None and not recipe
-                 and group_size in (None, 32))
-    bits, group_size, recipe = _options(checkpoint, bits, group_size, recipe)
+    rec = _recipe(checkpoint, bits, group_size, recipe)
     if isinstance(checkpoint, GGUFCheckpoint) and checkpoint.quantized:
         checkpoint = checkpoint.dequantized()  # float16 values; ``packed`` keeps the originals to copy
-    rec = make_recipe(bits, group_size, recipe)
-    if as_stored:
-        rec = dataclasses.replace(rec, name="as in the GGUF")
-    float_dtype = default_float_dtype(checkpoint, bits, dtype)
+    float_dtype = default_float_dtype(checkpoint, rec.bits, dtype)
     model = build_model(checkpoint)
     plan = plan_quantized(model, checkpoint.config, rec, ST_DTYPES[float_dtype], source_dtype_of(checkpoint))
     weights = dequantize_fp8(checkpoint.load_weights(), checkpoint)
+    packed = getattr(checkpoint, "packed", {})  # a quantized GGUF's original tensors, by module
     if any(t.dtype.startswith("F8") for t in checkpoint.tensors.values()):
         # dequantized FP8 arrives as float32: going straight to the output's half dtype halves the memory of
         # a layer group (stacked experts) and rounds once, as a direct conversion would
@@ -344,7 +336,8 @@ def quantize(source: str | Path, out: str | Path, bits: int | None = None, group
                     arrays = model.sanitize({k: weights.pop(k) for k in names})
                     for name in params:
                         w = arrays.pop(name)
-                        written = _convert(checkpoint, name, w, by_param[name], writer)
+                        written = _convert(checkpoint, name, w, by_param[name], writer,
+                                           packed.get(name.rsplit(".", 1)[0]))
                         del w
                         progress.advance(name, written)
                     del arrays
