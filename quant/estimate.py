@@ -125,7 +125,7 @@ def _label(bits: int, float_dtype: str) -> str:
 
 @dataclass(frozen=True)
 class _Context:
-    checkpoint: Checkpoint
+    model: Any  # the float module tree, built once: plan_quantized and the cache shapes only read it
     context: int
     batch: int
     kv_bits: int | None
@@ -135,14 +135,13 @@ class _Context:
 
     def row(self, plan: Plan, label: str, bits: int, group_size: int | None, file_bytes: int,
             stored: bool = False) -> Row:
-        model = build_model(self.checkpoint)
         policy = policy_for(self.machine.backend, plan)
         weights = round(plan.memory_bytes(policy.itemsize) * self.scale)
-        kv = kv_cache_bytes(model, self.context, self.batch, policy.compute, self.kv_bits)
-        over = overhead_bytes(model, plan, policy, self.context, self.batch, kv, self.tokenizer,
+        kv = kv_cache_bytes(self.model, self.context, self.batch, policy.compute, self.kv_bits)
+        over = overhead_bytes(self.model, plan, policy, self.context, self.batch, kv, self.tokenizer,
                               self.machine.backend == "cpu")
         # a decode step reads the active weights and the KV cache of the tokens so far
-        kv_read = kv_cache_bytes(model, self.context, self.batch, policy.compute, self.kv_bits, round_up=False)
+        kv_read = kv_cache_bytes(self.model, self.context, self.batch, policy.compute, self.kv_bits, round_up=False)
         per_token = round(plan.bytes_per_token(policy.itemsize) * self.scale) + kv_read
         total = weights + kv + over
         tps = self.machine.bandwidth / per_token if self.machine.bandwidth and per_token else None
@@ -162,22 +161,22 @@ def estimate_checkpoint(checkpoint: Checkpoint, bits: int | None = None, group_s
         raise ValueError("--context and --batch must be at least 1")
     if kv_bits not in (None, 4, 8, 16):
         raise ValueError(f"--kv-bits must be 16, 8 or 4, got {kv_bits}")
-    ctx = _Context(checkpoint, context, batch, kv_bits, machine or Machine.this(), tokenizer_bytes(folder), scale)
+    model = build_model(checkpoint)
+    ctx = _Context(model, context, batch, kv_bits, machine or Machine.this(), tokenizer_bytes(folder), scale)
     source_dtype = source_dtype_of(checkpoint)
     half = "BF16" if stored_dtype(checkpoint) in ("BF16", "F8_E4M3") else "F16"
     variants = [32, 16, 8, 4] + ([bits] if bits is not None and bits not in (32, 16, 8, 4) else [])
     rows: list[Row] = []
     for b in variants:
         float_dtype = "F32" if b == 32 else half
-        plan = plan_quantized(build_model(checkpoint), checkpoint.config, make_recipe(b, group_size), float_dtype,
-                              source_dtype)
+        plan = plan_quantized(model, checkpoint.config, make_recipe(b, group_size), float_dtype, source_dtype)
         rows.append(ctx.row(plan, _label(b, float_dtype), b, group_size if b < 16 else None, plan.nbytes))
     q = checkpoint.quantization
+    stored_plan = plan_stored(build_model(checkpoint), checkpoint)  # quantizes its own tree as stored
     if checkpoint.tensors:  # a real checkpoint: add it as stored, replacing the variant it equals
         stored_bits = int(q["bits"]) if q else (32 if checkpoint.dtype == "F32" else 16)
         stored_gs = int(q["group_size"]) if q else None
-        plan = plan_stored(build_model(checkpoint), checkpoint)
-        stored = ctx.row(plan, f"{_label(stored_bits, checkpoint.dtype)} (stored)", stored_bits, stored_gs,
+        stored = ctx.row(stored_plan, f"{_label(stored_bits, checkpoint.dtype)} (stored)", stored_bits, stored_gs,
                          checkpoint.nbytes, stored=True)
         rows = [r for r in rows if (r.bits, r.group_size) != (stored_bits, stored_gs)] + [stored]
     if bits is None:
@@ -186,7 +185,6 @@ def estimate_checkpoint(checkpoint: Checkpoint, bits: int | None = None, group_s
         matching = [r for r in rows if r.bits == bits]
         chosen = next((r for r in matching if r.group_size in (None, group_size)), matching[0])
     rows = sorted((replace(r, requested=r is chosen) for r in rows), key=lambda r: -r.bits)
-    params_plan = plan_stored(build_model(checkpoint), checkpoint)
     notes = []
     if kv_bits is not None:
         notes.append(f"--kv-bits {kv_bits}: what such a KV cache would take; edge-llm run keeps it in the compute "
@@ -195,7 +193,7 @@ def estimate_checkpoint(checkpoint: Checkpoint, bits: int | None = None, group_s
         notes.append(f"runtime overhead calibrated on the CPU backend; on {ctx.machine.backend} it is an estimate")
     return Estimate(
         model=name or str(checkpoint.path), model_type=checkpoint.model_type,
-        params_total=round(params_plan.params_total * scale), params_active=round(params_plan.params_active * scale),
+        params_total=round(stored_plan.params_total * scale), params_active=round(stored_plan.params_active * scale),
         context=context, batch=batch, kv_bits=kv_bits, machine=ctx.machine, rows=rows, notes=notes,
     )
 
