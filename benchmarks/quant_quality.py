@@ -54,10 +54,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-    from benchmarks.estimate_calibration import smollm2_4bit
+    from benchmarks.estimate_calibration import smollm2
 
-    smollm2_4bit()  # makes WORK/smollm2-bf16
-    source = WORK / "smollm2-bf16"
+    source = smollm2(WORK, bits=16)
     lines = ["### Reconstruction error on SmolLM2-135M weights (sum of squared errors, same MLX format)", "",
              "| bits | group | min-max (mx.quantize) | ours | ratio |", "|---|---|---|---|---|"]
     for bits, gs in ((4, 64), (4, 32), (8, 64), (3, 64)):

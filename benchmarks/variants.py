@@ -6,6 +6,7 @@ Variants of one choice are loaded side by side in one process and run interleave
     python -m benchmarks.variants dtype     # decode: float32 weights / the default policy / a bf16 tied
                                             #   table upcast blockwise / everything in bf16 (as mlx-lm)
     python -m benchmarks.variants qprefill  # 4-bit prefill: dequantize + BLAS vs MLX's quantized matmul
+    python -m benchmarks.variants block     # 4-bit prefill: dequantize a block of rows at a time vs whole
     python -m benchmarks.variants chunk     # prefill chunk size: tok/s and transient memory
     python -m benchmarks.variants mla       # MoE decode: absorbed MLA maps quantized vs dequantized copy
     python -m benchmarks.variants glu       # prefill: mx.compile'd SwiGLU vs eager
@@ -120,6 +121,25 @@ def qprefill_variants(folder: Path, rounds: int, context: int) -> dict[str, floa
         layers.DEQUANTIZE_MIN_ROWS = default
 
 
+def block_variants(folder: Path, rounds: int, context: int) -> dict[str, float]:
+    model = load_model(folder)
+    tokens = prompt(model.args.vocab_size, context)
+    default = layers.BLOCK_BYTES
+
+    def with_block(size: int):
+        def run():
+            layers.BLOCK_BYTES = size
+            return prefill_rate(model, tokens, 256)
+        return run
+
+    try:
+        return alternate_prefill({f"blocks of {default >> 20} MiB (default)": with_block(default),
+                                  "blocks of 8 MiB": with_block(8 << 20),
+                                  "whole matrix at once": with_block(1 << 40)}, rounds)
+    finally:
+        layers.BLOCK_BYTES = default
+
+
 def chunk_variants(folder: Path, rounds: int, context: int, chunks: list[int]) -> dict[str, float]:
     model = load_model(folder)
     tokens = prompt(model.args.vocab_size, context)
@@ -186,6 +206,8 @@ TITLES = {
               "MB = weights in memory."),
     "qprefill": ("4-bit prefill: dequantize + BLAS vs quantized matmul (SmolLM2-135M 4-bit)", "prefill tok/s",
                  "MB = transient above weights and cache."),
+    "block": ("4-bit prefill: dequantized block size (0.4B DeepSeek-V2-Lite-shaped MoE 4-bit)", "prefill tok/s",
+              "MB = transient above weights and cache (MLX's count)."),
     "chunk": ("Prefill chunk size (SmolLM2-135M bf16)", "prefill tok/s", "MB = transient above weights and cache."),
     "mla": ("MoE decode: MLA absorbed maps on the CPU (0.4B MoE 4-bit)", "decode tok/s", ""),
     "glu": ("Prefill: compiled SwiGLU (SmolLM2-135M bf16)", "prefill tok/s", "MB = transient above weights and cache."),
@@ -207,6 +229,8 @@ def main() -> None:
         results = dtype_variants(a.model or DENSE, a.rounds, a.block, a.context or 300)
     elif a.choice == "qprefill":
         results = qprefill_variants(a.model or DENSE_Q4, a.rounds, a.context or 512)
+    elif a.choice == "block":
+        results = block_variants(a.model or MOE_Q4, a.rounds, a.context or 512)
     elif a.choice == "chunk":
         results = chunk_variants(a.model or DENSE, a.rounds, a.context or 1024, [int(c) for c in a.chunks.split(",")])
     elif a.choice == "mla":

@@ -26,7 +26,7 @@ from edge_llm.errors import CheckpointError
 from edge_llm.loader import build_model
 
 from . import reference
-from .memory import kv_cache_bytes, overhead_bytes, policy_for, tokenizer_bytes
+from .memory import RuntimeTerms, kv_cache_bytes, overhead_bytes, policy_for, runtime_terms, tokenizer_bytes
 from .plan import ST_DTYPES, Plan, plan_quantized, plan_stored, source_dtype_of
 from .recipes import make_recipe
 
@@ -64,6 +64,7 @@ class Row:
     decode_tps_ceiling: float | None
     stored: bool = False  # the checkpoint as it is
     requested: bool = False
+    runtime: RuntimeTerms | None = None  # what overhead_bytes was computed from
 
     @property
     def total_bytes(self) -> int:
@@ -105,7 +106,8 @@ class Estimate:
             "bytes_per_token": r.bytes_per_token, "decode_tokens_per_s_ceiling": r.decode_tps_ceiling,
             "backend": self.machine.backend, "memory_bytes": self.machine.memory_bytes,
             "memory_kind": self.machine.memory_kind, "bandwidth_bytes_per_s": self.machine.bandwidth,
-            "rows": [dict(asdict(row), total_bytes=row.total_bytes) for row in self.rows],
+            "rows": [dict({k: v for k, v in asdict(row).items() if k != "runtime"}, total_bytes=row.total_bytes)
+                     for row in self.rows],
             "notes": self.notes,
         }
 
@@ -138,15 +140,16 @@ class _Context:
         policy = policy_for(self.machine.backend, plan)
         weights = round(plan.memory_bytes(policy.itemsize) * self.scale)
         kv = kv_cache_bytes(self.model, self.context, self.batch, policy.compute, self.kv_bits)
-        over = overhead_bytes(self.model, plan, policy, self.context, self.batch, kv, self.tokenizer,
+        terms = runtime_terms(self.model, plan, policy, self.context, self.batch, kv, self.tokenizer,
                               self.machine.backend == "cpu")
+        over = overhead_bytes(terms)
         # a decode step reads the active weights and the KV cache of the tokens so far
         kv_read = kv_cache_bytes(self.model, self.context, self.batch, policy.compute, self.kv_bits, round_up=False)
         per_token = round(plan.bytes_per_token(policy.itemsize) * self.scale) + kv_read
         total = weights + kv + over
         tps = self.machine.bandwidth / per_token if self.machine.bandwidth and per_token else None
         return Row(label, bits, group_size, round(file_bytes * self.scale), weights, kv, over, per_token,
-                   total <= self.machine.memory_bytes, tps, stored=stored)
+                   total <= self.machine.memory_bytes, tps, stored=stored, runtime=terms)
 
 
 def estimate_checkpoint(checkpoint: Checkpoint, bits: int | None = None, group_size: int = 64, context: int = 4096,

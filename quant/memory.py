@@ -7,9 +7,9 @@
   ``2 · layers · kv_heads · head_dim`` values per token for GQA (the config's head_dim), and
   ``layers · (kv_lora_rank + qk_rope_head_dim)`` for DeepSeek's MLA latent.
 - runtime: the process itself (interpreter, libraries, tokenizer), the activations of the largest
-  prefill chunk, the transient copy of a tensor cast while loading, and freed buffers the C allocator
-  keeps. The constants are measured: ``benchmarks/estimate_calibration.py`` fits them to the peak RSS
-  of real ``edge-llm run`` processes.
+  prefill chunk, the transient copy of a tensor cast while loading, and freed buffers MLX's cache and
+  the C allocator keep (``RuntimeTerms``). Their weights are measured: ``benchmarks/estimate_calibration.py
+  --fit`` fits ``Calibration`` to the peak RSS of real ``edge-llm run`` processes.
 """
 
 from __future__ import annotations
@@ -29,23 +29,30 @@ from edge_llm.generate import PREFILL_CHUNK
 from .plan import Plan, PlannedTensor
 
 MB = 1 << 20
-# Calibrated on this project's CPU runs: benchmarks/estimate_calibration.py fits these against the peak RSS
-# (wait4) and MLX's own peak allocation of `edge-llm run` for SmolLM2 4-bit/bf16 and two 0.4B MoE shapes
-# (RESULTS.md, "Memory estimate vs measured peak RSS").
-# Resident memory MLX does not allocate: interpreter, MLX/BLAS/tokenizers libraries, typer/rich/jinja2.
-PROCESS_BASE_BYTES = 77 * 10**6
 # The tokenizer's Rust and Python structures: resident bytes per byte of tokenizer.json / tokenizer.model.
 TOKENIZER_FACTOR = 5.0
-# Live activations of a prefill chunk, in values of the compute dtype: per attention score of the largest
-# chunk x keys product, per (chunk token x intermediate width), per (key x expanded MLA head width).
-ACT_SCORES, ACT_INTERMEDIATE, ACT_MLA = 0.78, 7.24, 2.93
-# Dequantized weights alive at once when quantized linears prefill through BLAS on the CPU.
-ACT_DEQUANT = 1.0
-# Heap kept per byte of the float scale/offset copies prefill dequantization makes (see overhead_bytes).
-DEQUANT_CHURN = 2.0
-# Freed buffers the C allocator keeps (glibc trims its heap only past a threshold of up to 64 MB): a share
-# of what was allocated and freed (KV cache growth, activations), capped.
-RETAINED_SHARE, RETAINED_CAP = 0.5, 64 * MB
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The runtime's memory besides weights and KV cache, as weights over ``RuntimeTerms``.
+
+    Fitted by ``python -m benchmarks.estimate_calibration --fit`` to the peak RSS (wait4) of real
+    ``edge-llm run`` processes: SmolLM2 4-bit and bf16 and two 0.4B MoE shapes at 20 to 3,000 tokens
+    (RESULTS.md, "Memory estimate vs measured peak RSS").
+    """
+
+    base: float  # bytes MLX does not allocate: interpreter, MLX/BLAS/tokenizers libraries, typer/rich/jinja2
+    scores: float  # per byte of attention scores of the largest prefill chunk
+    intermediate: float  # per byte of a chunk's feed-forward intermediates
+    mla: float  # per byte of MLA's keys and values expanded per head
+    dequant: float  # bytes, when quantized linears prefill through float blocks (edge_llm.models.layers)
+    retained_share: float  # freed buffers MLX's cache and the C heap keep: this share of what was freed ...
+    retained_cap: float  # ... up to this many bytes
+
+
+CALIBRATION = Calibration(base=4.91e7, scores=0.481, intermediate=4.6, mla=1.86, dequant=2.97e7, retained_share=0.7,
+                          retained_cap=1.01e8)
 
 
 @dataclass(frozen=True)
@@ -109,25 +116,48 @@ def _largest_chunk(context: int, chunk: int = PREFILL_CHUNK) -> tuple[int, int]:
     return max(last, (chunk, full), key=lambda qk: qk[0] * qk[1]) if full else last
 
 
-def activation_bytes(model: Any, context: int, batch: int, itemsize: int) -> int:
-    """Peak live activations while prefilling ``context`` tokens in chunks of ``PREFILL_CHUNK``."""
+@dataclass(frozen=True)
+class RuntimeTerms:
+    """What the runtime's memory besides weights and KV cache depends on, in bytes."""
+
+    scores: int  # attention scores of the largest prefill chunk
+    intermediate: int  # feed-forward intermediates of a prefill chunk (routed experts see each token k times)
+    mla: int  # MLA prefill: the latent expanded into per-head keys and values
+    dequant: bool  # quantized linears prefill by dequantizing blocks of rows (the CPU)
+    cast: tuple[int, ...]  # source bytes of each tensor the loader converts to another dtype
+    kv: int
+    tokenizer: int
+
+
+def runtime_terms(model: Any, plan: Plan, policy: MemoryPolicy, context: int, batch: int, kv: int, tokenizer: int,
+                  cpu: bool) -> RuntimeTerms:
     args = model.args
     queries, keys = _largest_chunk(context)
     chunk = min(context, PREFILL_CHUNK)
     k = getattr(args, "num_experts_per_tok", None) or 0
     moe = (getattr(args, "moe_intermediate_size", None) or args.intermediate_size) if k else 0
-    inter = max(args.intermediate_size, k * moe)  # routed experts see each token k times
-    scores = args.num_attention_heads * queries * keys
     mla = 0
-    if getattr(args, "kv_lora_rank", None):  # MLA prefill expands the latent into per-head keys and values
+    if getattr(args, "kv_lora_rank", None):
         mla = args.num_attention_heads * (args.qk_nope_head_dim + args.qk_rope_head_dim + args.v_head_dim) * keys
-    values = ACT_SCORES * scores + ACT_INTERMEDIATE * chunk * inter + ACT_MLA * mla
-    return int(itemsize * batch * values)
+    values = policy.compute * batch
+    return RuntimeTerms(
+        scores=values * args.num_attention_heads * queries * keys,
+        intermediate=values * chunk * max(args.intermediate_size, k * moe),
+        mla=values * mla,
+        dequant=cpu and context > 1 and any(_prefill_dequantized(plan)),
+        cast=tuple(t.nbytes for t in plan.tensors if policy.itemsize(t) != DTYPE_BYTES[t.dtype]),
+        kv=kv, tokenizer=tokenizer,
+    )
 
 
-def cast_bytes(plan: Plan, policy: MemoryPolicy) -> list[int]:
-    """Source bytes of each tensor the loader converts to another dtype as it loads."""
-    return [t.nbytes for t in plan.tensors if policy.itemsize(t) != DTYPE_BYTES[t.dtype]]
+def overhead_bytes(t: RuntimeTerms, c: Calibration = CALIBRATION) -> int:
+    """Everything but weights and KV cache at the peak: the process, the live activations of the largest
+    prefill chunk, and the freed buffers MLX's cache and the C heap keep (from casting at load, KV cache
+    growth and activations). Loading is never the peak: the loader casts one tensor at a time and its
+    source is not kept (measured: a fitted weight of 0 for the largest cast tensor)."""
+    act = c.scores * t.scores + c.intermediate * t.intermediate + c.mla * t.mla + c.dequant * t.dequant
+    retained = min(c.retained_cap, c.retained_share * (sum(t.cast) + act + t.kv))
+    return int(c.base + t.tokenizer + act + retained)
 
 
 def tokenizer_bytes(folder: Path | None) -> int:
@@ -138,35 +168,8 @@ def tokenizer_bytes(folder: Path | None) -> int:
 
 
 def _prefill_dequantized(plan: Plan) -> list[PlannedTensor]:
-    """On the CPU a quantized linear prefills by dequantizing its weight (``edge_llm.models.layers``):
-    every one used in prefill (not routed experts, not the output head or the embedding)."""
+    """On the CPU a quantized linear prefills by dequantizing its weight a block of rows at a time
+    (``edge_llm.models.layers``): every one used in prefill (not routed experts, not the output head or the
+    embedding)."""
     return [t for t in plan.tensors if t.kind == "packed" and not t.expert
             and not t.name.startswith(("lm_head.", "model.embed_tokens."))]
-
-
-def dequantized_prefill_values(plan: Plan) -> int:
-    """The largest weight dequantized for prefill: a float transient."""
-    return max((t.params for t in _prefill_dequantized(plan)), default=0)
-
-
-def dequantize_churn_values(plan: Plan) -> int:
-    """Float copies of scales and offsets made for every prefill dequantization: small buffers allocated
-    and freed once per layer, which fragment the C heap."""
-    module_scales = {f"{t.name.rsplit('.', 1)[0]}.scales" for t in _prefill_dequantized(plan)}
-    return sum(2 * math.prod(t.shape) for t in plan.tensors if t.name in module_scales)
-
-
-def overhead_bytes(model: Any, plan: Plan, policy: MemoryPolicy, context: int, batch: int, kv: int,
-                   tokenizer: int, cpu: bool) -> int:
-    """Everything but weights and KV cache at the peak: the process, plus the larger of the running peak
-    (activations) and the loading peak (the largest tensor held twice while cast), plus the freed buffers
-    the allocator keeps (from casting at load, KV cache growth and activations)."""
-    act = activation_bytes(model, context, batch, policy.compute)
-    churn = 0
-    if cpu and context > 1:
-        act += int(ACT_DEQUANT * dequantized_prefill_values(plan) * policy.compute)
-        churn = int(DEQUANT_CHURN * dequantize_churn_values(plan) * policy.compute)
-    cast = cast_bytes(plan, policy)
-    retained = min(RETAINED_CAP, int(RETAINED_SHARE * (sum(cast) + act + kv))) + churn
-    loading = max(cast, default=0) - kv  # the loading peak has no KV cache yet
-    return PROCESS_BASE_BYTES + tokenizer + max(act, loading) + retained

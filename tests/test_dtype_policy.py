@@ -79,7 +79,7 @@ def test_half_weights_stay_half_and_logits_equal_float32(bf16_llama):
 
 
 def test_output_projection_upcasts_in_blocks(monkeypatch):
-    monkeypatch.setattr(layers, "UPCAST_BLOCK_BYTES", 3 * 16 * 4)  # 3 rows of 16 per block: 7 blocks of 20 rows
+    monkeypatch.setattr(layers, "BLOCK_BYTES", 3 * 16 * 4)  # 3 rows of 16 per block: 7 blocks of 20 rows
     emb, head = nn.Embedding(20, 16), nn.Linear(16, 20, bias=True)
     emb.set_dtype(mx.bfloat16)
     head.set_dtype(mx.bfloat16)
@@ -102,6 +102,25 @@ def test_quantized_linear_prefill_path_equals_quantized_matmul():
     for rows in (1, layers.DEQUANTIZE_MIN_ROWS, 40):  # decode, and the dequantize + matmul path
         x = mx.random.normal((1, rows, 128))
         np.testing.assert_allclose(np.array(fast(x)), np.array(q(x)), atol=1e-4, rtol=1e-5)
+
+
+def test_quantized_linear_prefill_dequantizes_a_block_at_a_time():
+    """The float copy of a quantized weight exists a block of rows at a time, not whole: the peak above
+    the inputs stays within a few blocks (the whole matrix would be 16 MB here, twice that while made)."""
+    base = nn.Linear(1024, 4096)
+    q = layers.QuantizedLinear.of(nn.QuantizedLinear.from_linear(base, 64, 4))
+    x = mx.random.normal((1, 64, 1024))
+    mx.eval(q.parameters(), x)
+    expected = np.array(nn.QuantizedLinear.__call__(q, x))
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    out = q(x)
+    mx.eval(out)
+    transient = mx.get_peak_memory() - before
+    np.testing.assert_allclose(np.array(out), expected, atol=1e-4, rtol=1e-5)
+    # two blocks in flight, each made in two steps, plus the products and their concatenation
+    assert transient < 5 * layers.BLOCK_BYTES + 2 * out.nbytes, transient / 1e6
 
 
 def test_quantized_checkpoint_keeps_half_scales_and_fast_layers(tmp_path):

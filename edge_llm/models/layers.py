@@ -5,10 +5,11 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-# A half-precision output projection under float32 activations is upcast this many bytes of rows at a
-# time (about one core's L2): the whole table at once would be a vocab x hidden float32 transient every
-# step (113 MB for SmolLM2's tied embedding, 0.5 GB for a 7B's lm_head), slower too, as it leaves the cache.
-UPCAST_BLOCK_BYTES = 2 << 20
+# Weights converted for a float matmul (a half-precision table upcast, a quantized matrix dequantized) are
+# converted this many bytes of rows at a time (about one core's L2), each block after the previous block's
+# product: the whole matrix at once would be a float32 transient as large as the matrix (113 MB for
+# SmolLM2's tied embedding, 0.5 GB for a 7B's lm_head), slower too, as it leaves the cache.
+BLOCK_BYTES = 2 << 20
 
 ACTIVATIONS = {"silu": nn.silu, "gelu": nn.gelu, "gelu_pytorch_tanh": nn.gelu_approx, "relu": nn.relu}
 
@@ -46,14 +47,32 @@ def sliding_window_mask(queries: int, keys: int, window: int | None) -> str | mx
     return (k_pos <= q_pos) & (k_pos > q_pos - window)
 
 
+def blocked_matmul(x: mx.array, tensors: list[mx.array], convert, row_values: int) -> mx.array:
+    """``x @ W.T`` for a weight ``W = convert(*tensors)`` built a block of rows at a time.
+
+    ``tensors`` share their first axis (W's rows); ``row_values`` is the number of values in one row of W.
+    Each block's inputs depend on the previous block's product (``mx.depends``): MLX evaluates a graph
+    breadth-first, so independent blocks would otherwise all be converted before the first product and
+    the float transient would again be the whole matrix.
+    """
+    n = tensors[0].shape[0]
+    rows = max(1, BLOCK_BYTES // (row_values * x.dtype.size))
+    parts: list[mx.array] = []
+    for i in range(0, n, rows):
+        block = [t[i : i + rows] for t in tensors]
+        if parts:
+            block = mx.depends(block, parts[-1])
+        parts.append(x @ convert(*block).T)
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
+
+
 def output_projection(head: nn.Module, h: mx.array) -> mx.array:
     """Logits ``h [..., D] -> [..., V]`` through ``head``: a tied embedding table or an ``lm_head`` linear."""
     table = isinstance(head, (nn.Embedding, nn.QuantizedEmbedding))
     w = head.get("weight")
     if isinstance(head, (nn.QuantizedEmbedding, nn.QuantizedLinear)) or w is None or w.dtype == h.dtype:
         return head.as_linear(h) if table else head(h)
-    rows = max(1, UPCAST_BLOCK_BYTES // (w.shape[1] * h.dtype.size))
-    out = mx.concatenate([h @ w[i : i + rows].astype(h.dtype).T for i in range(0, w.shape[0], rows)], axis=-1)
+    out = blocked_matmul(h, [w], lambda block: block.astype(h.dtype), w.shape[1])
     return out + head.bias if "bias" in head else out
 
 
@@ -76,8 +95,11 @@ class QuantizedLinear(nn.QuantizedLinear):
     def __call__(self, x: mx.array) -> mx.array:
         if x.size // x.shape[-1] < DEQUANTIZE_MIN_ROWS or mx.default_device() != mx.cpu:
             return super().__call__(x)
-        biases = self.get("biases")
-        w = mx.dequantize(self["weight"], self["scales"].astype(x.dtype), None if biases is None else
-                          biases.astype(x.dtype), group_size=self.group_size, bits=self.bits, mode=self.mode)
-        out = x @ w.T
+        tensors = [self["weight"], self["scales"]] + ([self["biases"]] if "biases" in self else [])
+
+        def dequantize(weight: mx.array, scales: mx.array, biases: mx.array | None = None) -> mx.array:
+            return mx.dequantize(weight, scales.astype(x.dtype), None if biases is None else biases.astype(x.dtype),
+                                 group_size=self.group_size, bits=self.bits, mode=self.mode)
+
+        out = blocked_matmul(x, tensors, dequantize, self["weight"].shape[1] * 32 // self.bits)
         return out + self["bias"] if "bias" in self else out
