@@ -127,7 +127,7 @@ def prompt_of(tokens: int, model: Path) -> str:
 
 def run_and_estimate(model: Path, prompt_tokens: int, max_tokens: int = 8) -> dict:
     cmd = [sys.executable, "-m", "cli.main", "run", str(model), "--prompt", prompt_of(prompt_tokens, model),
-           "--max-tokens", str(max_tokens), "--temp", "0", "--json", "--force"]
+           "--max-tokens", str(max_tokens), "--temp", "0", "--json"]
     run = measure(cmd)
     data = json.loads(run.stdout)
     context = data["prompt_tokens"] + data["generation_tokens"]
@@ -148,7 +148,7 @@ def _estimate(run: dict, c: Calibration) -> int:
 
 
 def _terms(run: dict) -> RuntimeTerms:
-    return RuntimeTerms(**dict(run["terms"], cast=tuple(run["terms"]["cast"])))
+    return RuntimeTerms(**run["terms"])
 
 
 def _solve(runs: list[dict], share: float, cap: float, start: Calibration) -> Calibration:
@@ -166,8 +166,8 @@ def _solve(runs: list[dict], share: float, cap: float, start: Calibration) -> Ca
             t = _terms(r)
             act_vec = np.array([0, t.scores, t.intermediate, t.mla, float(t.dequant)])
             act = float(act_vec @ [getattr(c, f) for f in LINEAR])
-            capped = share * (sum(t.cast) + act + t.kv) >= cap
-            known = t.tokenizer + (cap if capped else share * (sum(t.cast) + t.kv))
+            capped = share * (t.cast + act + t.kv) >= cap
+            known = t.tokenizer + (cap if capped else share * (t.cast + t.kv))
             rows.append((np.eye(len(LINEAR))[0] + (1 if capped else 1 + share) * act_vec) / r["rss"])
             targets.append((r["rss"] - r["weights"] - r["kv"] - known) / r["rss"])
         a = np.array(rows)[:, [LINEAR.index(f) for f in free]]

@@ -7,9 +7,9 @@
   ``2 · layers · kv_heads · head_dim`` values per token for GQA (the config's head_dim), and
   ``layers · (kv_lora_rank + qk_rope_head_dim)`` for DeepSeek's MLA latent.
 - runtime: the process itself (interpreter, libraries, tokenizer), the activations of the largest
-  prefill chunk, the transient copy of a tensor cast while loading, and freed buffers MLX's cache and
-  the C allocator keep (``RuntimeTerms``). Their weights are measured: ``benchmarks/estimate_calibration.py
-  --fit`` fits ``Calibration`` to the peak RSS of real ``edge-llm run`` processes.
+  prefill chunk and the freed buffers MLX's cache and the C allocator keep (``RuntimeTerms``). Their
+  weights are measured: ``benchmarks/estimate_calibration.py --fit`` fits ``Calibration`` to the peak
+  RSS of real ``edge-llm run`` processes.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ class RuntimeTerms:
     intermediate: int  # feed-forward intermediates of a prefill chunk (routed experts see each token k times)
     mla: int  # MLA prefill: the latent expanded into per-head keys and values
     dequant: bool  # quantized linears prefill by dequantizing blocks of rows (the CPU)
-    cast: tuple[int, ...]  # source bytes of each tensor the loader converts to another dtype
+    cast: int  # source bytes of the tensors the loader converts to another dtype (freed as it loads)
     kv: int
     tokenizer: int
 
@@ -145,7 +145,7 @@ def runtime_terms(model: Any, plan: Plan, policy: MemoryPolicy, context: int, ba
         intermediate=values * chunk * max(args.intermediate_size, k * moe),
         mla=values * mla,
         dequant=cpu and context > 1 and any(_prefill_dequantized(plan)),
-        cast=tuple(t.nbytes for t in plan.tensors if policy.itemsize(t) != DTYPE_BYTES[t.dtype]),
+        cast=sum(t.nbytes for t in plan.tensors if policy.itemsize(t) != DTYPE_BYTES[t.dtype]),
         kv=kv, tokenizer=tokenizer,
     )
 
@@ -156,7 +156,7 @@ def overhead_bytes(t: RuntimeTerms, c: Calibration = CALIBRATION) -> int:
     growth and activations). Loading is never the peak: the loader casts one tensor at a time and its
     source is not kept (measured: a fitted weight of 0 for the largest cast tensor)."""
     act = c.scores * t.scores + c.intermediate * t.intermediate + c.mla * t.mla + c.dequant * t.dequant
-    retained = min(c.retained_cap, c.retained_share * (sum(t.cast) + act + t.kv))
+    retained = min(c.retained_cap, c.retained_share * (t.cast + act + t.kv))
     return int(c.base + t.tokenizer + act + retained)
 
 

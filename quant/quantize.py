@@ -207,8 +207,8 @@ def _copy_packed(tensors: list[PlannedTensor], packed: tuple[mx.array, mx.array,
 
 
 def _convert(checkpoint: Checkpoint, name: str, w: mx.array, tensors: list[PlannedTensor], writer: ShardWriter,
-             packed: tuple[mx.array, mx.array, mx.array] | None = None) -> int:
-    copied = _copy_packed(tensors, packed, writer)
+             original: tuple[mx.array, mx.array, mx.array] | None = None) -> int:
+    copied = _copy_packed(tensors, original, writer)
     if copied is not None:
         return copied
     mx.eval(w)

@@ -9,31 +9,20 @@ benchmarks/estimate_calibration.py measures more models and contexts and records
 
 from __future__ import annotations
 
-import json
-import sys
-
 import pytest
 
-from benchmarks.estimate_calibration import MOE_SHAPES, build_random_quantized, prompt_of
-from benchmarks.harness import measure
-from quant.estimate import Machine, estimate_checkpoint
+from benchmarks.estimate_calibration import MOE_SHAPES, build_random_quantized, run_and_estimate
 from quant.quantize import quantize
-from quant.remote import locate
 
 pytestmark = pytest.mark.slow
 TOLERANCE = 0.10
 
 
 def check(model, prompt_tokens: int) -> None:
-    run = measure([sys.executable, "-m", "cli.main", "run", str(model), "--prompt", prompt_of(prompt_tokens, model),
-                   "--max-tokens", "4", "--temp", "0", "--json"])
-    data = json.loads(run.stdout)
-    context = data["prompt_tokens"] + data["generation_tokens"]
-    checkpoint, folder = locate(str(model))
-    estimate = estimate_checkpoint(checkpoint, context=context, machine=Machine.this(), folder=folder).requested
-    error = estimate.total_bytes / run.max_rss_bytes - 1
-    assert abs(error) <= TOLERANCE, (f"{model.name} at {context} tokens: estimate {estimate.total_bytes / 1e6:.1f} MB, "
-                                     f"measured {run.max_rss_bytes / 1e6:.1f} MB ({error:+.1%})")
+    r = run_and_estimate(model, prompt_tokens, max_tokens=4)
+    error = r["estimate"] / r["rss"] - 1
+    assert abs(error) <= TOLERANCE, (f"{model.name} at {r['context']} tokens: estimate {r['estimate'] / 1e6:.1f} MB, "
+                                     f"measured {r['rss'] / 1e6:.1f} MB ({error:+.1%})")
 
 
 @pytest.mark.parametrize("prompt_tokens", [40, 300])
