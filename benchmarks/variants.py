@@ -7,6 +7,7 @@ Variants of one choice are loaded side by side in one process and run interleave
                                             #   table upcast blockwise / everything in bf16 (as mlx-lm)
     python -m benchmarks.variants qprefill  # 4-bit prefill: dequantize + BLAS vs MLX's quantized matmul
     python -m benchmarks.variants block     # 4-bit prefill: dequantize a block of rows at a time vs whole
+    python -m benchmarks.variants upcast    # bf16 MoE decode: output head upcast in chained vs independent blocks
     python -m benchmarks.variants chunk     # prefill chunk size: tok/s and transient memory
     python -m benchmarks.variants mla       # MoE decode: absorbed MLA maps quantized vs dequantized copy
     python -m benchmarks.variants glu       # prefill: mx.compile'd SwiGLU vs eager
@@ -35,6 +36,7 @@ from edge_llm.sampling import Sampler, SamplingParams
 DENSE = Path("/tmp/edge-llm-bench/smollm2-bf16")
 DENSE_Q4 = Path("/tmp/edge-llm-bench/smollm2-q4-edge-llm")
 MOE_Q4 = Path("/tmp/edge-llm-moe-bench/v2-lite-shaped-bf16-q4-edge-llm")
+MOE_BF16 = Path("/tmp/edge-llm-moe-bench/v2-lite-shaped-bf16")
 
 
 def prompt(vocab: int, n: int) -> list[int]:
@@ -140,6 +142,27 @@ def block_variants(folder: Path, rounds: int, context: int) -> dict[str, float]:
         layers.BLOCK_BYTES = default
 
 
+def upcast_variants(folder: Path, rounds: int, block: int, context: int) -> dict[str, float]:
+    model = load_model(folder)
+    tokens = prompt(model.args.vocab_size, context)
+    chained = layers.blocked_matmul
+
+    def independent(x, tensors, convert, row_values):  # the blocks with no order between them
+        rows = max(1, layers.BLOCK_BYTES // (row_values * x.dtype.size))
+        return mx.concatenate([x @ convert(*[t[i : i + rows] for t in tensors]).T
+                               for i in range(0, tensors[0].shape[0], rows)], axis=-1)
+
+    def use(f):
+        return lambda: setattr(layers, "blocked_matmul", f)
+
+    try:
+        gens = {"chained blocks (default)": decoder(model, tokens), "independent blocks": decoder(model, tokens)}
+        return interleave(gens, rounds, block, {"chained blocks (default)": use(chained),
+                                                "independent blocks": use(independent)})
+    finally:
+        layers.blocked_matmul = chained
+
+
 def chunk_variants(folder: Path, rounds: int, context: int, chunks: list[int]) -> dict[str, float]:
     model = load_model(folder)
     tokens = prompt(model.args.vocab_size, context)
@@ -208,6 +231,8 @@ TITLES = {
                  "MB = transient above weights and cache."),
     "block": ("4-bit prefill: dequantized block size (0.4B DeepSeek-V2-Lite-shaped MoE 4-bit)", "prefill tok/s",
               "MB = transient above weights and cache (MLX's count)."),
+    "upcast": ("bf16 MoE decode: output head upcast in chained vs independent blocks (0.4B MoE bf16)",
+               "decode tok/s", ""),
     "chunk": ("Prefill chunk size (SmolLM2-135M bf16)", "prefill tok/s", "MB = transient above weights and cache."),
     "mla": ("MoE decode: MLA absorbed maps on the CPU (0.4B MoE 4-bit)", "decode tok/s", ""),
     "glu": ("Prefill: compiled SwiGLU (SmolLM2-135M bf16)", "prefill tok/s", "MB = transient above weights and cache."),
@@ -231,6 +256,8 @@ def main() -> None:
         results = qprefill_variants(a.model or DENSE_Q4, a.rounds, a.context or 512)
     elif a.choice == "block":
         results = block_variants(a.model or MOE_Q4, a.rounds, a.context or 512)
+    elif a.choice == "upcast":
+        results = upcast_variants(a.model or MOE_BF16, a.rounds, a.block, a.context or 256)
     elif a.choice == "chunk":
         results = chunk_variants(a.model or DENSE, a.rounds, a.context or 1024, [int(c) for c in a.chunks.split(",")])
     elif a.choice == "mla":
