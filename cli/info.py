@@ -9,6 +9,7 @@ import typer
 from edge_llm.checkpoint import read_checkpoint
 from edge_llm.hub import resolve_model
 from edge_llm.modelinfo import describe
+from edge_llm.sampling_defaults import SamplingSettings, model_settings
 from edge_llm.tokenizer import describe_tokenizer
 
 from .common import human_bytes, human_count, user_errors
@@ -39,8 +40,9 @@ def info(
         "vocab_size": tok.vocab_size,
         "chat_template": tok.chat_template,
     }
+    settings = model_settings(checkpoint)
     if as_json:
-        print(json.dumps(facts))
+        print(json.dumps({**facts, "sampling": settings.as_dict()}))
         return
     shown = dict(facts)
     shown["params_total"] = human_count(m.params_total)
@@ -50,3 +52,12 @@ def info(
     for key, value in shown.items():
         if value is not None:
             print(f"{key.replace('_', ' '):>15}: {value}")
+    print(f"{'sampling':>15}: {sampling_line(settings)}")
+
+
+def sampling_line(settings: SamplingSettings) -> str:
+    """``temperature 0.2, top_p 0.9 (model card); top_k 40 (edge-llm default)``: values grouped by source."""
+    by_source: dict[str, list[str]] = {}
+    for name, s in settings.settings.items():
+        by_source.setdefault(s.source, []).append(f"{name} {s.value:g}")
+    return "; ".join(f"{', '.join(values)} ({source})" for source, values in by_source.items())

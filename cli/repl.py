@@ -5,11 +5,12 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from edge_llm.chat import ChatSession
+from edge_llm.errors import EdgeLLMError
+from edge_llm.sampling_defaults import SamplingSettings
 
 from .common import err, human_bytes
 
@@ -21,6 +22,7 @@ except ImportError:  # pragma: no cover - Windows
 HELP = """\
 Commands:
   /help                 this help
+  /show                 the model, the chat template and the settings in force (with where each came from)
   /clear                forget the conversation (the system prompt stays)
   /system TEXT          set the system prompt (empty clears it) and start over
   /set NAME VALUE       temp, top_p, top_k, min_p, repetition_penalty, seed, max_tokens
@@ -28,15 +30,22 @@ Commands:
   /bye                  leave (or Ctrl-D)
 Enclose several lines in \"\"\" to send them as one message. Ctrl-C stops an answer."""
 
-SETTINGS: dict[str, tuple[str, Callable[[str], object]]] = {
-    "temp": ("temperature", float),
-    "temperature": ("temperature", float),
-    "top_p": ("top_p", float),
-    "top_k": ("top_k", int),
-    "min_p": ("min_p", float),
-    "repetition_penalty": ("repetition_penalty", float),
-    "seed": ("seed", int),
+# /set NAME -> the sampling setting it changes ("seed" and "max_tokens" are the session's own)
+SETTINGS = {
+    "temp": "temperature", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+    "min_p": "min_p", "repetition_penalty": "repetition_penalty",
 }
+SET_BY_USER = "set in this chat"
+
+
+@dataclass
+class ChatState:
+    """What the REPL knows beyond the session: the model's name and path, the settings and their sources."""
+
+    name: str
+    path: str
+    settings: SamplingSettings
+    about: str = ""  # one line on the model: architecture, parameters, quantization, context
 
 
 @contextmanager
@@ -81,7 +90,7 @@ def stats_line(session: ChatSession) -> str:
     )
 
 
-def apply_command(session: ChatSession, line: str) -> bool:
+def apply_command(session: ChatSession, state: ChatState, line: str) -> bool:
     """Runs a slash command; returns False when the user leaves."""
     name, _, arg = line[1:].partition(" ")
     arg = arg.strip()
@@ -89,6 +98,8 @@ def apply_command(session: ChatSession, line: str) -> bool:
         return False
     if name in ("help", "?"):
         print(HELP)
+    elif name == "show":
+        print(show(session, state))
     elif name == "clear":
         session.clear()
         err.print("conversation cleared")
@@ -99,30 +110,49 @@ def apply_command(session: ChatSession, line: str) -> bool:
     elif name == "stats":
         err.print(stats_line(session))
     elif name == "set":
-        set_option(session, arg)
+        set_option(session, state, arg)
     else:
         err.print(f"unknown command /{name}; /help lists them")
     return True
 
 
-def set_option(session: ChatSession, arg: str) -> None:
+def set_option(session: ChatSession, state: ChatState, arg: str) -> None:
     key, _, value = arg.partition(" ")
     value = value.strip()
+    names = [*SETTINGS, "seed", "max_tokens"]
+    if key not in names or not value:
+        missing = f"no value given for {key}; " if key in names else ""
+        err.print(f"{missing}usage: /set NAME VALUE, NAME one of {', '.join(names)}", soft_wrap=True)
+        return
     try:
         if key == "max_tokens":
             if int(value) < 1:
                 raise ValueError("max_tokens must be >= 1")
             session.max_tokens = int(value)
-        elif key in SETTINGS:
-            field, parse = SETTINGS[key]
-            session.params = replace(session.params, **{field: parse(value)})
+        elif key == "seed":
+            session.params = replace(session.params, seed=int(value))
         else:
-            err.print(f"usage: /set {{{'|'.join(list(SETTINGS) + ['max_tokens'])}}} VALUE")
-            return
+            number = int(value) if key == "top_k" else float(value)
+            state.settings = state.settings.override(SET_BY_USER, **{SETTINGS[key]: number})
+            session.params = state.settings.params(session.params.seed)
     except ValueError as e:
-        err.print(f"cannot set {key} to {value!r}: {e}")
+        reason = "not a number" if "invalid literal" in str(e) or "could not convert" in str(e) else e
+        err.print(f"cannot set {key} to {value!r}: {reason}", soft_wrap=True)
         return
     err.print(f"{key} = {value}")
+
+
+def show(session: ChatSession, state: ChatState) -> str:
+    """/show: the model, its chat template, the settings in force and where each came from."""
+    tok = session.tokenizer
+    template = ("the model's own" if "default" in tok.chat_templates
+                else "none in the model: plain 'System:/User:/Assistant:' turns")
+    rows = [("model", f"{state.name} ({state.path})"), ("", state.about), ("chat template", template),
+            ("system prompt", session.system or "(none)")]
+    rows += [(name, f"{s.value:<8g} {s.source}") for name, s in state.settings.settings.items()]
+    rows += [("seed", "none (random)" if session.params.seed is None else str(session.params.seed)),
+             ("max_tokens", str(session.max_tokens))]
+    return "\n".join(f"{k:>18}  {v}" for k, v in rows if v)
 
 
 def answer(session: ChatSession, text: str, interrupt: threading.Event) -> None:
@@ -138,8 +168,8 @@ def answer(session: ChatSession, text: str, interrupt: threading.Event) -> None:
     err.print(stats_line(session), style="dim")
 
 
-def repl(session: ChatSession, name: str) -> None:
-    err.print(f"chatting with {name}; /help for commands, /bye or Ctrl-D to leave")
+def repl(session: ChatSession, state: ChatState) -> None:
+    err.print(f"chatting with {state.name}; /help for commands, /bye or Ctrl-D to leave")
     interrupt = threading.Event()
     while True:
         try:
@@ -154,7 +184,10 @@ def repl(session: ChatSession, name: str) -> None:
         if not line.strip():
             continue
         if line.startswith("/"):
-            if not apply_command(session, line.strip()):
+            if not apply_command(session, state, line.strip()):
                 return
             continue
-        answer(session, line, interrupt)
+        try:
+            answer(session, line, interrupt)
+        except EdgeLLMError as e:  # e.g. a message longer than the context: say so, keep the chat
+            err.print(f"[bold red]error:[/] {e}", soft_wrap=True)

