@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from contextlib import nullcontext
 
 import typer
@@ -21,7 +22,7 @@ from quant.fit import check_fits
 
 from .common import err, human_count, user_errors
 from .prompt_input import one_shot_prompt
-from .repl import ChatState, repl, stats_line
+from .repl import ChatState, repl, sigint_sets, stats_line
 
 FROM_MODEL = "default: the model's (`edge-llm info` shows it)"
 
@@ -90,17 +91,24 @@ def describe_line(checkpoint) -> str:
             f"{m.quantization or m.dtype}, context {m.context_length or '?'} tokens")
 
 
+def _stream(session: ChatSession, prompt: str, interrupt: threading.Event, quiet: bool):
+    for chunk in session.ask(prompt, interrupt=interrupt):
+        if not quiet and chunk.text:
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+        yield chunk
+
+
 def answer_once(session: ChatSession, prompt: str, model: str, *, as_json: bool, verbose: bool) -> None:
     """Streams (or, with --json, collects) one answer; Ctrl-C keeps what was said and exits 130."""
     answer, tokens, stats = [], [], None
-    for chunk in session.ask(prompt):
+    with sigint_sets(threading.Event()) as interrupt:  # Ctrl-C ends the answer cleanly, not mid-write
+        chunks = list(_stream(session, prompt, interrupt, as_json))
+    for chunk in chunks:
         if chunk.token is not None:
             tokens.append(chunk.token)
         answer.append(chunk.text)
         stats = chunk.stats or stats
-        if not as_json and chunk.text:
-            sys.stdout.write(chunk.text)
-            sys.stdout.flush()
     if as_json:
         print(json.dumps({
             "text": "".join(answer),
