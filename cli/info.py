@@ -6,8 +6,7 @@ import json
 
 import typer
 
-from edge_llm.checkpoint import read_checkpoint
-from edge_llm.hub import resolve_model
+from edge_llm.hub_remote import read_model_headers
 from edge_llm.modelinfo import describe
 from edge_llm.sampling_defaults import SamplingSettings, model_settings
 from edge_llm.tokenizer import describe_tokenizer
@@ -21,11 +20,13 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Show architecture, parameters, dtype/quantization, context length and tokenizer."""
-    checkpoint = read_checkpoint(resolve_model(model))
+    found = read_model_headers(model)  # a Hub repo not in the cache: config and headers only, nothing pulled
+    checkpoint, remote = found.checkpoint, found.remote
     m = describe(checkpoint)
-    tok = describe_tokenizer(checkpoint.path)
+    tok = describe_tokenizer(checkpoint.path) if remote is None else remote.tokenizer_info()
     facts = {
-        "model": str(m.path),
+        "model": str(m.path) if remote is None else remote.where,
+        "downloaded": remote is None,
         "architecture": m.architecture,
         "model_type": m.model_type,
         "params_total": m.params_total,
@@ -49,6 +50,8 @@ def info(
     shown["params_active"] = human_count(m.params_active)
     shown["size_bytes"] = human_bytes(m.size_bytes)
     shown["quantization"] = m.quantization or "none"
+    shown["downloaded"] = None if remote is None else (f"no: config and safetensors headers read from "
+                                                       f"{remote.endpoint}; `edge-llm pull {remote.where}` gets it")
     for key, value in shown.items():
         if value is not None:
             print(f"{key.replace('_', ' '):>15}: {value}")

@@ -44,12 +44,12 @@ def check_repo_id(ref: str) -> None:
                        "e.g. mlx-community/Llama-3.2-1B-Instruct-4bit")
 
 
-def resolve_model(ref: str | Path, *, revision: str | None = None, cache_dir: str | Path | None = None,
-                  observer: PullObserver | None = None) -> Path:
-    """The local folder for ``ref``: a folder as is; a Hub repo id from the cache, pulled when missing.
+def find_local(ref: str | Path, *, revision: str | None = None, cache_dir: str | Path | None = None) -> Path | None:
+    """The folder or GGUF file ``ref`` names on this machine, or None for a Hub repo id to ask the Hub about.
 
-    Raises CheckpointError when ``ref`` is neither a folder nor a repo id, HubError when the repo cannot
-    be had (offline and not cached, gated, missing, unreachable, unsupported).
+    The branches every command shares (``resolve_model`` pulls what this leaves to the Hub; the header-only
+    reader in ``hub_remote`` reads it remotely). Raises CheckpointError when ``ref`` is neither a path nor a
+    repo id, HubError when it is a repo id that is not cached and HF_HUB_OFFLINE=1 forbids asking the Hub.
     """
     path = Path(ref).expanduser()
     if path.exists():
@@ -60,7 +60,7 @@ def resolve_model(ref: str | Path, *, revision: str | None = None, cache_dir: st
     if not is_repo_id(text):
         raise CheckpointError(f"{ref}: no such model folder (a Hub model is named owner/name)")
     from .hub_cache import cached_snapshot, hub_cache_dir
-    from .hub_pull import hub_endpoint, offline, pull
+    from .hub_pull import offline
 
     snapshot = cached_snapshot(text, revision or "main", cache_dir)
     if snapshot is not None:
@@ -69,6 +69,22 @@ def resolve_model(ref: str | Path, *, revision: str | None = None, cache_dir: st
     if offline():
         raise HubError(f"{text}: not a local folder, and not in the Hub cache ({hub_cache_dir(cache_dir)}); "
                        f"HF_HUB_OFFLINE=1 forbids downloading it: unset HF_HUB_OFFLINE or `edge-llm pull {text}`")
+    return None
+
+
+def resolve_model(ref: str | Path, *, revision: str | None = None, cache_dir: str | Path | None = None,
+                  observer: PullObserver | None = None) -> Path:
+    """The local folder for ``ref``: a folder as is; a Hub repo id from the cache, pulled when missing.
+
+    Raises CheckpointError when ``ref`` is neither a folder nor a repo id, HubError when the repo cannot
+    be had (offline and not cached, gated, missing, unreachable, unsupported).
+    """
+    local = find_local(ref, revision=revision, cache_dir=cache_dir)
+    if local is not None:
+        return local
+    from .hub_pull import hub_endpoint, pull
+
+    text = str(ref)
     observer = observer or (_observer_factory() if _observer_factory else PullObserver())
     note = f"{text} is not in the Hub cache: pulling it from {hub_endpoint()}"
     log.info(note)

@@ -26,6 +26,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -166,28 +167,15 @@ def pull(repo_id: str, revision: str | None = None, *, verify: bool = False, obs
 
 def _pull(repo_id, revision, verify, observer, cache: Path, endpoint, token) -> PullResult:
     from huggingface_hub import HfApi
-    from huggingface_hub.hf_api import RepoFile
 
     api = HfApi(endpoint=endpoint, token=token)
-    commit = api.model_info(repo_id, revision=revision).sha
-    tree = {
-        f.path: RemoteFile(f.path, f.size, f.lfs.sha256 if f.lfs else None, f.blob_id)
-        for f in api.list_repo_tree(repo_id, revision=commit, recursive=True)
-        if isinstance(f, RepoFile)
-    }
+    commit, tree = repo_tree(api, repo_id, revision)
     where = f"{repo_id}@{revision}" if revision != "main" else repo_id
-    if "config.json" not in tree:
-        raise HubError(f"{where}: no config.json, so not a transformers/MLX checkpoint edge-llm can run")
     snapshot = repo_folder(repo_id, cache) / "snapshots" / commit
     present = {p for p in tree if (snapshot / p).is_file()}  # before this run
     fetch = functools.partial(_fetch, repo_id, commit, cache, endpoint, token)
     early: dict[str, float] = {}  # files fetched before the plan exists -> seconds taken
-    check_config(where, fetch(tree["config.json"], timings=early))
-    if not any("/" not in p and p.endswith(".safetensors") for p in tree):
-        pickles = [p for p in tree if "/" not in p and p.endswith(PICKLE_SUFFIXES)]
-        hint = f" (only {pickles[0]}: pickled weights, which edge-llm never loads)" if pickles else ""
-        raise HubError(f"{where}: no *.safetensors weights{hint}; pick a safetensors or mlx-community repo")
-    shards = read_index(fetch(tree[INDEX], timings=early)) if INDEX in tree else None
+    shards = check_repo(where, tree, functools.partial(fetch, timings=early))
     files = select_files(tree, shards)
     plan = PullPlan(repo_id, revision, commit, hub_endpoint(endpoint), files, cached={f.path for f in files} & present)
     remove_stale_partials(repo_folder(repo_id, cache))
@@ -209,6 +197,38 @@ def _pull(repo_id, revision, verify, observer, cache: Path, endpoint, token) -> 
     if verify:
         result = verify_files(api, result, tree, fetch, observer, cache)
     return result
+
+
+def repo_tree(api, repo_id: str, revision: str | None) -> tuple[str, dict[str, RemoteFile]]:
+    """The commit ``revision`` points to and the repo's files at it.
+
+    The first request is bounded by HF_HUB_ETAG_TIMEOUT and is made once: with no network it fails at
+    once, before any call that huggingface_hub retries (``hf_hub_download`` re-asks five times with
+    back-off, ~24 s, when it cannot reach the Hub and has no cached copy).
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.hf_api import RepoFile
+
+    commit = api.model_info(repo_id, revision=revision, timeout=constants.HF_HUB_ETAG_TIMEOUT).sha
+    tree = {
+        f.path: RemoteFile(f.path, f.size, f.lfs.sha256 if f.lfs else None, f.blob_id)
+        for f in api.list_repo_tree(repo_id, revision=commit, recursive=True)
+        if isinstance(f, RepoFile)
+    }
+    return commit, tree
+
+
+def check_repo(where: str, tree: dict[str, RemoteFile], fetch: Callable[[RemoteFile], Path]) -> list[str] | None:
+    """Refuses a repo edge-llm cannot run, from its file list and config.json (``fetch`` gets a file);
+    returns the index's weight files, or None when the repo has no index."""
+    if "config.json" not in tree:
+        raise HubError(f"{where}: no config.json, so not a transformers/MLX checkpoint edge-llm can run")
+    check_config(where, fetch(tree["config.json"]))
+    if not any("/" not in p and p.endswith(".safetensors") for p in tree):
+        pickles = [p for p in tree if "/" not in p and p.endswith(PICKLE_SUFFIXES)]
+        hint = f" (only {pickles[0]}: pickled weights, which edge-llm never loads)" if pickles else ""
+        raise HubError(f"{where}: no *.safetensors weights{hint}; pick a safetensors or mlx-community repo")
+    return read_index(fetch(tree[INDEX])) if INDEX in tree else None
 
 
 def _fetch(repo_id: str, commit: str, cache: Path, endpoint, token, file: RemoteFile,

@@ -6,15 +6,12 @@ pulled that could not run), and names what would fit instead.
 
 from __future__ import annotations
 
-import logging
 import shlex
 
-from edge_llm.errors import HubError, MemoryBudgetError
+from edge_llm.errors import MemoryBudgetError
 
 from .estimate import Estimate, Machine, estimate_checkpoint
 from .remote import locate
-
-log = logging.getLogger(__name__)
 
 DEFAULT_CONTEXT = 4096
 
@@ -39,14 +36,12 @@ def refusal(est: Estimate, ref: str) -> str:
     return f"{need}; at {best.label} it needs {_gb(best.total_bytes)} and fits: `{cmd}`; or pass --force to try anyway"
 
 
-def check_fits(ref: str, context: int | None = None, machine: Machine | None = None) -> Estimate | None:
-    """Raises MemoryBudgetError when ``ref`` (as stored) won't fit; returns the estimate, or None when the
-    model could not be examined before loading (the loader then reports the real problem)."""
-    try:
-        checkpoint, folder = locate(ref)
-    except HubError as e:
-        log.info("memory check skipped: %s", e)
-        return None
+def check_fits(ref: str, context: int | None = None, machine: Machine | None = None) -> Estimate:
+    """Raises MemoryBudgetError when ``ref`` (as stored) won't fit; returns the estimate.
+
+    A reference that cannot be read (unreachable Hub, gated or missing repo) raises here, once, with the
+    line the loader would print: pulling after a failed header read would only ask the Hub again."""
+    checkpoint, folder = locate(ref)
     if context is None:
         context = min(int(checkpoint.config.get("max_position_embeddings") or DEFAULT_CONTEXT), DEFAULT_CONTEXT)
     est = estimate_checkpoint(checkpoint, context=context, machine=machine, name=ref, folder=folder)

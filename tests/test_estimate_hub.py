@@ -70,7 +70,7 @@ def test_remote_estimate_equals_local_and_reads_headers_only(hub, tmp_path):
 def test_remote_errors_are_one_line(hub, tmp_path):
     server, _ = hub
     env = cli_env(server.url, tmp_path / "hf")
-    for repo, message in (("org/gated", "gated"), ("org/missing", "no such repo")):
+    for repo, message in (("org/gated", "gated"), ("org/missing", "no such model repo")):
         proc = run_cli("estimate", repo, env=env)
         assert proc.returncode == 1 and message in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0
