@@ -84,6 +84,7 @@ class Estimate:
     rows: list[Row]
     exact: bool = True  # False for --params rough answers
     shape_of: str | None = None  # rough mode: the reference config used
+    assumed_shape: dict[str, Any] | None = None  # rough mode: its numbers (reference.describe_shape)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -98,6 +99,7 @@ class Estimate:
         r = self.requested
         return {
             "model": self.model, "model_type": self.model_type, "exact": self.exact, "shape_of": self.shape_of,
+            "assumed_shape": self.assumed_shape,
             "params_total": self.params_total, "params_active": self.params_active,
             "bits": r.bits, "group_size": r.group_size, "precision": r.label,
             "context": self.context, "batch": self.batch, "kv_bits": self.kv_bits,
@@ -219,8 +221,9 @@ def estimate(model: str | None = None, bits: int | None = None, group_size: int 
 
 def estimate_rough(params: int, arch: str, bits: int | None, group_size: int, context: int, batch: int,
                    kv_bits: int | None, machine: Machine | None) -> Estimate:
-    """``--params 7B --arch llama``: the nearest public shape of that architecture, scaled to ``params``."""
-    shapes = reference.candidates(arch)
+    """``--params 7B --arch llama``: the nearest public shape of that family, scaled to ``params``."""
+    family = reference.family_of(arch)
+    shapes = reference.candidates(family)
     sizes = {}
     for name, config in shapes.items():
         checkpoint = config_only(config, name)
@@ -229,11 +232,16 @@ def estimate_rough(params: int, arch: str, bits: int | None, group_size: int, co
         sizes[name] = plan.params_total
     ref = reference.nearest(sizes, params)
     result = estimate_checkpoint(config_only(shapes[ref], ref), bits if bits is not None else 16, group_size,
-                                 context, batch, kv_bits, machine, name=f"{params / 1e9:.3g}B {arch}",
+                                 context, batch, kv_bits, machine, name=f"{params / 1e9:.3g}B {family}",
                                  scale=params / sizes[ref])
+    shape = reference.describe_shape(shapes[ref])
     result.exact, result.shape_of = False, ref
-    result.notes.append(f"rough: weights scaled from {ref}'s shape to {params / 1e9:.3g}B parameters; "
-                        "KV cache and runtime as for that shape")
+    result.assumed_shape = dict(name=ref, family=family, params=sizes[ref], **shape)
+    result.notes.append(f"rough: assumed the shape of {ref} ({reference.shape_words(shape)}; "
+                        f"{sizes[ref] / 1e9:.3g}B parameters), weights scaled to {params / 1e9:.3g}B; KV cache and "
+                        "runtime as for that shape")
+    if family in reference.STAND_INS:
+        result.notes.append(reference.STAND_INS[family])
     return result
 
 

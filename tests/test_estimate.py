@@ -202,7 +202,7 @@ def test_estimate_equals_quantize_output_for_every_architecture(arch, tmp_path):
 
 def test_rough_mode():
     runner = CliRunner()
-    result = runner.invoke(app, ["estimate", "--params", "7B", "--arch", "llama", "--bits", "4", "--json"])
+    result = runner.invoke(app, ["estimate", "--params", "7B", "--arch", "llama2", "--bits", "4", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["exact"] is False and data["shape_of"] == "Llama-2-7B" and data["params_total"] == 7_000_000_000
