@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 from edge_llm.chat import ChatSession
-from edge_llm.errors import EdgeLLMError
+from edge_llm.errors import ContextError, EdgeLLMError
 from edge_llm.sampling_defaults import SamplingSettings
 
 from .common import err, human_bytes
@@ -156,15 +156,22 @@ def show(session: ChatSession, state: ChatState) -> str:
 
 
 def answer(session: ChatSession, text: str, interrupt: threading.Event) -> None:
-    with sigint_sets(interrupt):
-        for chunk in session.ask(text, interrupt=interrupt):
-            if chunk.text:
-                sys.stdout.write(chunk.text)
-                sys.stdout.flush()
+    try:
+        with sigint_sets(interrupt):
+            for chunk in session.ask(text, interrupt=interrupt):
+                if chunk.text:
+                    sys.stdout.write(chunk.text)
+                    sys.stdout.flush()
+    except ContextError as e:  # refused before any work; the conversation is as it was
+        err.print(f"error: {e}", style="red")
+        return
     sys.stdout.write("\n")
     sys.stdout.flush()
-    if session.last and session.last.generation.finish_reason == "interrupted":
+    last = session.last
+    if last and last.generation.finish_reason == "interrupted":
         err.print("(answer stopped)", style="yellow")
+    if last and last.dropped_turns and session.dropped_turns == last.dropped_turns:  # the first time only
+        err.print(f"context full ({session.context} tokens): older turns are forgotten from now on", style="yellow")
     err.print(stats_line(session), style="dim")
 
 

@@ -3,6 +3,10 @@
 Every turn renders the whole conversation with the chat template, then keeps the longest prefix the
 cache already holds and prefills the rest. That stays correct for templates that re-render earlier
 turns differently (the cache is trimmed back to where they diverge) and after an interrupted answer.
+
+The cache holds at most ``context`` tokens. When the conversation outgrows it, the oldest turns are
+forgotten (as ollama does) and the turn's stats say how many; a single message that cannot fit is refused
+with a ContextError before any prefill, and the session stays as it was.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .cache import truncate_cache
+from .context import context_window, model_context_limit
+from .errors import ContextError
 from .generate import GenerationChunk, GenerationStats, stream_generate
 from .models.base import CausalLM
 from .sampling import SamplingParams
@@ -30,6 +36,7 @@ class TurnStats:
     generation: GenerationStats
     reused_tokens: int  # prompt tokens served from the cache
     context_tokens: int  # tokens in the cache after the turn
+    dropped_turns: int = 0  # older turns forgotten before this one so that it fits the context
 
 
 @dataclass
@@ -41,11 +48,15 @@ class ChatSession:
     system: str | None = None
     messages: list[dict] = field(default_factory=list)
     last: TurnStats | None = None
+    context: int | None = None  # tokens the cache may hold; None: the model's limit, capped (edge_llm.context)
+    kv_bits: int | None = None  # 8 or 4: a quantized KV cache
 
     def __post_init__(self) -> None:
-        self.cache = self.model.make_cache()
+        self.model_limit = model_context_limit(self.model.args)
+        self.context = context_window(self.model_limit, self.context)
+        self.cache = self.model.make_cache(self.kv_bits)
         self.cache_tokens: list[int] = []
-        self.context_limit = getattr(self.model.args, "max_position_embeddings", None)
+        self.dropped_turns = 0  # in the whole session
 
     def clear(self) -> None:
         """Forgets the conversation (the system prompt stays); the cache is reset."""
@@ -56,22 +67,32 @@ class ChatSession:
     def set_system(self, text: str | None) -> None:
         self.system = text or None
 
-    def _conversation(self) -> list[dict]:
+    def _encode(self, messages: list[dict]) -> list[int]:
         system = [{"role": "system", "content": self.system}] if self.system else []
-        return system + self.messages
+        return self.tokenizer.encode_chat(system + messages, add_generation_prompt=True)
 
-    def _prompt_tokens(self) -> list[int]:
-        tokens = self.tokenizer.encode_chat(self._conversation(), add_generation_prompt=True)
-        # Over the model's context: forget the oldest turns (keep the latest question).
-        while self.context_limit and len(tokens) + self.max_tokens > self.context_limit and len(self.messages) > 1:
-            del self.messages[: 2 if len(self.messages) > 2 else 1]
-            tokens = self.tokenizer.encode_chat(self._conversation(), add_generation_prompt=True)
-        return tokens
+    def _fit(self, messages: list[dict]) -> tuple[list[dict], list[int], int]:
+        """(the messages kept, their prompt tokens, turns dropped): the oldest turns go until the prompt
+        leaves room for an answer of ``max_tokens``, or a quarter of the context if that is less."""
+        messages, dropped = list(messages), 0
+        room = min(self.max_tokens, self.context // 4)
+        tokens = self._encode(messages)
+        while len(tokens) + room > self.context and len(messages) > 1:
+            del messages[: 2 if len(messages) > 2 else 1]
+            dropped += 1
+            tokens = self._encode(messages)
+        if len(tokens) >= self.context:
+            larger = f" (the model allows up to {self.model_limit})" if (self.model_limit or 0) > self.context else ""
+            raise ContextError(f"the prompt is {len(tokens)} tokens but the context holds {self.context}: "
+                               f"shorten it or pass a larger --context{larger}")
+        return messages, tokens, dropped
 
     def ask(self, text: str, interrupt: threading.Event | None = None) -> Iterator[GenerationChunk]:
-        """Streams the answer to ``text``; the conversation keeps it, also when interrupted."""
-        self.messages.append({"role": "user", "content": text})
-        prompt = self._prompt_tokens()
+        """Streams the answer to ``text``; the conversation keeps it, also when interrupted.
+
+        Raises ContextError before any work when ``text`` alone cannot fit the context."""
+        self.messages, prompt, dropped = self._fit([*self.messages, {"role": "user", "content": text}])
+        self.dropped_turns += dropped
         # Keep at least one token to feed, so the model produces logits for the next one.
         reuse = min(common_prefix(self.cache_tokens, prompt), len(prompt) - 1)
         truncate_cache(self.cache, reuse)
@@ -80,7 +101,7 @@ class ChatSession:
         try:
             for chunk in stream_generate(
                 self.model, self.tokenizer, prompt[reuse:], cache=self.cache,
-                params=self.params, max_tokens=self.max_tokens, interrupt=interrupt,
+                params=self.params, max_tokens=min(self.max_tokens, self.context - len(prompt)), interrupt=interrupt,
             ):
                 answer.append(chunk.text)
                 if chunk.token is not None:
@@ -94,4 +115,4 @@ class ChatSession:
             held = min((c.offset for c in self.cache), default=0)
             self.cache_tokens = (prompt + generated)[:held]
             truncate_cache(self.cache, len(self.cache_tokens))
-            self.last = TurnStats(stats, reuse, self.cache[0].offset if self.cache else 0) if stats else None
+            self.last = TurnStats(stats, reuse, self.cache[0].offset if self.cache else 0, dropped) if stats else None

@@ -23,3 +23,7 @@ class HubError(EdgeLLMError):
 
 class MemoryBudgetError(EdgeLLMError):
     """A model that will not fit in this machine's memory."""
+
+
+class ContextError(EdgeLLMError):
+    """A prompt longer than the context, or a --context / --kv-bits setting the model cannot take."""

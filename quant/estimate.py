@@ -192,8 +192,9 @@ def estimate_checkpoint(checkpoint: Checkpoint, bits: int | None = None, group_s
     rows = sorted((replace(r, requested=r is chosen) for r in rows), key=lambda r: -r.bits)
     notes = []
     if kv_bits is not None:
-        notes.append(f"--kv-bits {kv_bits}: what such a KV cache would take; edge-llm run keeps it in the compute "
-                     "dtype today")
+        keeps = (f"the KV cache `edge-llm run --kv-bits {kv_bits}` keeps" if kv_bits < 16 else
+                 "what such a KV cache would take; edge-llm run keeps it in the compute dtype or quantized (8|4)")
+        notes.append(f"--kv-bits {kv_bits}: {keeps}")
     if ctx.machine.backend != "cpu":
         notes.append(f"runtime overhead calibrated on the CPU backend; on {ctx.machine.backend} it is an estimate")
     return Estimate(

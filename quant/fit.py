@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import shlex
 
+from edge_llm.cache import check_kv_bits
+from edge_llm.context import context_window, model_context_limit
 from edge_llm.errors import MemoryBudgetError
 
 from .estimate import Estimate, Machine, estimate_checkpoint
 from .remote import locate
-
-DEFAULT_CONTEXT = 4096
 
 
 def _gb(n: float) -> str:
@@ -36,15 +36,18 @@ def refusal(est: Estimate, ref: str) -> str:
     return f"{need}; at {best.label} it needs {_gb(best.total_bytes)} and fits: `{cmd}`; or pass --force to try anyway"
 
 
-def check_fits(ref: str, context: int | None = None, machine: Machine | None = None) -> Estimate:
-    """Raises MemoryBudgetError when ``ref`` (as stored) won't fit; returns the estimate.
+def check_fits(ref: str, context: int | None = None, kv_bits: int | None = None,
+               machine: Machine | None = None) -> Estimate:
+    """Raises MemoryBudgetError when ``ref`` (as stored) won't fit with the KV cache ``edge-llm run`` keeps:
+    ``context`` tokens as ``edge_llm.context.context_window`` resolves it (ContextError past the model's
+    limit), at ``kv_bits``; returns the estimate.
 
     A reference that cannot be read (unreachable Hub, gated or missing repo) raises here, once, with the
     line the loader would print: pulling after a failed header read would only ask the Hub again."""
+    check_kv_bits(kv_bits)
     checkpoint, folder = locate(ref)
-    if context is None:
-        context = min(int(checkpoint.config.get("max_position_embeddings") or DEFAULT_CONTEXT), DEFAULT_CONTEXT)
-    est = estimate_checkpoint(checkpoint, context=context, machine=machine, name=ref, folder=folder)
+    context = context_window(model_context_limit(checkpoint.config), context)
+    est = estimate_checkpoint(checkpoint, context=context, kv_bits=kv_bits, machine=machine, name=ref, folder=folder)
     if not est.requested.fits:
         raise MemoryBudgetError(refusal(est, ref))
     return est

@@ -22,7 +22,7 @@ from typing import Any
 import mlx.core as mx
 
 from edge_llm.backend import MX_DTYPES, DtypePolicy
-from edge_llm.cache import STEP, LatentCache
+from edge_llm.cache import STEP, LatentCache, kv_group_size
 from edge_llm.checkpoint import DTYPE_BYTES
 from edge_llm.generate import PREFILL_CHUNK
 
@@ -96,16 +96,17 @@ def kv_cache_bytes(model: Any, context: int, batch: int, itemsize: int, kv_bits:
     tokens = math.ceil(context / STEP) * STEP if round_up else context
     layers = len(model.layers)
     if isinstance(model.make_cache()[0], LatentCache):
-        per_token = args.kv_lora_rank + args.qk_rope_head_dim  # MLA: one latent per token, all heads
+        per_token = row = args.kv_lora_rank + args.qk_rope_head_dim  # MLA: one latent per token, all heads
     else:
         heads = getattr(args, "num_key_value_heads", None) or args.num_attention_heads
-        head_dim = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
-        per_token = 2 * heads * head_dim
+        row = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
+        per_token = 2 * heads * row
     elements = layers * per_token * tokens * batch
     if kv_bits is None or kv_bits >= 16:
         return elements * (itemsize if kv_bits is None else kv_bits // 8)
-    # quantized cache (mlx-lm's QuantizedKVCache layout): packed codes + a scale and an offset per 64
-    return elements * kv_bits // 8 + elements // 64 * 2 * itemsize
+    # edge_llm.cache's quantized rows (mlx-lm's QuantizedKVCache layout): packed codes + a scale and an
+    # offset per group of each row
+    return elements * kv_bits // 8 + elements // (kv_group_size(row) or 64) * 2 * itemsize
 
 
 def _largest_chunk(context: int, chunk: int = PREFILL_CHUNK) -> tuple[int, int]:

@@ -43,8 +43,9 @@ class CausalLM(nn.Module):
 
     args: BaseModelArgs
 
-    def make_cache(self) -> list[Cache]:
-        return [KVCache() for _ in self.layers]
+    def make_cache(self, kv_bits: int | None = None) -> list[Cache]:
+        """One cache per layer; ``kv_bits`` (8 or 4) stores keys and values quantized."""
+        return [KVCache(kv_bits) for _ in self.layers]
 
     @staticmethod
     def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:

@@ -128,8 +128,8 @@ class Model(DecoderLM):
     def _layers(self, args: ModelArgs) -> list[DecoderLayer]:
         return decoder_layers(args, make_gate, traditional_rope=True)
 
-    def make_cache(self) -> list[LatentCache]:
-        return [LatentCache() for _ in self.layers]
+    def make_cache(self, kv_bits: int | None = None) -> list[LatentCache]:
+        return [LatentCache(kv_bits) for _ in self.layers]
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Drops multi-token-prediction layers (and what every decoder drops); stacks experts into ``switch_mlp``."""
