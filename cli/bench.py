@@ -8,26 +8,38 @@ import typer
 
 from edge_llm.bench import PROMPT_LENGTHS, run_bench
 
-from .common import err, human_bytes, user_errors
+from .common import (
+    err,
+    human_bytes,
+    model_argument,
+    model_or_default,
+    parse_dtype,
+    parse_prompt_lengths,
+    user_errors,
+)
 
 
 @user_errors
 def bench(
-    model: str = typer.Argument(..., help="Model folder, GGUF file or Hub repo id."),
-    decode_tokens: int = typer.Option(64, "--decode-tokens", min=1, help="Tokens to decode for the decode speed."),
-    prompt_lengths: str = typer.Option(",".join(map(str, PROMPT_LENGTHS)), "--prompt-lengths",
-                                       help="Comma-separated prompt lengths for prefill speed."),
-    dtype: str | None = typer.Option(None, "--dtype", help="Compute dtype: float32, bfloat16, float16."),
+    model: str | None = model_argument(),
+    decode_tokens: int = typer.Option(64, "--decode-tokens", min=1, metavar="N",
+                                      help="Tokens to decode for the decode speed."),
+    prompt_lengths: str = typer.Option(",".join(map(str, PROMPT_LENGTHS)), "--prompt-lengths", metavar="N,N,...",
+                                       help="Prompt lengths in tokens for prefill speed (those that do not fit the "
+                                            "model's context are skipped)."),
+    dtype: str | None = typer.Option(None, "--dtype", metavar="DTYPE", parser=parse_dtype,
+                                     help="Compute dtype: float32, bfloat16, float16 (default: the backend's)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Measure load time, time to first token, prefill and decode tok/s, peak memory and bandwidth use."""
-    lengths = tuple(int(n) for n in prompt_lengths.split(",") if n.strip())
-    with err.status(f"benchmarking {model}", spinner="dots"):
+    lengths = parse_prompt_lengths(prompt_lengths)
+    model, name = model_or_default(model)
+    with err.status(f"benchmarking {name}", spinner="dots"):
         r = run_bench(model, lengths, decode_tokens, dtype)
     if as_json:
         print(json.dumps(r.to_dict()))
         return
-    print(f"model            {r.model} ({r.backend})")
+    print(f"model            {name} ({r.backend})")
     print(f"load             {r.load_s:.2f} s")
     print(f"first token      {r.time_to_first_token_s * 1000:.0f} ms ({min(r.prefill_tps)}-token prompt)")
     for n, tps in r.prefill_tps.items():

@@ -1,23 +1,96 @@
-"""What every command shares: the stderr console, one-line errors, human-readable figures."""
+"""What every command shares: the stderr console, one-line errors, the MODEL argument, option values that
+are checked as they are parsed (so a bad one is a usage error), human-readable figures."""
 
 from __future__ import annotations
 
 import functools
 import sys
+from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
+from edge_llm.backend import DTYPE_NAMES
+from edge_llm.default_model import NAME as DEFAULT_NAME
+from edge_llm.default_model import require_default_model
 from edge_llm.errors import EdgeLLMError
 
 # Status, progress and errors go to stderr so stdout carries only answers and --json.
 err = Console(stderr=True, highlight=False)
 
+MODEL_HELP = "Model folder, .gguf file or Hub repo id (owner/name)"
+DEFAULT_MODEL_HELP = f"{MODEL_HELP}; default: the embedded {DEFAULT_NAME}."
+MAX_PROMPT_LENGTH = 1 << 20  # bench: far beyond any context a machine here runs; a bound, not a size
+
+
+def one_line(text: str, limit: int | None = None) -> str:
+    """``text`` with its line breaks and runs of spaces folded, cut to ``limit`` characters."""
+    line = " ".join(text.split())
+    return line if limit is None or len(line) <= limit else line[: limit - 1] + "…"
+
+
+def print_error(message: str) -> None:
+    """``error: message`` on stderr, one line (the message is not read as markup)."""
+    err.print(f"[bold red]error:[/] {escape(one_line(message))}", markup=True, soft_wrap=True, highlight=False)
+
 
 def fail(message: str, code: int = 1) -> typer.Exit:
     """Prints one line to stderr and returns the Exit to raise."""
-    err.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+    print_error(message)
     return typer.Exit(code)
+
+
+def parse_model_ref(value: str) -> str:
+    """MODEL as typed; an empty one is refused (as a path it would mean the current folder)."""
+    if not value.strip():
+        raise typer.BadParameter("empty model reference; give a model folder, a .gguf file or a Hub repo id "
+                                 "(owner/name)", param_hint="MODEL")
+    return value
+
+
+def model_argument(help: str = DEFAULT_MODEL_HELP) -> Any:
+    """The optional MODEL argument of the commands that fall back to the embedded default model."""
+    return typer.Argument(None, metavar="MODEL", help=help, show_default=False, parser=parse_model_ref)
+
+
+def model_or_default(model: str | None) -> tuple[str, str]:
+    """MODEL as given, or the embedded default's file: (the reference to load, the name to show)."""
+    if model is None:
+        return str(require_default_model()), f"{DEFAULT_NAME} (default model)"
+    return model, model
+
+
+def parse_dtype(value: str) -> str:
+    """``--dtype``: one of the compute dtypes MLX runs (a usage error otherwise)."""
+    if value not in DTYPE_NAMES:
+        raise typer.BadParameter(f"{value!r} is not a dtype edge-llm computes in; use {', '.join(DTYPE_NAMES)}")
+    return value
+
+
+def parse_half_dtype(value: str) -> str:
+    """``quantize --dtype``: the half precision of the output's float tensors and scales."""
+    if value not in ("float16", "bfloat16"):
+        raise typer.BadParameter(f"{value!r} is not a half-precision dtype; use float16 or bfloat16")
+    return value
+
+
+def parse_prompt_lengths(value: str) -> tuple[int, ...]:
+    """``bench --prompt-lengths 128,512``: whole numbers of tokens, 1 to 2**20 each."""
+    parts = [p.strip() for p in value.split(",") if p.strip()]
+    hint = "'--prompt-lengths'"
+    if not parts:
+        raise typer.BadParameter("give at least one prompt length, e.g. 128,512", param_hint=hint)
+    lengths = []
+    for part in parts:
+        if not part.isdecimal():
+            raise typer.BadParameter(f"{part!r} is not a whole number of tokens; e.g. 128,512,2048", param_hint=hint)
+        n = int(part)
+        if not 1 <= n <= MAX_PROMPT_LENGTH:
+            raise typer.BadParameter(f"{n} is out of range: each length must be 1 to {MAX_PROMPT_LENGTH} tokens",
+                                     param_hint=hint)
+        lengths.append(n)
+    return tuple(lengths)
 
 
 def user_errors(command):

@@ -6,11 +6,21 @@ import json
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from quant.estimate import Estimate, Row, estimate
 
-from .common import human_bytes, human_count, stdout_is_terminal, user_errors
+from .common import (
+    DEFAULT_NAME,
+    MODEL_HELP,
+    human_bytes,
+    human_count,
+    model_argument,
+    model_or_default,
+    stdout_is_terminal,
+    user_errors,
+)
 
 KINDS = {"ram": "RAM", "unified": "GPU working set (unified memory)", "vram": "VRAM"}
 
@@ -55,22 +65,31 @@ def _speed(est: Estimate) -> str:
 
 @user_errors
 def estimate_cmd(
-    model: str | None = typer.Argument(None, metavar="MODEL", help="Model folder or Hub repo id (headers only)."),
-    bits: int | None = typer.Option(None, "--bits", "-b", help="4, 8, 16 or 32 (default: the model as stored)."),
-    group_size: int = typer.Option(64, "--group-size", "-g", help="Quantization group size: 32, 64 or 128."),
-    context: int = typer.Option(4096, "--context", "-c", min=1, help="Tokens of context (prompt + answer)."),
-    batch: int = typer.Option(1, "--batch", min=1, help="Sequences at once."),
-    kv_bits: int | None = typer.Option(None, "--kv-bits", help="16, 8 or 4 (default: the compute dtype)."),
-    params: str | None = typer.Option(None, "--params", help="Rough mode: a parameter count, e.g. 7B."),
-    arch: str | None = typer.Option(None, "--arch", help="Rough mode: the architecture (llama, mixtral, ...)."),
-    revision: str | None = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
+    model: str | None = model_argument(f"{MODEL_HELP}, read as config and headers only (nothing is downloaded); "
+                                       f"default: the embedded {DEFAULT_NAME}."),
+    bits: int | None = typer.Option(None, "--bits", "-b", metavar="BITS",
+                                    help="4, 8, 16 or 32 (default: the model as stored)."),
+    group_size: int = typer.Option(64, "--group-size", "-g", metavar="N",
+                                   help="Quantization group size: 32, 64 or 128."),
+    context: int = typer.Option(4096, "--context", "-c", min=1, metavar="TOKENS",
+                                help="Tokens of context (prompt + answer)."),
+    batch: int = typer.Option(1, "--batch", min=1, metavar="N", help="Sequences at once."),
+    kv_bits: int | None = typer.Option(None, "--kv-bits", metavar="BITS",
+                                       help="16, 8 or 4 (default: the compute dtype)."),
+    params: str | None = typer.Option(None, "--params", metavar="COUNT",
+                                      help="Rough mode, instead of MODEL: a parameter count, e.g. 7B."),
+    arch: str | None = typer.Option(None, "--arch", metavar="ARCH",
+                                    help="Rough mode: the architecture (llama, mixtral, ...)."),
+    revision: str | None = typer.Option(None, "--revision", metavar="REV",
+                                        help="Hub revision (branch, tag or commit)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """How much memory MODEL needs (weights + KV cache + runtime) at each precision, and whether it fits here."""
-    if model is None and params is None:
-        raise ValueError("give a MODEL (folder or Hub repo id), or --params 7B --arch llama for a rough estimate")
     if model is not None and params is not None:
         raise ValueError("give either MODEL or --params, not both")
+    name = model
+    if params is None:
+        model, name = model_or_default(model)
     est = estimate(model, bits=bits, group_size=group_size, context=context, batch=batch, kv_bits=kv_bits,
                    params=params, arch=arch, revision=revision)
     if as_json:
@@ -78,7 +97,8 @@ def estimate_cmd(
         return
     out = Console(highlight=False, width=None if stdout_is_terminal() else 120)
     experts = f", {human_count(est.params_active)} active per token" if est.params_active != est.params_total else ""
-    out.print(f"[bold]{est.model}[/] ({est.model_type}): {human_count(est.params_total)} parameters{experts}; "
+    out.print(f"[bold]{escape(name or est.model)}[/] ({est.model_type}): {human_count(est.params_total)} parameters"
+              f"{experts}; "
               f"context {est.context} tokens, batch {est.batch}; {est.machine.backend} backend", soft_wrap=True)
     for note in est.notes:
         out.print(f"[dim]{note}[/]", soft_wrap=True)

@@ -11,15 +11,17 @@ from edge_llm.modelinfo import describe
 from edge_llm.sampling_defaults import SamplingSettings, model_settings
 from edge_llm.tokenizer import describe_tokenizer
 
-from .common import human_bytes, human_count, user_errors
+from .common import DEFAULT_NAME, MODEL_HELP, human_bytes, human_count, model_argument, model_or_default, user_errors
 
 
 @user_errors
 def info(
-    model: str = typer.Argument(..., help="Model folder or Hub repo id."),
+    model: str | None = model_argument(f"{MODEL_HELP}, read as config and headers only (nothing is downloaded); "
+                                       f"default: the embedded {DEFAULT_NAME}."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Show architecture, parameters, dtype/quantization, context length and tokenizer."""
+    model, _ = model_or_default(model)
     found = read_model_headers(model)  # a Hub repo not in the cache: config and headers only, nothing pulled
     checkpoint, remote = found.checkpoint, found.remote
     m = describe(checkpoint)

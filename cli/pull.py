@@ -100,8 +100,10 @@ class RichPullObserver(PullObserver):
 
 @user_errors
 def pull(
-    repo_id: str = typer.Argument(..., help="Hub repo id, e.g. mlx-community/Llama-3.2-1B-Instruct-4bit."),
-    revision: str | None = typer.Option(None, "--revision", "-r", help="Branch, tag or commit (default: main)."),
+    repo_id: str = typer.Argument(..., metavar="REPO_ID", show_default=False,
+                                  help="Hub repo id (owner/name), e.g. mlx-community/Llama-3.2-1B-Instruct-4bit."),
+    revision: str | None = typer.Option(None, "--revision", "-r", metavar="REV",
+                                        help="Branch, tag or commit (default: main)."),
     verify: bool = typer.Option(
         False, "--verify", help="Re-hash the cached files against the Hub's checksums; re-download any that differ."
     ),

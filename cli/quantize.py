@@ -7,35 +7,47 @@ import json
 import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from quant.quality import Quality, evaluate
-from quant.quantize import QuantizeResult, quantize
+from edge_llm.checkpoint import read_checkpoint
+from quant.quality import Quality, Verdict, evaluate, judge
+from quant.quantize import QuantizeJob, QuantizeResult, quantize
 
-from .common import err, human_bytes, user_errors
+from .common import err, human_bytes, parse_half_dtype, parse_model_ref, user_errors
 
 
 class RichProgress:
-    """Tensors and bytes written, on stderr (a plain line per update when it is not a terminal)."""
+    """Tensors and bytes written, as a bar on stderr when it is a terminal; nothing otherwise (the announcement
+    and the summary say what a log needs, and a bar's redraws would only litter it)."""
 
     def __init__(self) -> None:
         self.bar = Progress(
             TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
             TextColumn("{task.fields[tensors]}"), TimeElapsedColumn(), TimeRemainingColumn(),
             console=err, transient=True,
-        )
+        ) if err.is_terminal else None
         self.task = None
         self.done = self.total = 0
 
     def start(self, tensors: int, nbytes: int) -> None:
         self.total = tensors
-        self.bar.start()
-        self.task = self.bar.add_task("quantizing", total=nbytes, tensors=f"0/{tensors} tensors")
+        if self.bar is not None:
+            self.bar.start()
+            self.task = self.bar.add_task("quantizing", total=nbytes, tensors=f"0/{tensors} tensors")
 
     def advance(self, name: str, nbytes: int) -> None:
         self.done += 1
-        self.bar.update(self.task, advance=nbytes, tensors=f"{self.done}/{self.total} tensors")
+        if self.bar is not None:
+            self.bar.update(self.task, advance=nbytes, tensors=f"{self.done}/{self.total} tensors")
 
     def stop(self) -> None:
-        self.bar.stop()
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def announce(job: QuantizeJob) -> None:
+    """What is about to happen, before the first tensor is written."""
+    err.print(f"quantizing {job.source} -> {job.out}: {job.recipe}, float tensors {job.float_dtype}; "
+              f"{job.tensors} tensors, {human_bytes(job.source_bytes)} -> about {human_bytes(job.output_bytes)}",
+              highlight=False, soft_wrap=True, markup=False)
 
 
 def _summary(r: QuantizeResult) -> str:
@@ -51,37 +63,54 @@ def _quality_line(q: Quality) -> str:
             f"top-1 agreement {q.top1_agreement:.1%}")
 
 
+def _either(options: tuple[str, ...]) -> str:
+    return options[0] if len(options) == 1 else f"{', '.join(options[:-1])} or {options[-1]}"
+
+
+def _verdict_line(v: Verdict) -> str:
+    better = f"; for better quality try {_either(v.suggestions)}" if v.suggestions else ""
+    return f"[bold yellow]warning:[/] poor quality ({'; '.join(v.reasons)}): answers may be wrong{better}"
+
+
 @user_errors
 def quantize_cmd(
-    model: str = typer.Argument(..., metavar="MODEL",
-                                help="Model folder, Hub repo id or GGUF file (float, FP8, or llama.cpp-quantized)."),
-    out: str = typer.Option(..., "--out", "-o", help="Output folder (must not exist unless --force)."),
-    bits: int | None = typer.Option(None, "--bits", "-b", help="4 (default) or 8 (also 2, 3, 5, 6); 16 converts "
-                                    "to float16/bfloat16. A quantized GGUF keeps its own bits unless given."),
-    group_size: int | None = typer.Option(None, "--group-size", "-g", help="Weights per scale and offset: 32, 64 "
-                                          "(default) or 128; 32 for a quantized GGUF."),
-    dtype: str | None = typer.Option(None, "--dtype", help="float16 or bfloat16 for unquantized tensors and scales."),
-    recipe: str | None = typer.Option(None, "--recipe", help="uniform, mixed_3_6, mixed_4_6, ... or rules "
-                                      "like 'lm_head=8,*.v_proj=6' (glob over module paths = bits or float)."),
+    model: str = typer.Argument(..., metavar="MODEL", show_default=False, parser=parse_model_ref,
+                                help="Model folder (float or FP8 safetensors), .gguf file (float, or llama.cpp-"
+                                     "quantized: Q4_0, Q4_1, Q5_*, Q8_0, K-quants) or Hub repo id (owner/name)."),
+    out: str = typer.Option(..., "--out", "-o", metavar="DIR", show_default=False,
+                            help="Output folder (must not exist unless --force)."),
+    bits: int | None = typer.Option(None, "--bits", "-b", metavar="BITS",
+                                    help="4 (default) or 8 (also 2, 3, 5, 6); 16 converts to float16/bfloat16. "
+                                         "A quantized GGUF keeps its own bits unless given."),
+    group_size: int | None = typer.Option(None, "--group-size", "-g", metavar="N",
+                                          help="Weights per scale and offset: 32, 64 (default) or 128; 32 for a "
+                                               "quantized GGUF."),
+    dtype: str | None = typer.Option(None, "--dtype", metavar="DTYPE", parser=parse_half_dtype,
+                                     help="float16 or bfloat16 for unquantized tensors and scales."),
+    recipe: str | None = typer.Option(None, "--recipe", metavar="RECIPE",
+                                      help="uniform, mixed_3_6, mixed_4_6, ... or rules like 'lm_head=8,*.v_proj=6' "
+                                           "(glob over module paths = bits or float)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists (only once the new one is done)."),
-    eval_quality: bool = typer.Option(False, "--eval", help="Report KL divergence and perplexity vs the source."),
+    eval_quality: bool = typer.Option(False, "--eval", help="Report KL divergence, perplexity and top-1 agreement "
+                                      "vs the source, with a warning when the result is poor."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
 ) -> None:
     """Quantize MODEL to 4/8-bit (MLX affine format, error-minimising scales) or convert it to FP16/BF16."""
     progress = RichProgress()
     try:
         result = quantize(model, out, bits=bits, group_size=group_size, dtype=dtype, recipe=recipe, force=force,
-                          progress=progress)
+                          progress=progress, announce=announce)
     except KeyboardInterrupt:
         progress.stop()  # before printing, so the line is not drawn over
         err.print(f"interrupted: nothing was written to {out}")
         raise typer.Exit(130) from None
     finally:
         progress.stop()
-    quality = None
+    quality = verdict = None
     if eval_quality:
         with err.status("evaluating against the source", spinner="dots"):
             quality = evaluate(result.source, result.out)
+        verdict = judge(quality, read_checkpoint(result.out).quantization)
     if as_json:
         data = {"source": str(result.source), "out": str(result.out), "recipe": result.recipe,
                 "source_bytes": result.source_bytes, "output_bytes": result.output_bytes,
@@ -91,9 +120,13 @@ def quantize_cmd(
         if quality is not None:
             data.update(kl_divergence=quality.kl_mean, kl_max=quality.kl_max, perplexity_source=quality.ppl_source,
                         perplexity_quantized=quality.ppl_quantized, top1_agreement=quality.top1_agreement,
-                        eval_tokens=quality.tokens)
+                        eval_tokens=quality.tokens, verdict=verdict.as_dict())
         print(json.dumps(data))
+        if verdict is not None and verdict.poor:  # stdout carries the JSON; the warning still reaches a person
+            err.print(_verdict_line(verdict), soft_wrap=True, highlight=False)
         return
     err.print(_summary(result), markup=True, soft_wrap=True)
     if quality is not None:
         err.print(_quality_line(quality), soft_wrap=True)
+        if verdict.poor:
+            err.print(_verdict_line(verdict), soft_wrap=True, highlight=False)

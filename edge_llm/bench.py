@@ -95,7 +95,10 @@ def run_bench(ref: str | Path, prompt_lengths: tuple[int, ...] = PROMPT_LENGTHS,
     load_s = time.perf_counter() - start
     vocab = model.args.vocab_size
     limit = getattr(model.args, "max_position_embeddings", None) or max(prompt_lengths)
-    lengths = [n for n in prompt_lengths if n + decode_tokens <= limit] or [min(prompt_lengths)]
+    lengths = [n for n in prompt_lengths if n + decode_tokens <= limit]
+    if not lengths:  # never a prompt past the context: its KV cache alone could exhaust memory
+        raise ValueError(f"{ref}: no prompt length plus {decode_tokens} decoded tokens fits its context of {limit} "
+                         f"tokens (prompt lengths {', '.join(map(str, prompt_lengths))}); give shorter ones")
     time_prefill(model, _random_prompt(vocab, 16, seed=99))  # warm up kernels and allocator
     prefill_tps, ttft = {}, 0.0
     for i, n in enumerate(lengths):

@@ -51,6 +51,8 @@ def find_local(ref: str | Path, *, revision: str | None = None, cache_dir: str |
     reader in ``hub_remote`` reads it remotely). Raises CheckpointError when ``ref`` is neither a path nor a
     repo id, HubError when it is a repo id that is not cached and HF_HUB_OFFLINE=1 forbids asking the Hub.
     """
+    if not str(ref).strip():  # Path("") is ".", the current folder: never what an empty reference meant
+        raise CheckpointError("empty model reference: give a model folder, a .gguf file or a Hub repo id (owner/name)")
     path = Path(ref).expanduser()
     if path.exists():
         return path

@@ -9,6 +9,16 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+SEED_MAX = 2**64 - 1  # mx.random.key takes an unsigned 64-bit seed: 0 .. 2**64 - 1 (measured, MLX 0.32)
+
+
+def check_seed(seed: object) -> None:
+    """Raises ValueError unless ``seed`` is None or a whole number ``mx.random.key`` accepts."""
+    if seed is None:
+        return
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        raise ValueError(f"seed must be a whole number from 0 to 2**64 - 1 ({SEED_MAX}), got {seed!r}")
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -31,6 +41,7 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        check_seed(self.seed)
 
     @property
     def greedy(self) -> bool:

@@ -22,6 +22,8 @@ from edge_llm.loader import load_model
 from edge_llm.models.base import CausalLM
 from edge_llm.tokenizer import Tokenizer
 
+from .recipes import MIXED
+
 SAMPLE = """It is a truth universally acknowledged, that a single man in possession of a good fortune, must be \
 in want of a wife.
 
@@ -74,6 +76,55 @@ class Quality:
     ppl_source: float
     ppl_quantized: float
     top1_agreement: float  # fraction of positions where both models' most likely token agree
+
+
+# ``quantize --eval`` calls a result poor above this mean KL, or below this top-1 agreement while the KL shows
+# the distributions really moved: below TOP1_KL_FLOOR the top-1 flips are among near-ties (a random tiny model
+# at 4 bits: KL 0.0007, top-1 71%). Measured on SmolLM2-135M (benchmarks/RESULTS.md, "Quantization quality"):
+# 8-bit g64 KL 0.0015, top-1 96.9%; 4-bit g32 0.059, 81.5%; 4-bit g64 0.28, 68.9%, which answers "The capital
+# of France is indeed France".
+MAX_KL = 0.05
+MIN_TOP1_AGREEMENT = 0.90
+TOP1_KL_FLOOR = 0.01
+MIXED_HIGH_BITS = 6  # the high bits of the mixed_L_6 recipes
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether a quantized model drifted too far from its source, why, and which settings would do better."""
+
+    poor: bool
+    reasons: tuple[str, ...]  # the thresholds crossed, e.g. "top-1 agreement 68.9% < 90%"
+    suggestions: tuple[str, ...]  # quantize options, the likeliest to help first, e.g. "--bits 8"
+
+    def as_dict(self) -> dict[str, object]:
+        return {"poor": self.poor, "reasons": list(self.reasons), "suggestions": list(self.suggestions)}
+
+
+def judge(quality: Quality, quantization: dict | None) -> Verdict:
+    """The verdict on ``quality``, for a model quantized as its config's ``quantization`` block says (None:
+    not quantized). Suggestions: 8-bit (nearly lossless), a smaller group, a mixed recipe that keeps the
+    most sensitive matrices at 6 bits; only those that differ from what was done."""
+    reasons = []
+    if quality.top1_agreement < MIN_TOP1_AGREEMENT and quality.kl_mean > TOP1_KL_FLOOR:
+        reasons.append(f"top-1 agreement {quality.top1_agreement:.1%} < {MIN_TOP1_AGREEMENT:.0%}")
+    if quality.kl_mean > MAX_KL:
+        reasons.append(f"KL divergence {quality.kl_mean:.3f} > {MAX_KL} nats/token")
+    if not reasons:
+        return Verdict(False, (), ())
+    q = quantization or {}
+    bits, group_size = q.get("bits"), q.get("group_size")
+    mixed = any(isinstance(v, dict) for v in q.values())
+    suggestions = []
+    if isinstance(bits, int) and bits < 8:
+        suggestions.append("--bits 8")
+        if isinstance(group_size, int) and group_size > 32:
+            suggestions.append("--group-size 32")
+        if not mixed and f"mixed_{bits}_{MIXED_HIGH_BITS}" in MIXED:
+            suggestions.append(f"--recipe mixed_{bits}_{MIXED_HIGH_BITS}")
+    elif bits is not None:
+        suggestions.append("--bits 16")  # 8-bit is already the finest quantization
+    return Verdict(True, tuple(reasons), tuple(suggestions))
 
 
 def sample_tokens(folder: str | Path, text: str = SAMPLE, max_tokens: int | None = None) -> list[int]:

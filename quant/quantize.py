@@ -18,7 +18,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -63,6 +63,19 @@ class _NoProgress:
 
     def advance(self, name: str, nbytes: int) -> None:
         pass
+
+
+@dataclass(frozen=True)
+class QuantizeJob:
+    """What a conversion is about to do, known before its first tensor is written."""
+
+    source: Path
+    out: Path
+    recipe: str  # e.g. "uniform, 4-bit, group 64"
+    float_dtype: str  # of the unquantized tensors and the scales
+    tensors: int
+    source_bytes: int
+    output_bytes: int
 
 
 @dataclass(frozen=True)
@@ -279,18 +292,26 @@ def _disk_error(out: Path, e: OSError) -> EdgeLLMError | OSError:
                              "choose another -o)")
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return QuantizeError(f"{out}: cannot write there ({e.strerror.lower()}); choose another -o")
+    temporary = Path(e.filename or "").name.startswith((f".{out.name}.partial-", f".{out.name}.old-"))
+    if e.errno == errno.ENAMETOOLONG and temporary:
+        return QuantizeError(f"{out}: name too long for the temporary folder written beside it first "
+                             f"(.{out.name}.partial-XXXXXXXX); choose a shorter -o")
+    if temporary or f"/.{out.name}.partial-" in str(e.filename or ""):  # name the user's OUT, not our scratch copy
+        return QuantizeError(f"{out}: {(e.strerror or str(e)).lower()} while writing; nothing was written")
     return e
 
 
 def quantize(source: str | Path, out: str | Path, bits: int | None = None, group_size: int | None = None,
              dtype: str | None = None,
              recipe: str | None = None, force: bool = False, progress: Progress | None = None,
-             max_shard_bytes: int | None = None) -> QuantizeResult:
+             max_shard_bytes: int | None = None, announce: Callable[[QuantizeJob], None] | None = None,
+             ) -> QuantizeResult:
     """Converts the checkpoint ``source`` into ``out``: ``bits`` 2..8 (MLX affine) or 16 (float16/bfloat16);
     by default 4-bit at group 64, or for a quantized GGUF its own quantization (``_recipe``).
 
     ``out`` appears complete or not at all. Raises CheckpointError for unreadable or already quantized
-    input, QuantizeError for an existing ``out`` (unless ``force``) or a full destination.
+    input, QuantizeError for an existing ``out`` (unless ``force``) or a full destination. ``announce`` hears
+    what will be done once it is planned and checked, before anything is written.
     """
     started = time.perf_counter()
     progress = progress or _NoProgress()
@@ -324,6 +345,8 @@ def quantize(source: str | Path, out: str | Path, bits: int | None = None, group
     side = 0 if gguf else sum(p.stat().st_size for p in folder.iterdir() if p.is_file()
                               and p.name not in NOT_COPIED and not p.name.endswith(WEIGHT_SUFFIXES))
     _check_space(out, plan.nbytes + side + (64 << 10))  # + headers, index and config
+    if announce is not None:
+        announce(QuantizeJob(folder, out, rec.describe(), float_dtype, len(ordered), source_total, plan.nbytes))
     mx.reset_peak_memory()
     try:
         with AtomicFolder(out, force) as tmp:

@@ -235,5 +235,5 @@ def test_cli_json_and_table(tmp_path):
 def test_missing_model_is_one_clear_line(tmp_path):
     result = CliRunner().invoke(app, ["estimate", str(tmp_path / "nope")])
     assert result.exit_code == 1 and "no such model folder" in result.stderr and "Traceback" not in result.output
-    result = CliRunner().invoke(app, ["estimate"])
-    assert result.exit_code == 1 and "--params" in result.stderr
+    result = CliRunner().invoke(app, ["estimate", str(tmp_path), "--params", "7B"])  # no MODEL: the default model
+    assert result.exit_code == 1 and "either MODEL or --params" in result.stderr
