@@ -84,8 +84,10 @@ def rm(
 ) -> None:
     """Remove a model (every cached revision) from the Hugging Face Hub cache."""
     removal = plan_removal(model)
+    what = (f"{removal.repo_id} (a link to {removal.link_target}: only the link goes)" if removal.link_target
+            else f"{removal.repo_id} ({human_bytes(removal.size_on_disk)})")
     if not yes:
-        question = f"remove {removal.repo_id} ({human_bytes(removal.size_on_disk)}) from {removal.path.parent}?"
+        question = f"remove {what} from {removal.path.parent}?"
         try:
             confirmed = typer.confirm(question, default=False, err=True)
         except typer.Abort:  # no answer (end of input)
@@ -95,4 +97,6 @@ def rm(
                       highlight=False)
             return
     removal.execute()
-    err.print(f"removed {removal.repo_id} ({human_bytes(removal.size_on_disk)} freed)", highlight=False)
+    freed = (f"the link; {removal.link_target} is kept" if removal.link_target
+             else f"{human_bytes(removal.size_on_disk)} freed")
+    err.print(f"removed {removal.repo_id} ({freed})", highlight=False)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -12,6 +14,7 @@ from quant.quality import Quality, Verdict, evaluate, judge
 from quant.quantize import QuantizeJob, QuantizeResult, quantize
 
 from .common import err, human_bytes, parse_half_dtype, parse_model_ref, user_errors
+from .signals import Stopped, exit_code, stop_signals_interrupt
 
 
 class RichProgress:
@@ -48,6 +51,26 @@ def announce(job: QuantizeJob) -> None:
     err.print(f"quantizing {job.source} -> {job.out}: {job.recipe}, float tensors {job.float_dtype}; "
               f"{job.tensors} tensors, {human_bytes(job.source_bytes)} -> about {human_bytes(job.output_bytes)}",
               highlight=False, soft_wrap=True, markup=False)
+
+
+def _identity(out: str) -> tuple[int, int] | None:
+    try:
+        st = os.lstat(Path(out).expanduser())
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _say_stopped(stop: KeyboardInterrupt, out: str, before: tuple[int, int] | None) -> None:
+    """One line on how the conversion ended: a stop signal arriving while the finished output is swapped in
+    is held until the swap is done, so OUT may be complete (a new folder stands there)."""
+    how = f"stopped by {stop.name}" if isinstance(stop, Stopped) else "interrupted"
+    done = _identity(out) not in (None, before)
+    try:
+        err.print(f"{how} after {out} was complete" if done else f"{how}: nothing was written to {out}",
+                  highlight=False, soft_wrap=True, markup=False)
+    except OSError:  # SIGHUP: the terminal may be gone
+        pass
 
 
 def _summary(r: QuantizeResult) -> str:
@@ -97,13 +120,15 @@ def quantize_cmd(
 ) -> None:
     """Quantize MODEL to 4/8-bit (MLX affine format, error-minimising scales) or convert it to FP16/BF16."""
     progress = RichProgress()
+    before = _identity(out)
     try:
-        result = quantize(model, out, bits=bits, group_size=group_size, dtype=dtype, recipe=recipe, force=force,
-                          progress=progress, announce=announce)
-    except KeyboardInterrupt:
+        with stop_signals_interrupt():
+            result = quantize(model, out, bits=bits, group_size=group_size, dtype=dtype, recipe=recipe,
+                              force=force, progress=progress, announce=announce)
+    except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM, SIGHUP
         progress.stop()  # before printing, so the line is not drawn over
-        err.print(f"interrupted: nothing was written to {out}")
-        raise typer.Exit(130) from None
+        _say_stopped(stop, out, before)
+        raise typer.Exit(exit_code(stop)) from None
     finally:
         progress.stop()
     quality = verdict = None

@@ -4,13 +4,18 @@ Decoding reads every active weight once per token, so bandwidth / bytes-per-toke
 decode speed. We measure a large read (a reduction over an array several times the size of the
 caches, and a matrix-vector product over the same array) with MLX on the active device, keep the best
 of a few runs, and store the figure per device
-under ``$EDGE_LLM_HOME`` (default ``~/.cache/edge-llm``) so later commands can use it at no cost.
+under ``$EDGE_LLM_HOME`` (default ``~/.cache/edge-llm``) so later commands can use it at no cost. A store
+that is not what we write (not a JSON object, a figure that is not a positive number, garbage) counts as
+no figure: it is measured again and the store rewritten.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import stat
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,6 +25,7 @@ from .backend import detect
 
 MEASURE_BYTES = 512 * 1024 * 1024  # CPU: several times the caches
 GPU_MEASURE_BYTES = 4 * 1024 * 1024 * 1024  # a GPU reads 512 MiB in ~0.1 ms: too short to time well
+MAX_STORE_BYTES = 1 << 20  # a figure per device: a few hundred bytes
 
 
 def state_dir() -> Path:
@@ -55,12 +61,38 @@ def measure_bandwidth(nbytes: int | None = None, repeats: int = 5) -> float:
     return nbytes / best
 
 
-def remembered_bandwidth() -> float | None:
-    """The stored figure for this device, or None when it was never measured."""
+def _stored() -> dict[str, float]:
+    """The store's figures by device; what is unreadable or not a positive finite number is left out."""
     try:
-        return float(json.loads(_store().read_text())[_device_key()])
-    except (OSError, ValueError, KeyError, TypeError):
+        fd = os.open(_store(), os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block us
+    except OSError:
+        return {}
+    try:
+        st = os.fstat(fd)
+        raw = os.read(fd, MAX_STORE_BYTES) if stat.S_ISREG(st.st_mode) and st.st_size <= MAX_STORE_BYTES else b""
+        data = json.loads(raw)
+    except (OSError, ValueError, RecursionError):  # garbage, invalid UTF-8, nested too deep
+        return {}
+    finally:
+        os.close(fd)
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in ((k, _figure(v)) for k, v in data.items()) if v is not None}
+
+
+def _figure(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
+    try:
+        value = float(value)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
+def remembered_bandwidth() -> float | None:
+    """The stored figure for this device, or None when it was never measured (or the store is damaged)."""
+    return _stored().get(_device_key())
 
 
 def machine_bandwidth(refresh: bool = False) -> float:
@@ -69,16 +101,17 @@ def machine_bandwidth(refresh: bool = False) -> float:
         return known
     value = measure_bandwidth()
     path = _store()
-    try:
-        data = json.loads(path.read_text()) if path.exists() else {}
-    except (OSError, ValueError):
-        data = {}
+    data = _stored()
     data[_device_key()] = value
-    try:
+    try:  # a read-only home only costs a re-measurement next time
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=2))
-        tmp.replace(path)
+        fd, tmp = tempfile.mkstemp(prefix=".bandwidth-", dir=path.parent)  # a new file: no link followed
     except OSError:
-        pass  # a read-only home only costs a re-measurement next time
+        return value
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(data, indent=2))
+        os.replace(tmp, path)
+    except OSError:
+        Path(tmp).unlink(missing_ok=True)
     return value

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -25,6 +26,7 @@ from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from edge_llm.errors import TokenizerError
+from edge_llm.own_files import not_own
 
 #: Used when a model ships no chat template. One line per message, "Role: content", and a final
 #: "Assistant:" when a reply is wanted:  "System: Be brief.\nUser: Hi\nAssistant:"
@@ -178,6 +180,10 @@ def read_chat_templates(folder: Path, config: Mapping[str, Any]) -> dict[str, st
         files["default"] = folder / "chat_template.jinja"
     if (folder / "additional_chat_templates").is_dir():
         files.update({p.stem: p for p in sorted((folder / "additional_chat_templates").glob("*.jinja"))})
+    for name, file in list(files.items()):  # a template is read verbatim into the prompt: never through a link out
+        if why := not_own(folder, file):
+            logging.getLogger(__name__).warning("chat template %s not used: %s", file, why)
+            del files[name]
     if files:  # template files win over the config's templates, as in transformers
         templates = {}
         for name, file in files.items():

@@ -12,6 +12,11 @@ huggingface_hub ``file_download.py`` and ``utils/_cache_manager.py``)::
 
 A file appears in a snapshot only once fully downloaded (huggingface_hub renames it into place), so a
 snapshot is complete when config.json and every weight file it needs are present.
+
+The cache is read as untrusted: a ref must hold a commit hash (never a path: ``/abs/path`` or ``../..``
+would load a folder outside the cache), a revision must not climb out of ``refs/``, and a snapshot must
+lie inside its repo's folder once links are resolved. ``rm`` of an entry that is a link removes the link,
+never what it points to.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +38,7 @@ from .modelinfo import ModelInfo, describe
 log = logging.getLogger(__name__)
 
 COMMIT = re.compile(r"[0-9a-f]{40}")
+MAX_REF_BYTES = 4096  # a ref holds 40 hex digits (a newline at most); more is not a ref
 SHARD = re.compile(r"^(?P<stem>.+)-(?P<i>\d+)-of-(?P<n>\d+)\.safetensors$")
 
 
@@ -49,15 +56,39 @@ def repo_folder(repo_id: str, cache_dir: str | Path | None = None) -> Path:
 
 
 def cached_commit(repo_id: str, revision: str = "main", cache_dir: str | Path | None = None) -> str | None:
-    """The commit a revision resolves to in the cache (a commit hash resolves to itself), or None."""
+    """The commit a revision resolves to in the cache (a commit hash resolves to itself), or None.
+
+    Raises HubError for a revision that is a path, or a ref file that does not hold a commit hash."""
     folder = repo_folder(repo_id, cache_dir)
     if COMMIT.fullmatch(revision):
         return revision if (folder / "snapshots" / revision).is_dir() else None
-    ref = folder / "refs" / revision
+    if not revision or Path(revision).is_absolute() or ".." in Path(revision).parts or "\0" in revision:
+        raise HubError(f"revision {revision!r}: not a branch, tag or commit name")
+    return _read_ref(folder / "refs" / revision, repo_id)
+
+
+def _read_ref(ref: Path, repo_id: str) -> str | None:
+    """The commit a ref file holds; None when there is none, or it is empty (a write cut short). Never blocks (on
+    a FIFO) nor reads more than a ref; HubError for anything but a commit hash."""
     try:
-        return ref.read_text(encoding="utf-8").strip() or None
+        fd = os.open(ref, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
         return None
+    try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        data = os.read(fd, MAX_REF_BYTES) if regular else b""
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    text = data.decode("utf-8", errors="replace").strip()
+    if regular and not text:
+        return None
+    if not COMMIT.fullmatch(text):
+        holds = f"holds {text[:60]!r}" if regular else "is not a file"
+        raise HubError(f"{ref}: {holds}, not a commit hash; the cache entry is damaged: `edge-llm pull {repo_id}` "
+                       f"rewrites it, `edge-llm rm {repo_id}` removes it")
+    return text
 
 
 def missing_files(snapshot: Path) -> list[str]:
@@ -88,9 +119,13 @@ def cached_snapshot(repo_id: str, revision: str = "main", cache_dir: str | Path 
     commit = cached_commit(repo_id, revision, cache_dir)
     if commit is None:
         return None
-    snapshot = repo_folder(repo_id, cache_dir) / "snapshots" / commit
+    repo = repo_folder(repo_id, cache_dir)
+    snapshot = repo / "snapshots" / commit
     if not snapshot.is_dir():
         return None
+    if repo.resolve() not in snapshot.resolve().parents:
+        raise HubError(f"{snapshot}: a link to {snapshot.resolve()}, outside {repo}; the cache entry is damaged: "
+                       f"`edge-llm rm {repo_id}` removes it")
     missing = missing_files(snapshot)
     if missing:
         log.info("%s: cached snapshot %s is incomplete (lacks %s)", repo_id, commit[:12], missing[0])
@@ -142,13 +177,17 @@ def list_models(cache_dir: str | Path | None = None) -> list[CachedModel]:
 
 @dataclass(frozen=True)
 class Removal:
-    """A repo folder about to be deleted; ``execute`` does it."""
+    """A repo folder about to be deleted, or the link standing for one (``link_target``); ``execute`` does it."""
 
     repo_id: str
     path: Path
-    size_on_disk: int
+    size_on_disk: int  # what deleting frees: 0 for a link
+    link_target: str | None = None  # the entry is a link to this: only the link goes
 
     def execute(self) -> None:
+        if self.link_target is not None:  # what a link points to is not the cache's to delete
+            self.path.unlink()
+            return
         # Rename first, then delete: a crash mid-way leaves a hidden folder, never a half repo that
         # still looks cached to us or to other tools.
         doomed = self.path.with_name(f".{self.path.name}.deleting-{uuid.uuid4().hex[:8]}")
@@ -161,6 +200,8 @@ class Removal:
 def plan_removal(repo_id: str, cache_dir: str | Path | None = None) -> Removal:
     """What ``rm`` would delete for ``repo_id``: its whole cache folder (every revision, partial downloads)."""
     folder = repo_folder(repo_id, cache_dir)
+    if folder.is_symlink():
+        return Removal(repo_id, folder, 0, os.readlink(folder))
     if not folder.is_dir():
         raise HubError(f"{repo_id}: not in the Hub cache ({hub_cache_dir(cache_dir)}); `edge-llm list` shows what is")
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())

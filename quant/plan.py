@@ -101,6 +101,15 @@ def _keeps_float(model: CausalLM, name: str) -> bool:
     return any(s in name for s in getattr(model, "keep_float32", ()))
 
 
+def _quantizable(module: Any) -> bool:
+    return hasattr(module, "to_quantized") and "weight" in module
+
+
+def quantizable_paths(model: CausalLM) -> list[str]:
+    """The module paths a recipe can give bits to (linear layers, embeddings, stacked experts)."""
+    return [path for path, module in model.named_modules() if _quantizable(module)]
+
+
 def _experts(config: dict[str, Any]) -> tuple[int, int] | None:
     k = config.get("num_experts_per_tok")
     e = config.get("n_routed_experts") or config.get("num_local_experts") or config.get("num_experts")
@@ -117,7 +126,7 @@ def plan_quantized(model: CausalLM, config: dict[str, Any], recipe: Recipe, floa
     for path, module in model.named_modules():
         if isinstance(module, SwitchLinear):
             experts.add(path)
-        if hasattr(module, "to_quantized") and "weight" in module:
+        if _quantizable(module):
             spec = recipe.spec_for(path, module.weight.shape[-1], num_layers, _keeps_float(model, f"{path}.weight"))
             if spec is not None:
                 specs[path] = spec

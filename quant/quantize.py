@@ -37,14 +37,13 @@ from edge_llm.loader import build_model
 from edge_llm.models.base import CausalLM
 
 from . import affine
-from .plan import MX_NAMES, ST_DTYPES, Plan, PlannedTensor, plan_quantized, source_dtype_of
-from .recipes import Recipe, layer_of, make_recipe
+from .destination import refusal
+from .plan import MX_NAMES, ST_DTYPES, Plan, PlannedTensor, plan_quantized, quantizable_paths, source_dtype_of
+from .recipes import Recipe, check_rules_match, layer_of, make_recipe
+from .side_files import SideFiles, copy_side_files, select_side_files
 from .writer import MAX_SHARD_BYTES, AtomicFolder, ShardWriter, assign_shards
 
 log = logging.getLogger(__name__)
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
-NOT_COPIED = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
 
 
 class QuantizeError(EdgeLLMError):
@@ -90,6 +89,7 @@ class QuantizeResult:
     shards: int
     seconds: float
     peak_memory_bytes: int  # MLX's peak allocation during the conversion
+    skipped_files: tuple[str, ...] = ()  # side files not copied: links to outside the source folder
 
     @property
     def bits_per_weight(self) -> float:
@@ -122,25 +122,22 @@ def _recipe(checkpoint: Checkpoint, bits: int | None, group_size: int | None, re
     its own quantization module by module (the commonest bits as default, rules for the rest, float
     matrices float), so its tensors are copied exactly; a user's recipe rules come first."""
     if not (isinstance(checkpoint, GGUFCheckpoint) and checkpoint.quantized):
-        return make_recipe(4 if bits is None else bits, group_size or 64, recipe)
+        return make_recipe(4 if bits is None else bits, 64 if group_size is None else group_size, recipe)
     if bits is not None:
-        return make_recipe(bits, group_size or GROUP_SIZE, recipe)
+        return make_recipe(bits, GROUP_SIZE if group_size is None else group_size, recipe)
     bits_of = checkpoint.module_bits()
     default = commonest_bits(bits_of) or 16
     rules = [f"{module}={bits or 'float'}" for module, bits in bits_of.items() if bits != default]
     if recipe and recipe != "uniform":
         rules.insert(0, recipe)
-    rec = make_recipe(default, group_size or GROUP_SIZE, ",".join(rules) or None)
+    rec = make_recipe(default, GROUP_SIZE if group_size is None else group_size, ",".join(rules) or None)
     as_stored = not recipe and rec.group_size == GROUP_SIZE
     return dataclasses.replace(rec, name="as in the GGUF") if as_stored else rec
 
 
-def _check_destination(source: Path, out: Path, force: bool) -> None:
-    src, dst = source.resolve(), out.resolve()
-    if dst == src or src in dst.parents or dst in src.parents:
-        raise QuantizeError(f"{out}: the output must not be the source folder, inside it, or contain it")
-    if (out.exists() or out.is_symlink()) and not force:
-        raise QuantizeError(f"{out}: already exists; choose another -o or pass --force to replace it")
+def _check_destination(source: Path | None, out: str | Path, force: bool) -> None:
+    if why := refusal(source, out, force):
+        raise QuantizeError(why)
 
 
 def _groups(names: Iterable[str]) -> dict[int | None, list[str]]:
@@ -258,17 +255,6 @@ def output_config(raw: dict[str, Any], plan: Plan) -> dict[str, Any]:
     return config
 
 
-def _copy_side_files(source: Path, dest: Path) -> list[str]:
-    copied = []
-    for path in sorted(source.iterdir()):
-        if (not path.is_file() or path.name.startswith(".") or path.name in NOT_COPIED
-                or path.name.endswith(WEIGHT_SUFFIXES)):
-            continue
-        shutil.copy2(path, dest / path.name)
-        copied.append(path.name)
-    return copied
-
-
 def _check_space(out: Path, needed: int) -> None:
     """Refuses up front a destination that is read-only or lacks the space the plan needs."""
     probe = out.parent
@@ -315,6 +301,7 @@ def quantize(source: str | Path, out: str | Path, bits: int | None = None, group
     """
     started = time.perf_counter()
     progress = progress or _NoProgress()
+    _check_destination(None, out, force)  # before a pull
     out = Path(out).expanduser()
     folder = resolve_model(source)
     checkpoint = read_checkpoint(folder)
@@ -326,6 +313,7 @@ def quantize(source: str | Path, out: str | Path, bits: int | None = None, group
         checkpoint = checkpoint.dequantized()  # float16 values; ``packed`` keeps the originals to copy
     float_dtype = default_float_dtype(checkpoint, rec.bits, dtype)
     model = build_model(checkpoint)
+    check_rules_match(recipe, quantizable_paths(model))
     plan = plan_quantized(model, checkpoint.config, rec, ST_DTYPES[float_dtype], source_dtype_of(checkpoint))
     weights = dequantize_fp8(checkpoint.load_weights(), checkpoint)
     packed = getattr(checkpoint, "packed", {})  # a quantized GGUF's original tensors, by module
@@ -342,9 +330,8 @@ def quantize(source: str | Path, out: str | Path, bits: int | None = None, group
     ordered = [t for _, params in schedule for p in params for t in by_param[p]]
     shards = assign_shards(ordered, max_shard_bytes or MAX_SHARD_BYTES)
     gguf = isinstance(checkpoint, GGUFCheckpoint)
-    side = 0 if gguf else sum(p.stat().st_size for p in folder.iterdir() if p.is_file()
-                              and p.name not in NOT_COPIED and not p.name.endswith(WEIGHT_SUFFIXES))
-    _check_space(out, plan.nbytes + side + (64 << 10))  # + headers, index and config
+    side = SideFiles((), ()) if gguf else select_side_files(folder)
+    _check_space(out, plan.nbytes + side.nbytes + (64 << 10))  # + headers, index and config
     if announce is not None:
         announce(QuantizeJob(folder, out, rec.describe(), float_dtype, len(ordered), source_total, plan.nbytes))
     mx.reset_peak_memory()
@@ -377,7 +364,7 @@ def quantize(source: str | Path, out: str | Path, bits: int | None = None, group
                     log.warning("%s", e)
             else:
                 raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-                _copy_side_files(folder, tmp)
+                copy_side_files(side, tmp)
             (tmp / "config.json").write_text(json.dumps(output_config(raw, plan), indent=2) + "\n")
             for name in writer.names:  # read back what a loader will see
                 read_safetensors_header(tmp / name)
@@ -387,4 +374,5 @@ def quantize(source: str | Path, out: str | Path, bits: int | None = None, group
         source=folder, out=out, recipe=rec.describe(), source_bytes=source_total,
         output_bytes=plan.nbytes, params=plan.params_total, tensors=len(ordered), shards=len(shards),
         seconds=time.perf_counter() - started, peak_memory_bytes=int(mx.get_peak_memory()),
+        skipped_files=tuple(name for name, _ in side.skipped),
     )

@@ -114,15 +114,34 @@ def make_recipe(bits: int, group_size: int = 64, recipe: str | None = None) -> R
     if recipe in MIXED:
         low, high = MIXED[recipe]
         return Recipe(low, group_size, name=recipe, mixed=(low, high))
+    return Recipe(bits, group_size, name="custom", rules=parse_rules(recipe))
+
+
+def parse_rules(recipe: str) -> tuple[tuple[str, int | None], ...]:
+    """``"PATTERN=BITS,..."`` as (glob, bits or None for float) pairs; ValueError when it holds no rule."""
+    usage = f"--recipe {recipe!r}: expected {', '.join(MIXED)}, uniform, or rules like 'lm_head=8,*.v_proj=6'"
     rules = []
     for part in filter(None, (p.strip() for p in recipe.split(","))):
         pattern, sep, value = part.rpartition("=")
-        if not sep or not pattern:
-            raise ValueError(
-                f"--recipe {recipe!r}: expected {', '.join(MIXED)}, uniform, or rules like 'lm_head=8,*.v_proj=6'"
-            )
+        if not sep or not pattern.strip():
+            raise ValueError(usage)
         rules.append((pattern.strip(), _parse_bits(value, part)))
-    return Recipe(bits, group_size, name="custom", rules=tuple(rules))
+    if not rules:
+        raise ValueError(usage)
+    return tuple(rules)
+
+
+def check_rules_match(recipe: str | None, paths: list[str]) -> None:
+    """Refuses a ``--recipe`` rule whose pattern matches none of the quantizable module ``paths``: a typo would
+    otherwise leave the recipe silently unused."""
+    if not recipe or recipe == "uniform" or recipe in MIXED:
+        return
+    for pattern, bits in parse_rules(recipe):
+        if not any(fnmatch.fnmatchcase(path, pattern) for path in paths):
+            example = next((p for p in paths if "layers." in p), paths[0] if paths else "lm_head")
+            rule = f"{pattern}={'float' if bits is None else bits}"
+            raise ValueError(f"--recipe rule {rule!r} matches no quantizable module of this model; patterns are "
+                             f"globs over module paths such as {example!r}")
 
 
 def layer_of(name: str) -> int | None:

@@ -7,16 +7,24 @@ safetensors format (8-byte little-endian header length, JSON header padded to 8 
 little-endian data), read back by ``mx.load``, the ``safetensors`` package and mlx-lm.
 
 ``AtomicFolder`` builds the output in a hidden temporary folder beside the destination and renames
-it into place only when complete; any failure (an exception, Ctrl-C, a full disk) removes it.
+it into place only when complete; any failure (an exception, Ctrl-C, a full disk) removes it. Each
+hidden folder records its owner (pid, process start time, host), so a later run removes those that a
+killed run (SIGKILL, a power cut) could not, and only those.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import signal
+import socket
 import struct
 import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +34,12 @@ from edge_llm.checkpoint import DTYPE_BYTES
 
 from .plan import MX_NAMES, PlannedTensor
 
+log = logging.getLogger(__name__)
+
 INDEX_FILE = "model.safetensors.index.json"
 MAX_SHARD_BYTES = 5 * 10**9  # Hugging Face's "5GB"
+OWNER_FILE = ".edge-llm-owner"  # in a hidden partial/old folder: who made it (JSON)
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 @dataclass
@@ -133,7 +145,9 @@ class AtomicFolder:
 
     On any exception, KeyboardInterrupt included, the temporary folder (and any parent folders this
     created) is removed and ``out`` is untouched. With ``force`` an existing ``out`` is replaced only
-    after the new one is complete.
+    after the new one is complete. Stop signals wait while folders are created, swapped or removed, so
+    a second Ctrl-C or a SIGTERM never cuts those steps in half. Entering first removes the hidden
+    folders of dead runs in the same parent.
     """
 
     def __init__(self, out: Path, force: bool = False):
@@ -144,39 +158,44 @@ class AtomicFolder:
 
     def __enter__(self) -> Path:
         parent = self.out.parent
-        missing = parent
-        while not missing.parent.exists() and missing.parent != missing:
-            missing = missing.parent
-        if not parent.exists():
-            parent.mkdir(parents=True)
-            self._created = missing
-        try:
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=parent))
-            os.chmod(self.tmp, 0o777 & ~_umask())  # mkdtemp's 0700 is for secrets, not model folders
-        except BaseException:
-            self._cleanup()
-            raise
+        if parent.is_dir():
+            remove_stale(parent)
+        with signals_deferred():
+            missing = parent
+            while not missing.parent.exists() and missing.parent != missing:
+                missing = missing.parent
+            if not parent.exists():
+                parent.mkdir(parents=True)
+                self._created = missing
+            try:
+                self.tmp = _owned_folder(parent, f".{self.out.name}.partial-", self.out.name)
+                os.chmod(self.tmp, 0o777 & ~_umask())  # mkdtemp's 0700 is for secrets, not model folders
+            except BaseException:
+                self._cleanup()
+                raise
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         assert self.tmp is not None
-        if exc_type is None:
-            try:
-                self._commit()
-                return False
-            except BaseException:
-                self._cleanup()
-                raise
-        self._cleanup()
+        with signals_deferred():
+            if exc_type is None:
+                try:
+                    self._commit()
+                    return False
+                except BaseException:
+                    self._cleanup()
+                    raise
+            self._cleanup()
         return False
 
     def _commit(self) -> None:
         assert self.tmp is not None
+        (self.tmp / OWNER_FILE).unlink()
         old = None
         if self.out.exists() or self.out.is_symlink():
             if not self.force:
                 raise FileExistsError(self.out)
-            old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
+            old = _owned_folder(self.out.parent, f".{self.out.name}.old-", self.out.name)
             os.replace(self.out, old / "previous")
         try:
             os.replace(self.tmp, self.out)
@@ -194,6 +213,97 @@ class AtomicFolder:
             shutil.rmtree(self.tmp, ignore_errors=True)
         if self._created is not None:
             shutil.rmtree(self._created, ignore_errors=True)
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Holds SIGINT, SIGTERM and SIGHUP until the block is done, then delivers the first one that came.
+
+    Python runs signal handlers in the main thread only, so elsewhere this holds nothing (nor needs to: a
+    handler there cannot raise into the block)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = {}
+    for signum in STOP_SIGNALS:
+        handler = signal.getsignal(signum)
+        if handler is not None and handler != signal.SIG_IGN:  # None: set outside Python, cannot be restored
+            previous[signum] = signal.signal(signum, lambda n, _frame: pending.append(n))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if pending:
+            signal.raise_signal(pending[0])
+
+
+def _owned_folder(parent: Path, prefix: str, out_name: str) -> Path:
+    """A new hidden folder in ``parent`` that records its owner, so ``remove_stale`` can tell when it is orphaned."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    owner = {"pid": os.getpid(), "started": _start_time(os.getpid()), "host": socket.gethostname(), "out": out_name}
+    try:
+        (folder / OWNER_FILE).write_text(json.dumps(owner))
+    except BaseException:  # a full disk: no folder without its record
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return folder
+
+
+def _start_time(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, Linux), to tell a reused pid from the owner."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rpartition(")")[2].split()[19]  # field 22; the command name before ")" may hold spaces
+
+
+def _owner_alive(owner: dict) -> bool:
+    if owner.get("host") != socket.gethostname():
+        return True  # another machine's run on a shared disk: we cannot tell, so it stays
+    pid = owner.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    started = owner.get("started")
+    return started is None or _start_time(pid) in (None, started)
+
+
+def remove_stale(parent: Path) -> list[Path]:
+    """Removes the hidden partial folders of dead runs in ``parent`` (and their leftover previous outputs once
+    the new output is in place); returns what it removed. A folder without our owner record is never touched."""
+    removed = []
+    for folder in sorted(parent.glob(".*.partial-*")) + sorted(parent.glob(".*.old-*")):
+        try:
+            owner = json.loads((folder / OWNER_FILE).read_text())
+        except (OSError, ValueError):  # not ours, or its owner is still writing the record
+            continue
+        if not isinstance(owner, dict) or _owner_alive(owner):
+            continue
+        out = parent / Path(str(owner.get("out"))).name
+        if ".old-" in folder.name and not out.exists():
+            log.warning("%s holds the previous %s of a run that was killed; move it back or remove it",
+                        folder / "previous", out)
+            continue
+        _remove_owned(folder)
+        removed.append(folder)
+        log.info("removed %s, left by a run that was killed (pid %s)", folder, owner.get("pid"))
+    return removed
+
+
+def _remove_owned(folder: Path) -> None:
+    """Removes an owned folder, its owner record last: cut short, what is left is still known to be removable."""
+    for child in folder.iterdir():
+        if child.name != OWNER_FILE:
+            _remove(child)
+    _remove(folder)
 
 
 def _umask() -> int:

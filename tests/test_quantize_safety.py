@@ -1,4 +1,5 @@
-"""Nothing half-written: an existing OUT, Ctrl-C, a full or unwritable disk, a bad input shard.
+"""Nothing half-written: an existing OUT, Ctrl-C / SIGTERM / SIGHUP, a killed run, a full or unwritable disk,
+a bad input shard.
 
 Each failure must leave the destination's parent exactly as it was (no OUT, no hidden partial folder)
 and say what happened in one line. The disk is really full (a small tmpfs, when this process may mount
@@ -8,6 +9,7 @@ one) or the kernel really refuses the write (RLIMIT_FSIZE in a child process).
 from __future__ import annotations
 
 import json
+import os
 import resource
 import shutil
 import signal
@@ -21,8 +23,10 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
+from cli.signals import Stopped, stop_signals_interrupt
 from edge_llm.errors import CheckpointError
 from quant.quantize import QuantizeError, quantize
+from quant.writer import AtomicFolder, signals_deferred
 from tests.hf_oracle import build_tiny_checkpoint
 from tests.tiny_configs import TINY_CONFIGS
 
@@ -85,21 +89,63 @@ def test_interrupt_in_process_leaves_nothing(src, tmp_path):
     assert listing(tmp_path) == []  # not even the parent folder it had created
 
 
-@pytest.mark.slow
-def test_ctrl_c_during_a_real_run_leaves_nothing(smollm2_folder, tmp_path):
-    out = tmp_path / "q4"
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "quantize", str(smollm2_folder), "-o", str(out)],
+def _start(folder: Path, out: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "cli.main", "quantize", str(folder), "-o", str(out)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _writing(proc: subprocess.Popen, out: Path) -> Path:
+    """The hidden folder ``proc`` builds OUT in, once it holds some tensors."""
     deadline = time.time() + 120
-    while not any(p.name.startswith(".q4.partial-") and any(p.iterdir()) for p in tmp_path.iterdir()):
+    while True:
+        partial = [p for p in out.parent.glob(f".{out.name}.partial-*") if (p / "model.safetensors").exists()]
+        if partial:
+            time.sleep(0.5)  # some tensors in
+            return partial[0]
         assert proc.poll() is None and time.time() < deadline, "the conversion never started writing"
         time.sleep(0.05)
-    time.sleep(0.5)  # some tensors in
-    proc.send_signal(signal.SIGINT)
+
+
+@pytest.mark.parametrize("signum, code, said", [(signal.SIGINT, 130, "interrupted"),
+                                                (signal.SIGTERM, 143, "stopped by SIGTERM"),
+                                                (signal.SIGHUP, 129, "stopped by SIGHUP")])
+def test_a_stop_signal_during_a_real_run_leaves_nothing(smollm2_folder, tmp_path, signum, code, said):
+    """Ctrl-C, kill (SIGTERM) and a closed terminal (SIGHUP) all clean up and exit 128 + the signal."""
+    out = tmp_path / "q4"
+    proc = _start(smollm2_folder, out)
+    _writing(proc, out)
+    proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stderr
-    assert "interrupted: nothing was written" in stderr and "Traceback" not in stderr
+    assert proc.returncode == code, stderr
+    assert f"{said}: nothing was written to {out}" in stderr and "Traceback" not in stderr
     assert listing(tmp_path) == []
+
+
+def test_the_next_run_removes_what_a_killed_run_left(smollm2_folder, src, tmp_path):
+    """SIGKILL cannot be caught: its partial folder stays until a later conversion into the same folder sees
+    that its owner is dead. A live run's partial folder, and hidden folders that are not ours, are kept."""
+    proc = _start(smollm2_folder, tmp_path / "q4")
+    partial = _writing(proc, tmp_path / "q4")
+    proc.kill()
+    proc.wait(timeout=60)
+    assert partial.is_dir()
+    (tmp_path / ".notes.partial-mine").mkdir()  # a user's folder that happens to look like ours
+    with AtomicFolder(tmp_path / "busy") as busy:  # another conversion, still running
+        quantize(src, tmp_path / "q8", bits=8)
+        assert busy.is_dir()
+    assert listing(tmp_path) == [".notes.partial-mine", "busy", "q8"]
+
+
+def test_a_stop_signal_waits_while_the_output_is_swapped_in():
+    """The rename pair that swaps OUT in (and cleaning up) is never cut in half: the signal comes after it."""
+    steps = []
+    with stop_signals_interrupt(), pytest.raises(Stopped) as stopped:
+        with signals_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler would have run by now
+            steps.append("swapped")
+        steps.append("after")
+    assert steps == ["swapped"] and stopped.value.signum == signal.SIGTERM
 
 
 def _can_mount_tmpfs(path: Path) -> bool:
