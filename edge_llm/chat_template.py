@@ -8,24 +8,38 @@ optional ``indent``/``separators``/``sort_keys``). Messages are copied without t
 reasoning given as ``reasoning_content``/``thinking``/``reasoning`` is visible under the first two, as
 transformers does. Differences: tools must be JSON-schema dicts (no Python callables), and there is no
 assistant-token mask or ``continue_final_message``.
+
+A template comes with the model, i.e. from a stranger, and Jinja's sandbox bounds what it may touch but
+not how long it runs or how much it builds (two nested loops of 100,000 render 10^10 characters). Each
+rendering therefore gets a ``_Budget``: every loop (each ``for`` is rewritten to iterate through
+``_bounded_iter``), call, filter, attribute, subscript and operator checks a deadline; strings and lists a
+template builds, and the text it writes, stay under a size in proportion to the conversation; numbers that
+size things (``'x' * n``, ``center(n)``, ``'%9999999s'``, ``n ** m``) are refused when huge. Past a bound,
+one TokenizerError line says which. (One operation already allowed, say joining a 1 MB list with a 1 MB
+separator, runs to its end; every bound is far above what real templates do.)
 """
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import json
 import logging
-from collections.abc import Mapping, Sequence
+import re
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import jinja2
 from jinja2 import nodes
+from jinja2.exceptions import SecurityError
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from edge_llm.errors import TokenizerError
+from edge_llm.limits import TEMPLATE_LOOP_ITEMS, TEMPLATE_OUTPUT_CHARS, TEMPLATE_SECONDS
 from edge_llm.own_files import not_own
 
 #: Used when a model ships no chat template. One line per message, "Role: content", and a final
@@ -79,15 +93,121 @@ def _strftime_now(format: str) -> str:
     return datetime.now().strftime(format)
 
 
+class _TemplateLimit(SecurityError):
+    """A rendering that went past one of its bounds."""
+
+
+class _Budget:
+    """What one rendering may spend: a deadline, loop iterations, and the length of any value or output."""
+
+    def __init__(self, conversation_chars: int) -> None:
+        self.chars = TEMPLATE_OUTPUT_CHARS + 4 * conversation_chars
+        self.deadline = time.monotonic() + TEMPLATE_SECONDS + conversation_chars / 1e6
+        self.items = 0
+
+    def tick(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise _TemplateLimit(f"it ran past {TEMPLATE_SECONDS:g} s")
+
+    def item(self) -> None:
+        self.items += 1
+        if self.items > TEMPLATE_LOOP_ITEMS:
+            raise _TemplateLimit(f"its loops ran more than {TEMPLATE_LOOP_ITEMS:,} times")
+        if not self.items % 1024:
+            self.tick()
+
+    def sized(self, value: Any) -> Any:
+        if isinstance(value, (str, list, tuple, dict)) and len(value) > self.chars:
+            raise _TemplateLimit(f"it built a value of more than {self.chars:,} items")
+        return value
+
+    def numbers(self, values: Iterable[Any]) -> None:
+        for v in values:
+            if isinstance(v, int) and abs(v) > self.chars:
+                raise _TemplateLimit(f"it asked for a size of {v:,}")
+            if isinstance(v, str) and _WIDE_FORMAT.search(v):
+                raise _TemplateLimit("it formats a field millions of characters wide")
+
+
+_BUDGET: contextvars.ContextVar[_Budget] = contextvars.ContextVar("chat_template_budget")
+# a width or precision of 7 digits or more in a %-format or str.format spec
+_WIDE_FORMAT = re.compile(r"%[-+ #0]*\d{7,}|%[-+ #0]*\d*\.\d{7,}|\{[^{}]*:[^{}]*\d{7,}[^{}]*\}")
+_SEQUENCES = (str, list, tuple)
+
+
+class _BoundedEnvironment(ImmutableSandboxedEnvironment):
+    """Jinja's immutable sandbox, with every hook it offers spending the current rendering's ``_Budget``."""
+
+    intercepted_binops = frozenset({"*", "**", "%", "+"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        budget = _BUDGET.get()
+        budget.tick()
+        if operator == "*" and isinstance(left, _SEQUENCES) != isinstance(right, _SEQUENCES):
+            seq, n = (left, right) if isinstance(left, _SEQUENCES) else (right, left)
+            if isinstance(n, int) and len(seq) * n > budget.chars:
+                raise _TemplateLimit(f"it repeats a value {n:,} times")
+        if operator == "**" and isinstance(right, int) and abs(right) > 256 and left not in (0, 1, -1):
+            raise _TemplateLimit(f"it raises a number to the power {right:,}")
+        if operator == "%" and isinstance(left, str):
+            budget.numbers([left, *(right if isinstance(right, tuple) else [right])])
+        return budget.sized(super().call_binop(context, operator, left, right))
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 (jinja's names)
+        budget = _BUDGET.get()
+        budget.tick()
+        budget.numbers([*args, *kwargs.values()])
+        return budget.sized(super().call(__context, __obj, *args, **kwargs))
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        budget = _BUDGET.get()
+        budget.tick()
+        if isinstance(obj, str) and attribute in ("format", "format_map"):
+            budget.numbers([obj])  # the format string's field widths
+        return budget.sized(super().getattr(obj, attribute))
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        budget = _BUDGET.get()
+        budget.tick()
+        return budget.sized(super().getitem(obj, argument))
+
+
+def _bounded_filter(function: Any) -> Any:
+    """A filter (called directly by compiled templates, not through the environment) that spends the budget."""
+
+    @functools.wraps(function)  # keeps jinja_pass_arg: environment/context filters still get theirs
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        budget = _BUDGET.get()
+        budget.tick()
+        budget.numbers([*args[1:], *kwargs.values()])
+        return budget.sized(function(*args, **kwargs))
+
+    return bounded
+
+
+def _bounded_iter(iterable: Any) -> Iterator[Any]:
+    """What every ``for`` of a template iterates through: each item counts against the budget."""
+    budget = _BUDGET.get()
+    for item in iterable:
+        budget.item()
+        yield item
+
+
 @functools.lru_cache(maxsize=32)
 def _compile(template: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(
+    env = _BoundedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, "jinja2.ext.loopcontrols"]
     )
     env.filters["tojson"] = _tojson
+    env.filters = {name: _bounded_filter(f) for name, f in env.filters.items()}
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
-    return env.from_string(template)
+    env.globals["_bounded_iter"] = _bounded_iter
+    del env.globals["lipsum"]  # lorem ipsum by the paragraph: a size knob and nothing a chat needs
+    tree = env.parse(template)
+    for loop in tree.find_all(nodes.For):
+        loop.iter = nodes.Call(nodes.Name("_bounded_iter", "load"), [loop.iter], [], None, None)
+    return env.from_string(tree)
 
 
 def _plain(value: Any) -> Any:
@@ -142,15 +262,31 @@ def render_chat_template(
                     "({'type': 'function', 'function': {...}})"
                 )
         tools = _plain(tools)
+    messages = _normalize_messages(messages, source)
+    documents, variables = _plain(documents), _plain(variables)
+    budget = _Budget(len(json.dumps([messages, tools, documents, variables], default=str)))
+    token = _BUDGET.set(budget)
     try:
         compiled = _compile(template)
-        return compiled.render(
-            messages=_normalize_messages(messages, source),
-            tools=tools,
-            documents=_plain(documents),
-            add_generation_prompt=add_generation_prompt,
-            **_plain(variables),
-        )
+        out, size = [], 0
+        for chunk in compiled.generate(messages=messages, tools=tools, documents=documents,
+                                       add_generation_prompt=add_generation_prompt, **variables):  # fmt: skip
+            size += len(chunk)
+            if size > budget.chars:
+                raise _TemplateLimit(f"it wrote more than {budget.chars:,} characters")
+            out.append(chunk)
+            budget.tick()
+        return "".join(out)
+    except _TemplateLimit as error:
+        raise TokenizerError(
+            f"{source}: chat template stopped: {error}; the model's template is broken or hostile, "
+            "pass another one"
+        ) from None
+    except (RecursionError, MemoryError) as error:
+        raise TokenizerError(
+            f"{source}: chat template failed: {type(error).__name__} ({_one_line(str(error))[:100]}); "
+            "the model's template is broken or hostile, pass another one"
+        ) from None
     except jinja2.TemplateSyntaxError as error:
         raise TokenizerError(
             f"{source}: chat template has a syntax error at line {error.lineno}: "
@@ -158,9 +294,11 @@ def render_chat_template(
         ) from error
     except (jinja2.TemplateError, TypeError, ValueError) as error:
         raise TokenizerError(
-            f"{source}: chat template failed: {_one_line(str(error))}; "
+            f"{source}: chat template failed: {_one_line(str(error))[:300]}; "
             "check the messages against what the template accepts"
         ) from error
+    finally:
+        _BUDGET.reset(token)
 
 
 def read_chat_templates(folder: Path, config: Mapping[str, Any]) -> dict[str, str]:

@@ -8,8 +8,6 @@ Every problem becomes a ``CheckpointError`` with one line naming the path and wh
 from __future__ import annotations
 
 import json
-import math
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,33 +15,15 @@ from typing import Any
 import mlx.core as mx
 
 from .errors import CheckpointError
+from .limits import MAX_TENSORS
 from .models import supported_model_types
+from .safetensors_header import DTYPE_BYTES, FLOAT_DTYPES, TensorInfo, read_safetensors_header
+from .validate import check_checkpoint
+
+__all__ = ["DTYPE_BYTES", "FLOAT_DTYPES", "Checkpoint", "TensorInfo", "normalize_config", "read_checkpoint",
+           "read_config", "read_safetensors_header"]  # fmt: skip
 
 INDEX_FILE = "model.safetensors.index.json"
-MAX_HEADER_BYTES = 100 * 1024 * 1024
-
-# bytes per element of each safetensors dtype
-DTYPE_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
-}
-FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    file: Path
-    dtype: str  # safetensors spelling: F32, BF16, U32, F8_E4M3, ...
-    shape: tuple[int, ...]
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.size * DTYPE_BYTES.get(self.dtype, 4)
 
 
 def normalize_config(raw: dict[str, Any]) -> dict[str, Any]:
@@ -83,44 +63,11 @@ def read_config(folder: Path) -> dict[str, Any]:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: invalid JSON ({e}); re-download or fix the file") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: invalid JSON (nested too deep); re-download or fix the file") from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: expected a JSON object, found {type(raw).__name__}")
     return normalize_config(raw)
-
-
-def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Tensor names, dtypes and shapes of one file, checking it is complete on disk."""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: weight shard is missing; re-download the checkpoint")
-    size = path.stat().st_size
-    try:
-        with path.open("rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes); re-download it")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER_BYTES or 8 + n > size:
-                raise CheckpointError(f"{path}: corrupt or truncated safetensors header; re-download it")
-            header = json.loads(f.read(n))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not JSON); re-download it") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header; re-download it")
-    tensors, end = {}, 0
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (_, stop) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt safetensors entry for {name!r}; re-download it") from None
-        end = max(end, stop)
-        tensors[name] = TensorInfo(name, path, dtype, shape)
-    if 8 + n + end > size:
-        raise CheckpointError(
-            f"{path}: truncated ({size} bytes, header needs {8 + n + end}); re-download the checkpoint"
-        )
-    return tensors
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -128,9 +75,12 @@ def _weight_files(folder: Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+            files = list(dict.fromkeys(weight_map.values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError, AttributeError):
             raise CheckpointError(f"{index}: invalid index (no weight_map); re-download it") from None
-        return [folder / name for name in dict.fromkeys(weight_map.values())]
+        if not all(isinstance(name, str) and name and Path(name).name == name for name in files):
+            raise CheckpointError(f"{index}: invalid index (its weight_map names files outside the folder)")
+        return [folder / name for name in files]
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         pickles = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt*")]
@@ -184,7 +134,7 @@ class Checkpoint:
         path = self.path / "generation_config.json"
         try:
             generation = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-        except (OSError, ValueError):  # a broken optional file only loses its recommendations
+        except (OSError, ValueError, RecursionError):  # a broken optional file only loses its recommendations
             generation = {}
         values = sampling_from_generation_config(generation) if isinstance(generation, dict) else {}
         return "generation_config.json", values
@@ -221,4 +171,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     tensors: dict[str, TensorInfo] = {}
     for file in _weight_files(folder):
         tensors.update(read_safetensors_header(file))
-    return Checkpoint(folder, config, tensors)
+        if len(tensors) > MAX_TENSORS:
+            raise CheckpointError(f"{folder}: more than {MAX_TENSORS:,} tensors in its weight files; not a model")
+    checkpoint = Checkpoint(folder, config, tensors)
+    check_checkpoint(checkpoint)
+    return checkpoint

@@ -41,6 +41,7 @@ from .gguf_arch import ARCHITECTURES, Arch, Names
 from .gguf_reader import GGUFFile, GGUFTensor, read_gguf
 from .gguf_tokenizer import write_tokenizer_files
 from .models import supported_model_types
+from .validate import check_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -325,16 +326,17 @@ def _check_types(g: GGUFFile) -> None:
 def read_gguf_checkpoint(path: str | Path) -> GGUFCheckpoint:
     """A GGUF file as a checkpoint; raises CheckpointError with one line for what it cannot read."""
     g = read_gguf(Path(path).expanduser())
-    parts = g.get("split.count", 1)
+    parts, part = g.get("split.count", 1), g.get("split.no", 0)
     if isinstance(parts, int) and parts > 1:
+        which = f"part {part + 1}" if isinstance(part, int) else "a part"
         raise CheckpointError(
-            f"{g.path}: part {g.get('split.no', 0) + 1} of a GGUF split into {parts} files; merge them first "
+            f"{g.path}: {which} of a GGUF split into {parts} files; merge them first "
             f"(llama-gguf-split --merge {g.path.name} merged.gguf) and run the merged file"
         )
     arch = g.get("general.architecture")
-    if arch not in ARCHITECTURES:
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:
         raise CheckpointError(
-            f"{g.path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(sorted(ARCHITECTURES))})"
+            f"{g.path}: GGUF architecture {arch!r:.40} is not supported (supported: {', '.join(sorted(ARCHITECTURES))})"
         )
     spec = ARCHITECTURES[arch]
     config = spec.config(g)
@@ -356,7 +358,9 @@ def read_gguf_checkpoint(path: str | Path) -> GGUFCheckpoint:
     quantization = _quantization(g, names, spec)
     if quantization:
         config["quantization"] = quantization
-    return GGUFCheckpoint(g.path, config, _tensor_infos(g, names, spec, config), gguf=g, names=names)
+    checkpoint = GGUFCheckpoint(g.path, config, _tensor_infos(g, names, spec, config), gguf=g, names=names)
+    check_checkpoint(checkpoint)
+    return checkpoint
 
 
 def is_gguf(path: str | Path) -> bool:

@@ -119,13 +119,41 @@ class Arch:
     split_modules: tuple[str, ...] = ()  # modules llama.cpp split, joined on load (never model modules)
 
 
-def required(g: GGUFFile, key: str) -> Any:
-    value = g.arch_key(key)
+def _typed(g: GGUFFile, key: str, kinds: type | tuple[type, ...], what: str) -> Any:
+    """``{arch}.{key}`` if it is one of ``kinds`` (None when absent); one line naming the key if not."""
     arch = g.get("general.architecture")
-    if value is None:
-        raise CheckpointError(f"{g.path}: GGUF metadata lacks {arch}.{key}; re-convert the file with llama.cpp")
-    if isinstance(value, list):
+    if isinstance(g.arch_key(key), list):
         raise CheckpointError(f"{g.path}: {arch}.{key} varies per layer, which edge-llm does not support")
+    return g.typed(f"{arch}.{key}", kinds, what)
+
+
+def meta_int(g: GGUFFile, key: str, default: int | None = None, low: int = 0) -> int | None:
+    """``{arch}.{key}`` as an integer of at least ``low`` (``default`` when absent)."""
+    value = _typed(g, key, int, "an integer")
+    if value is None:
+        return default
+    if value < low:
+        raise CheckpointError(f"{g.path}: GGUF metadata {g.get('general.architecture')}.{key} = {value}, "
+                              f"expected at least {low}; re-convert the file with llama.cpp")  # fmt: skip
+    return value
+
+
+def meta_float(g: GGUFFile, key: str, default: float | None = None) -> float | None:
+    value = _typed(g, key, (int, float), "a number")
+    return default if value is None else float(value)
+
+
+def meta_flag(g: GGUFFile, key: str, default: bool) -> bool:
+    value = _typed(g, key, bool, "true or false")
+    return default if value is None else value
+
+
+def required(g: GGUFFile, key: str) -> int:
+    """A size every file of the architecture states: a positive integer."""
+    value = meta_int(g, key, low=1)
+    if value is None:
+        arch = g.get("general.architecture")
+        raise CheckpointError(f"{g.path}: GGUF metadata lacks {arch}.{key}; re-convert the file with llama.cpp")
     return value
 
 
@@ -142,6 +170,8 @@ def _llama3_rope(g: GGUFFile, head_dim: int, theta: float) -> dict[str, Any] | N
     if tensor.type_name != "F32":
         raise CheckpointError(f"{g.path}: rope_freqs.weight is {tensor.type_name}, expected F32")
     factors = g.read(tensor).view(np.float32).astype(np.float64)
+    if not factors.size or not np.isfinite(factors).all() or factors.min() <= 0:
+        raise CheckpointError(f"{g.path}: rope_freqs.weight holds no valid rope factors; re-convert the file")
     scaling = {"rope_type": "llama3", "factor": float(factors.max()), "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # fmt: skip
     inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
@@ -159,46 +189,51 @@ def _llama3_rope(g: GGUFFile, head_dim: int, theta: float) -> dict[str, Any] | N
 
 
 def rope_scaling(g: GGUFFile, head_dim: int, theta: float) -> dict[str, Any] | None:
-    kind = g.arch_key("rope.scaling.type")
+    kind = _typed(g, "rope.scaling.type", str, "a string")
     if kind in (None, "none"):
         return _llama3_rope(g, head_dim, theta)
-    factor = g.arch_key("rope.scaling.factor") or g.arch_key("rope.scale_linear")
+    factor = meta_float(g, "rope.scaling.factor") or meta_float(g, "rope.scale_linear")
+    if kind in ("linear", "yarn") and factor is None:
+        raise CheckpointError(f"{g.path}: {kind} rope scaling without rope.scaling.factor; re-convert the file")
     if kind == "linear":
-        return {"rope_type": "linear", "factor": float(factor)}
+        return {"rope_type": "linear", "factor": factor}
     if kind == "yarn":
-        scaling = {"rope_type": "yarn", "factor": float(factor)}
-        original = g.arch_key("rope.scaling.original_context_length")
+        scaling = {"rope_type": "yarn", "factor": factor}
+        original = meta_int(g, "rope.scaling.original_context_length")
         if original:
-            scaling["original_max_position_embeddings"] = int(original)
+            scaling["original_max_position_embeddings"] = original
         for key, hf in (("rope.scaling.yarn_beta_fast", "beta_fast"), ("rope.scaling.yarn_beta_slow", "beta_slow")):
             if g.arch_key(key) is not None:
-                scaling[hf] = float(g.arch_key(key))
+                scaling[hf] = meta_float(g, key)
         return scaling
-    raise CheckpointError(f"{g.path}: rope scaling {kind!r} is not supported (none, linear, yarn are)")
+    raise CheckpointError(f"{g.path}: rope scaling {kind[:40]!r} is not supported (none, linear, yarn are)")
 
 
 def base_config(g: GGUFFile, model_type: str, architecture: str) -> dict[str, Any]:
     """The keys every decoder shares (transformers' GGUF mapping: context_length -> max_position_embeddings...)."""
-    hidden = int(required(g, "embedding_length"))
-    heads = int(required(g, "attention.head_count"))
-    head_dim = int(g.arch_key("attention.key_length") or hidden // heads)
-    theta = float(g.arch_key("rope.freq_base") or 10000.0)
+    hidden = required(g, "embedding_length")
+    heads = required(g, "attention.head_count")
+    head_dim = meta_int(g, "attention.key_length") or hidden // heads
+    theta = meta_float(g, "rope.freq_base", 10000.0)
     embed = g.tensors.get("token_embd.weight")
     tokens = g.get("tokenizer.ggml.tokens")
     # the embedding is the truth (llama.cpp pads the token list to it); then the metadata
-    vocab = (embed.shape[0] if embed else None) or g.arch_key("vocab_size") or (len(tokens) if tokens else None)
+    vocab = (embed.shape[0] if embed else None) or meta_int(g, "vocab_size") \
+        or (len(tokens) if isinstance(tokens, list) else None)
+    if not vocab:
+        raise CheckpointError(f"{g.path}: no token_embd.weight tensor, vocab_size or token list: no vocabulary size")
     config = {
         "model_type": model_type,
         "architectures": [architecture],
-        "vocab_size": int(vocab),
+        "vocab_size": vocab,
         "hidden_size": hidden,
-        "intermediate_size": int(g.arch_key("feed_forward_length") or 0) or None,
-        "num_hidden_layers": int(required(g, "block_count")),
+        "intermediate_size": meta_int(g, "feed_forward_length") or None,
+        "num_hidden_layers": required(g, "block_count"),
         "num_attention_heads": heads,
-        "num_key_value_heads": int(g.arch_key("attention.head_count_kv") or heads),
+        "num_key_value_heads": meta_int(g, "attention.head_count_kv") or heads,
         "head_dim": head_dim,
-        "rms_norm_eps": float(g.arch_key("attention.layer_norm_rms_epsilon") or 1e-5),
-        "max_position_embeddings": int(g.arch_key("context_length") or 2048),
+        "rms_norm_eps": meta_float(g, "attention.layer_norm_rms_epsilon", 1e-5),
+        "max_position_embeddings": meta_int(g, "context_length", 2048),
         "rope_theta": theta,
         "rope_scaling": rope_scaling(g, head_dim, theta),
         "tie_word_embeddings": "output.weight" not in g.tensors,
@@ -207,30 +242,30 @@ def base_config(g: GGUFFile, model_type: str, architecture: str) -> dict[str, An
     for key, hf in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                     ("padding_token_id", "pad_token_id")):  # fmt: skip
         value = g.get(f"tokenizer.ggml.{key}")
-        if value is not None:
-            config[hf] = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):  # the tokenizer reports other values
+            config[hf] = value
     return config
 
 
 def _experts(g: GGUFFile, config: dict[str, Any], experts_key: str = "num_experts") -> dict[str, Any]:
-    config[experts_key] = int(required(g, "expert_count"))
-    config["num_experts_per_tok"] = int(required(g, "expert_used_count"))
+    config[experts_key] = required(g, "expert_count")
+    config["num_experts_per_tok"] = required(g, "expert_used_count")
     return config
 
 
 def _expert_ffn(g: GGUFFile) -> int:
     """The routed experts' hidden size: metadata, else the stacked gate tensor [E, I, D]."""
-    size = g.arch_key("expert_feed_forward_length")
+    size = meta_int(g, "expert_feed_forward_length")
     gate = g.tensors.get("blk.0.ffn_gate_exps.weight")
-    return int(size or (gate.shape[1] if gate else required(g, "expert_feed_forward_length")))
+    return size or (gate.shape[1] if gate and len(gate.shape) == 3 else required(g, "expert_feed_forward_length"))
 
 
 def _llama(g: GGUFFile) -> dict[str, Any]:
-    if g.arch_key("expert_count"):  # Mixtral
+    if meta_int(g, "expert_count"):  # Mixtral
         config = base_config(g, "mixtral", "MixtralForCausalLM")
         return _experts(g, config, "num_local_experts")
     config = base_config(g, "llama", "LlamaForCausalLM")
-    config["intermediate_size"] = int(required(g, "feed_forward_length"))
+    config["intermediate_size"] = required(g, "feed_forward_length")
     config["attention_bias"] = "blk.0.attn_q.bias" in g.tensors
     config["mlp_bias"] = "blk.0.ffn_up.bias" in g.tensors
     return config
@@ -239,12 +274,12 @@ def _llama(g: GGUFFile) -> dict[str, Any]:
 def _qwen2moe(g: GGUFFile) -> dict[str, Any]:
     config = _experts(g, base_config(g, "qwen2_moe", "Qwen2MoeForCausalLM"))
     config["moe_intermediate_size"] = _expert_ffn(g)
-    shared = g.arch_key("expert_shared_feed_forward_length")
+    shared = meta_int(g, "expert_shared_feed_forward_length")
     gate = g.tensors.get("blk.0.ffn_gate_shexp.weight")
-    config["shared_expert_intermediate_size"] = int(shared or (gate.shape[0] if gate else 0))
+    config["shared_expert_intermediate_size"] = shared or (gate.shape[0] if gate else 0)
     config["intermediate_size"] = config["intermediate_size"] or config["moe_intermediate_size"]
     config["qkv_bias"] = "blk.0.attn_q.bias" in g.tensors
-    config["norm_topk_prob"] = bool(g.arch_key("expert_weights_norm", False))
+    config["norm_topk_prob"] = meta_flag(g, "expert_weights_norm", False)
     return config
 
 
@@ -254,7 +289,7 @@ def _qwen3moe(g: GGUFFile) -> dict[str, Any]:
     config["intermediate_size"] = config["intermediate_size"] or config["moe_intermediate_size"]
     config["attention_bias"] = "blk.0.attn_q.bias" in g.tensors
     # llama.cpp always renormalises Qwen3-MoE's top-k weights (transformers' GGUF reader says so too)
-    config["norm_topk_prob"] = bool(g.arch_key("expert_weights_norm", True))
+    config["norm_topk_prob"] = meta_flag(g, "expert_weights_norm", True)
     return config
 
 
@@ -262,41 +297,41 @@ def _olmoe(g: GGUFFile) -> dict[str, Any]:
     config = _experts(g, base_config(g, "olmoe", "OlmoeForCausalLM"))
     config["intermediate_size"] = _expert_ffn(g)
     config["attention_bias"] = "blk.0.attn_q.bias" in g.tensors
-    config["norm_topk_prob"] = bool(g.arch_key("expert_weights_norm", False))
+    config["norm_topk_prob"] = meta_flag(g, "expert_weights_norm", False)
     return config
 
 
 def _deepseek2(g: GGUFFile) -> dict[str, Any]:
     """DeepSeek-V2/V3 (llama.cpp writes both as ``deepseek2``; V3 routes with sigmoid + a score bias)."""
-    v3 = g.arch_key("expert_gating_func") == 2 or any(n.endswith("exp_probs_b.bias") for n in g.tensors)
+    v3 = meta_int(g, "expert_gating_func") == 2 or any(n.endswith("exp_probs_b.bias") for n in g.tensors)
     config = base_config(g, "deepseek_v3" if v3 else "deepseek_v2",
                          "DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM")  # fmt: skip
-    rope = int(required(g, "rope.dimension_count"))
+    rope = required(g, "rope.dimension_count")
     # llama.cpp describes MLA as MQA over the latent: head_count_kv 1, key_length kv_lora_rank + rope.
     # The per-head sizes are key/value_length_mla (files before 2025: key/value_length themselves).
-    qk = g.arch_key("attention.key_length_mla") or required(g, "attention.key_length")
-    v = g.arch_key("attention.value_length_mla") or required(g, "attention.value_length")
-    n_group = int(g.arch_key("expert_group_count") or 1)
+    qk = meta_int(g, "attention.key_length_mla") or required(g, "attention.key_length")
+    v = meta_int(g, "attention.value_length_mla") or required(g, "attention.value_length")
+    n_group = meta_int(g, "expert_group_count") or 1
     config.update(
         num_key_value_heads=config["num_attention_heads"], head_dim=rope, qk_rope_head_dim=rope,
-        qk_nope_head_dim=int(qk) - rope, v_head_dim=int(v),
-        q_lora_rank=int(g.arch_key("attention.q_lora_rank") or 0) or None,
-        kv_lora_rank=int(required(g, "attention.kv_lora_rank")),
-        first_k_dense_replace=int(g.arch_key("leading_dense_block_count") or 0),
+        qk_nope_head_dim=qk - rope, v_head_dim=v,
+        q_lora_rank=meta_int(g, "attention.q_lora_rank") or None,
+        kv_lora_rank=required(g, "attention.kv_lora_rank"),
+        first_k_dense_replace=meta_int(g, "leading_dense_block_count", 0),
         moe_intermediate_size=_expert_ffn(g),
-        n_routed_experts=int(required(g, "expert_count")),
-        num_experts_per_tok=int(required(g, "expert_used_count")),
-        n_shared_experts=int(g.arch_key("expert_shared_count") or 0) or None,
-        routed_scaling_factor=float(g.arch_key("expert_weights_scale") or 1.0),
-        norm_topk_prob=bool(g.arch_key("expert_weights_norm", False)),
-        n_group=n_group, topk_group=int(g.arch_key("expert_group_used_count") or 1),
+        n_routed_experts=required(g, "expert_count"),
+        num_experts_per_tok=required(g, "expert_used_count"),
+        n_shared_experts=meta_int(g, "expert_shared_count") or None,
+        routed_scaling_factor=meta_float(g, "expert_weights_scale") or 1.0,
+        norm_topk_prob=meta_flag(g, "expert_weights_norm", False),
+        n_group=n_group, topk_group=meta_int(g, "expert_group_used_count") or 1,
         topk_method="noaux_tc" if v3 else "group_limited_greedy" if n_group > 1 else "greedy",
     )  # fmt: skip
     config["intermediate_size"] = config["intermediate_size"] or config["moe_intermediate_size"]
     scaling = config["rope_scaling"]
     if scaling and scaling["rope_type"] == "yarn":
         # llama.cpp keeps 0.1 * mscale_all_dim; DeepSeek's configs set mscale equal to it
-        mscale = float(g.arch_key("rope.scaling.yarn_log_multiplier") or 0.0) / 0.1
+        mscale = (meta_float(g, "rope.scaling.yarn_log_multiplier") or 0.0) / 0.1
         if mscale:
             scaling.update(mscale=mscale, mscale_all_dim=mscale)
     return config
@@ -307,7 +342,7 @@ def _deepseek_rename(name: str) -> str:
 
 
 def _llama_names(g: GGUFFile) -> Names:
-    return DENSE_NAMES + (moe_names("block_sparse_moe") + PER_EXPERT_NAMES if g.arch_key("expert_count") else [])
+    return DENSE_NAMES + (moe_names("block_sparse_moe") + PER_EXPERT_NAMES if meta_int(g, "expert_count") else [])
 
 
 ARCHITECTURES: dict[str, Arch] = {

@@ -5,6 +5,12 @@ little-endian. Reading the header is cheap (no tensor data is touched) and check
 without reading the data: the magic, the version, sane counts, known tensor types and that every
 tensor lies inside the file (a truncated download is caught here, with one line saying so).
 
+The header is input from strangers, so every size it declares is bounded before it is believed
+(``limits``): a string or array cannot be longer than the bytes left in the file, arrays nest at most
+``MAX_NESTING`` deep, all arrays together hold at most ``MAX_METADATA_ITEMS`` items, tensors are at most
+``MAX_TENSORS`` with 32-bit dimensions, and no name (metadata key or tensor) appears twice. Reading any
+file therefore costs memory in proportion to its size, and a hostile one ends in one CheckpointError.
+
 Shapes: GGUF lists dimensions innermost first (``ne[0]`` is the contiguous one); ``GGUFTensor.shape``
 is numpy/MLX order, outermost first, i.e. ``[out_features, in_features]`` for a linear weight.
 """
@@ -20,6 +26,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from .errors import CheckpointError
+from .limits import MAX_DIM, MAX_METADATA_ITEMS, MAX_NESTING, MAX_TENSORS
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -74,6 +81,27 @@ class GGUFFile:
         """``{general.architecture}.{key}``: llama.cpp prefixes model facts with the architecture."""
         return self.metadata.get(f"{self.metadata.get('general.architecture')}.{key}", default)
 
+    def typed(self, key: str, kinds: type | tuple[type, ...], what: str, default: Any = None) -> Any:
+        """``metadata[key]`` (``default`` when absent) if it is one of ``kinds``; a bool is no number.
+        Anything else is a corrupt file: CheckpointError naming the key, its value and what it should be."""
+        value = self.metadata.get(key)
+        if value is None:
+            return default
+        if not _is_kind(value, kinds):
+            raise CheckpointError(f"{self.path}: GGUF metadata {key} is {_shown(value)}, expected {what}; "
+                                  "re-convert the file with llama.cpp")  # fmt: skip
+        return value
+
+    def typed_list(self, key: str, kinds: type | tuple[type, ...], what: str) -> list | None:
+        """``metadata[key]`` (None when absent) if it is a list of ``kinds``; else CheckpointError."""
+        value = self.typed(key, list, f"a list of {what}")
+        if value is not None:
+            bad = next((i for i, item in enumerate(value) if not _is_kind(item, kinds)), None)
+            if bad is not None:
+                raise CheckpointError(f"{self.path}: GGUF metadata {key}[{bad}] is {_shown(value[bad])}, expected "
+                                      f"{what}; re-convert the file with llama.cpp")  # fmt: skip
+        return value
+
     def read(self, tensor: GGUFTensor) -> np.ndarray:
         """The tensor's raw bytes as a uint8 array (a copy; the file is not kept open)."""
         with self.path.open("rb") as f:
@@ -82,6 +110,16 @@ class GGUFFile:
         if len(data) != tensor.nbytes:
             raise CheckpointError(f"{self.path}: truncated inside tensor {tensor.name!r}; re-download the file")
         return np.frombuffer(data, dtype=np.uint8)
+
+
+def _is_kind(value: Any, kinds: type | tuple[type, ...]) -> bool:
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    return isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value) if not isinstance(value, list) else f"a list of {len(value)}"
+    return f"{text[:40]}{'...' if len(text) > 40 else ''} ({type(value).__name__})"
 
 
 class _Cursor:
@@ -96,10 +134,13 @@ class _Cursor:
     def __init__(self, f: BinaryIO, size: int, path: Path) -> None:
         self.f, self.size, self.path = f, size, path
         self.buf, self.pos = bytearray(), 0
+        self.items = 0  # metadata array items read so far
 
     def take(self, n: int) -> bytes:
+        if self.pos + n > self.size:  # checked first: a declared length of 2^40 must not be allocated
+            raise CheckpointError(f"{self.path}: truncated GGUF header ({self.size} bytes); re-download the file")
         while self.pos + n > len(self.buf):
-            chunk = self.f.read(max(n, len(self.buf), self.CHUNK)) if len(self.buf) < self.size else b""
+            chunk = self.f.read(max(n, len(self.buf), self.CHUNK))
             if not chunk:
                 raise CheckpointError(
                     f"{self.path}: truncated GGUF header ({self.size} bytes); re-download the file"
@@ -116,19 +157,23 @@ class _Cursor:
         raw = bytes(self.take(self.unpack("Q")))
         return raw.decode("utf-8", errors="replace")
 
-    def value(self, type_id: int) -> Any:
+    def value(self, type_id: int, depth: int = 0) -> Any:
         if type_id in _SCALARS:
             return self.unpack(_SCALARS[type_id])
         if type_id == 8:
             return self.string()
         if type_id == 9:
+            if depth >= MAX_NESTING:
+                raise CheckpointError(f"{self.path}: corrupt GGUF metadata (arrays nested over {MAX_NESTING} deep)")
             item_type, count = self.unpack("I"), self.unpack("Q")
-            if count > self.size:  # each item takes at least one byte: a corrupt count
-                raise CheckpointError(f"{self.path}: corrupt GGUF metadata (array of {count} items)")
+            self.items += count
+            if count > self.size - self.pos or self.items > MAX_METADATA_ITEMS:
+                # each item takes at least one byte, and no real file comes near the total
+                raise CheckpointError(f"{self.path}: corrupt GGUF metadata (array of {count:,} items)")
             if item_type in _NUMPY:
                 dtype = np.dtype(_NUMPY[item_type])
                 return np.frombuffer(self.take(count * dtype.itemsize), dtype=dtype).tolist()
-            return [self.value(item_type) for _ in range(count)]
+            return [self.value(item_type, depth + 1) for _ in range(count)]
         raise CheckpointError(f"{self.path}: corrupt GGUF metadata (unknown value type {type_id})")
 
 
@@ -153,18 +198,25 @@ def _parse(cur: _Cursor, path: Path, size: int) -> GGUFFile:
             f"{path}: GGUF version {version} is not supported (2 and 3 are){hint}; re-convert with a recent llama.cpp"
         )
     n_tensors, n_kv = cur.unpack("Q"), cur.unpack("Q")
-    if n_tensors > size or n_kv > size:
-        raise CheckpointError(f"{path}: corrupt GGUF header ({n_tensors} tensors, {n_kv} metadata keys)")
+    if n_tensors > min(size, MAX_TENSORS) or n_kv > min(size, MAX_METADATA_ITEMS):
+        raise CheckpointError(f"{path}: corrupt GGUF header ({n_tensors:,} tensors, {n_kv:,} metadata keys)")
     metadata = {}
     for _ in range(n_kv):
         key = cur.string()
+        if key in metadata:
+            raise CheckpointError(f"{path}: corrupt GGUF metadata (key {key[:80]!r} appears twice)")
         metadata[key] = cur.value(cur.unpack("I"))
-    entries = []
+    entries, names = [], set()
     for _ in range(n_tensors):
         name, n_dims = cur.string(), cur.unpack("I")
-        if n_dims > MAX_DIMS:
-            raise CheckpointError(f"{path}: corrupt GGUF tensor {name!r} ({n_dims} dimensions)")
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise CheckpointError(f"{path}: corrupt GGUF tensor {name[:80]!r} ({n_dims} dimensions)")
+        if name in names:
+            raise CheckpointError(f"{path}: corrupt GGUF file (tensor {name[:80]!r} appears twice); re-download it")
+        names.add(name)
         dims = [cur.unpack("Q") for _ in range(n_dims)]
+        if any(d > MAX_DIM for d in dims):
+            raise CheckpointError(f"{path}: corrupt GGUF tensor {name[:80]!r} (dimensions {dims})")
         entries.append((name, dims, cur.unpack("I"), cur.unpack("Q")))
     header_end = cur.pos
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
@@ -188,4 +240,9 @@ def _parse(cur: _Cursor, path: Path, size: int) -> GGUFFile:
         raise CheckpointError(
             f"{path}: truncated GGUF file ({size} bytes, its tensors need {end}); re-download it"
         )
+    spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in tensors.values() if t.nbytes)
+    for (_, stop, first), (start, _, second) in zip(spans, spans[1:], strict=False):
+        if start < stop:
+            raise CheckpointError(f"{path}: corrupt GGUF file (tensors {first[:80]!r} and {second[:80]!r} share "
+                                  "bytes); re-download it")  # fmt: skip
     return GGUFFile(path, version, metadata, tensors)

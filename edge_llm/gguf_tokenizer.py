@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as RustTokenizer
 
-from .errors import TokenizerError
+from .errors import EdgeLLMError, TokenizerError
 from .gguf_reader import GGUFFile
 
 log = logging.getLogger(__name__)
@@ -92,6 +94,40 @@ def _merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[st
     return [(a, b) for a, b, _ in merges]
 
 
+def _merges(g: GGUFFile) -> list[tuple[str, str]] | None:
+    """``tokenizer.ggml.merges``: "left right" pairs, each piece a token (the BPE model checks that)."""
+    merges = g.typed_list("tokenizer.ggml.merges", str, "strings")
+    if merges is None:
+        return None
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    bad = next((i for i, p in enumerate(pairs) if len(p) != 2 or not all(p)), None)
+    if bad is not None:
+        raise TokenizerError(f"{g.path}: GGUF metadata tokenizer.ggml.merges[{bad}] is {merges[bad][:40]!r}, "
+                             "expected two tokens separated by a space; re-convert the file")  # fmt: skip
+    return pairs
+
+
+@contextmanager
+def tokenizers_errors(source: object, what: str) -> Iterator[None]:
+    """What the `tokenizers` library refuses (a merge of unknown tokens, a special token missing from the
+    vocabulary) becomes one TokenizerError line; it raises plain Exceptions, and Rust panics as pyo3's
+    PanicException, which is a BaseException."""
+    try:
+        yield
+    except EdgeLLMError:
+        raise
+    except BaseException as e:
+        if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
+            raise  # KeyboardInterrupt, SystemExit
+        message = " ".join(str(e).split())[:200]
+        raise TokenizerError(f"{source}: {what}: {message}; re-download or re-convert it") from None
+
+
+def _bpe(g: GGUFFile, **kwargs: Any) -> RustTokenizer:
+    with tokenizers_errors(g.path, "GGUF metadata tokenizer.ggml.tokens/merges"):
+        return RustTokenizer(models.BPE(**kwargs))
+
+
 def _byte_level(g: GGUFFile, tokens: list[str]) -> RustTokenizer:
     spelling = _bytes_to_unicode()
     alphabet = set(spelling.values())
@@ -99,10 +135,9 @@ def _byte_level(g: GGUFFile, tokens: list[str]) -> RustTokenizer:
     vocab = {
         t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i for i, t in enumerate(tokens)
     }
-    merges = [tuple(m.split(" ", 1)) for m in g.get("tokenizer.ggml.merges") or []]
-    tok = RustTokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
-                                   end_of_word_suffix="", fuse_unk=False))  # fmt: skip
-    pre = g.get("tokenizer.ggml.pre")
+    tok = _bpe(g, vocab=vocab, merges=_merges(g) or [], dropout=None, continuing_subword_prefix="",
+               end_of_word_suffix="", fuse_unk=False)  # fmt: skip
+    pre = g.typed("tokenizer.ggml.pre", str, "a string")
     split = PRE_TOKENIZER_SPLITS.get(pre)
     if split is not None:
         tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -111,7 +146,7 @@ def _byte_level(g: GGUFFile, tokens: list[str]) -> RustTokenizer:
         ])  # fmt: skip
     else:
         if pre not in GPT2_SPLIT_NAMES and pre is not None:
-            log.warning("%s: pre-tokenizer %r is unknown; splitting text as GPT-2 does", g.path.name, pre)
+            log.warning("%s: pre-tokenizer %r is unknown; splitting text as GPT-2 does", g.path.name, pre[:40])
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     return tok
@@ -119,17 +154,16 @@ def _byte_level(g: GGUFFile, tokens: list[str]) -> RustTokenizer:
 
 def _sentencepiece(g: GGUFFile, tokens: list[str]) -> RustTokenizer:
     vocab = {t: i for i, t in enumerate(tokens)}
-    if g.get("tokenizer.ggml.merges"):
-        merges = [tuple(m.split(" ", 1)) for m in g.get("tokenizer.ggml.merges")]
-    else:
-        scores = g.get("tokenizer.ggml.scores")
+    merges = _merges(g)
+    if not merges:
+        scores = g.typed_list("tokenizer.ggml.scores", (int, float), "numbers")
         if scores is None or len(scores) != len(tokens):
             raise TokenizerError(f"{g.path}: a sentencepiece vocabulary needs tokenizer.ggml.scores; re-convert it")
         merges = _merges_from_scores(tokens, scores)
-    tok = RustTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None))
+    tok = _bpe(g, vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None)
     # llama.cpp prepends "▁" to the text unless add_space_prefix is false; only to the first piece
     # between special tokens (transformers' non-legacy LlamaTokenizer does the same).
-    prefix = g.get("tokenizer.ggml.add_space_prefix") is not False
+    prefix = g.typed("tokenizer.ggml.add_space_prefix", bool, "true or false", True)
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first" if prefix else "never",
                                                  split=False)  # fmt: skip
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
@@ -167,41 +201,47 @@ def _post_processor(tok: RustTokenizer, bos: str | None, eos: str | None, add_bo
 def build_gguf_tokenizer(g: GGUFFile) -> tuple[RustTokenizer, dict[str, Any]]:
     """The `tokenizers` object and the facts the ``Tokenizer`` class needs (special tokens, eos ids,
     chat templates) from a GGUF file's metadata; TokenizerError when the file describes none we build."""
-    kind = g.get("tokenizer.ggml.model")
-    tokens = g.get("tokenizer.ggml.tokens")
+    kind = g.typed("tokenizer.ggml.model", str, "a string")
+    tokens = g.typed_list("tokenizer.ggml.tokens", str, "strings")
     if kind is None or not tokens:
         raise TokenizerError(f"{g.path}: the GGUF file holds no tokenizer (tokenizer.ggml.tokens)")
+    g.typed_list("tokenizer.ggml.scores", (int, float), "numbers")  # read by llama.cpp for every model
     if kind == "gpt2":
         tok = _byte_level(g, tokens)
     elif kind == "llama":
         tok = _sentencepiece(g, tokens)
     else:
-        raise TokenizerError(f"{g.path}: GGUF tokenizer model {kind!r} is not supported (gpt2 and llama are)")
-    types = g.get("tokenizer.ggml.token_type") or []
-    _add_typed_tokens(tok, tokens, types, byte_level=kind == "gpt2")
+        raise TokenizerError(f"{g.path}: GGUF tokenizer model {kind[:40]!r} is not supported (gpt2 and llama are)")
+    types = g.typed_list("tokenizer.ggml.token_type", int, "integers") or []
+    with tokenizers_errors(g.path, "GGUF metadata tokenizer.ggml.token_type"):
+        _add_typed_tokens(tok, tokens, types, byte_level=kind == "gpt2")
 
-    def token(key: str) -> str | None:
-        i = g.get(f"tokenizer.ggml.{key}")
-        return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
+    ids = {key: g.typed(f"tokenizer.ggml.{key}", int, "a token id")
+           for key in ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id", "eot_token_id",
+                       "eom_token_id")}  # fmt: skip
+
+    def token(key: str) -> str | None:  # llama.cpp ignores ids outside the vocabulary, so do we
+        i = ids[key]
+        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
 
     named = {attr: token(key) for attr, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
              ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id"))}  # fmt: skip
     named = {k: v for k, v in named.items() if v is not None}
-    add_bos = g.get("tokenizer.ggml.add_bos_token")
-    add_bos = kind == "llama" if add_bos is None else bool(add_bos)
-    add_eos = bool(g.get("tokenizer.ggml.add_eos_token"))
-    _post_processor(tok, named.get("bos_token"), named.get("eos_token"), add_bos, add_eos)
+    add_bos = g.typed("tokenizer.ggml.add_bos_token", bool, "true or false", kind == "llama")
+    add_eos = g.typed("tokenizer.ggml.add_eos_token", bool, "true or false", False)
+    with tokenizers_errors(g.path, "GGUF metadata tokenizer.ggml.bos_token_id/eos_token_id"):
+        _post_processor(tok, named.get("bos_token"), named.get("eos_token"), add_bos, add_eos)
 
-    eos_ids = [g.get(f"tokenizer.ggml.{key}") for key in ("eos_token_id", "eot_token_id", "eom_token_id")]
-    templates = {"default": g.get("tokenizer.chat_template")}
-    prefix = "tokenizer.chat_template."
-    templates.update({k[len(prefix) :]: v for k, v in g.metadata.items() if k.startswith(prefix)})
+    eos_ids = [ids[key] for key in ("eos_token_id", "eot_token_id", "eom_token_id")]
+    prefix = "tokenizer.chat_template"
+    templates = {k[len(prefix) + 1 :] or "default": g.typed(k, str, "a string (a Jinja template)")
+                 for k in g.metadata if k == prefix or k.startswith(prefix + ".")}  # fmt: skip
     facts = {
         "special_tokens": named,
-        "eos_token_ids": list(dict.fromkeys(i for i in eos_ids if isinstance(i, int))),
-        "bos_token_id": g.get("tokenizer.ggml.bos_token_id") if "bos_token" in named else None,
-        "pad_token_id": g.get("tokenizer.ggml.padding_token_id"),
-        "chat_templates": {k: v for k, v in templates.items() if isinstance(v, str) and v},
+        "eos_token_ids": list(dict.fromkeys(i for i in eos_ids if i is not None)),
+        "bos_token_id": ids["bos_token_id"] if "bos_token" in named else None,
+        "pad_token_id": ids["padding_token_id"],
+        "chat_templates": {k: v for k, v in templates.items() if v},
         "kind": kind,
     }
     return tok, facts

@@ -13,6 +13,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .backend import DtypePolicy, dtype_policy
@@ -95,10 +96,13 @@ def check_weights(checkpoint: Checkpoint, model: nn.Module, weights: dict[str, m
 
 def load_checkpoint(checkpoint: Checkpoint, dtype: str | None = None) -> CausalLM:
     model = build_model(checkpoint)
-    # FP8 checkpoints (DeepSeek-V3 format) are dequantized before the model sees them
-    weights = model.sanitize(dequantize_fp8(checkpoint.load_weights(), checkpoint))
-    if checkpoint.quantization:
-        quantize_modules(model, checkpoint.quantization, lambda p: f"{p}.scales" in weights)
+    try:
+        # FP8 checkpoints (DeepSeek-V3 format) are dequantized before the model sees them
+        weights = model.sanitize(dequantize_fp8(checkpoint.load_weights(), checkpoint))
+        if checkpoint.quantization:
+            quantize_modules(model, checkpoint.quantization, lambda p: f"{p}.scales" in weights)
+    except ValueError as e:  # tensors that do not fit the config's shapes, settings MLX cannot quantize with
+        raise CheckpointError(f"{checkpoint.config_path}: {' '.join(str(e).split())[:300]}") from None
     policy = dtype_policy(checkpoint.dtype, dtype)
     tied = bool(getattr(model.args, "tie_word_embeddings", False))
     stored = {k: v.dtype for k, v in weights.items()}
@@ -110,8 +114,38 @@ def load_checkpoint(checkpoint: Checkpoint, dtype: str | None = None) -> CausalL
         mx.eval(v)
     model.load_weights(list(weights.items()), strict=False)
     mx.eval(model.parameters())
+    check_finite(checkpoint, model)
     model.eval()
     return model
+
+
+# float dtype -> (same-size unsigned type, magnitude mask, exponent of inf/NaN): a value is NaN or infinite
+# exactly when its magnitude bits reach the all-ones exponent. Integer compares in numpy are ~10x faster
+# than MLX's CPU isfinite on half floats.
+_NONFINITE = {mx.float32: (mx.uint32, 0x7FFFFFFF, 0x7F800000), mx.float16: (mx.uint16, 0x7FFF, 0x7C00),
+              mx.bfloat16: (mx.uint16, 0x7FFF, 0x7F80)}  # fmt: skip
+
+
+def _all_finite(value: mx.array, block: int) -> bool:
+    kind = _NONFINITE.get(value.dtype)
+    if kind is None:
+        return bool(mx.isfinite(value).all().item())
+    bits, magnitude, exponent = kind
+    raw = np.asarray(value.view(bits))
+    raw = raw.reshape(1) if raw.ndim == 0 else raw
+    rows = max(1, block // max(1, raw[0].size))
+    return all(int((raw[i : i + rows] & magnitude).max()) < exponent for i in range(0, raw.shape[0], rows))
+
+
+def check_finite(checkpoint: Checkpoint, model: nn.Module, block: int = 1 << 22) -> None:
+    """Refuses weights holding NaN or infinity (a corrupt download or a broken conversion), which would
+    only show as garbage text. One pass over the float parameters (quantized models: their scales and
+    norms), ``block`` values at a time so the check's own transient stays small."""
+    for name, value in tree_flatten(model.parameters()):
+        if mx.issubdtype(value.dtype, mx.floating) and value.size and not _all_finite(value, block):
+            where = checkpoint.tensors[name].file if name in checkpoint.tensors else checkpoint.path
+            raise CheckpointError(f"{where}: tensor {name!r} holds NaN or infinite values; the checkpoint is "
+                                  "corrupt, re-download or re-convert it")  # fmt: skip
 
 
 def load_model(path: str | Path, dtype: str | None = None) -> CausalLM:
@@ -127,4 +161,17 @@ def load(ref: str | Path, dtype: str | None = None) -> tuple[CausalLM, Tokenizer
         tokenizer = Tokenizer.from_gguf(checkpoint.gguf)
     else:
         tokenizer = Tokenizer.from_folder(folder)
-    return load_checkpoint(checkpoint, dtype), tokenizer
+    model = load_checkpoint(checkpoint, dtype)
+    check_vocabulary(checkpoint, tokenizer)  # after the weights: their problems are the more basic ones
+    return model, tokenizer
+
+
+def check_vocabulary(checkpoint: Checkpoint, tokenizer: Tokenizer) -> None:
+    """Every id the tokenizer can produce must have an embedding row: a token past the table would be
+    gathered out of bounds (garbage at best; MLX does not check, and can crash)."""
+    rows = checkpoint.config["vocab_size"]
+    if tokenizer.id_limit > rows:
+        raise CheckpointError(
+            f"{checkpoint.config_path}: the tokenizer has token ids up to {tokenizer.id_limit - 1} but the model's "
+            f"embedding has {rows} rows (vocab_size); the tokenizer files do not belong to these weights"
+        )

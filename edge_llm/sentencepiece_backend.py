@@ -88,6 +88,7 @@ class SentencePieceBackend:
             token_id = self.token_to_id(content)
             self._add(content, token_id if token_id is not None else max([size - 1, *self._by_id]) + 1, True)
         self.vocab_size = max([size - 1, *self._by_id]) + 1
+        self.id_limit = self.vocab_size  # ids run from 0 to the largest piece or added token
         self._split = re.compile("|".join(re.escape(t) for t in sorted(self._added, key=len, reverse=True)))
         self.byte_fallback_ids = frozenset(i for i in range(size) if sp.is_byte(i) and i not in self._by_id)
         self.cleanup_spaces = False  # a BPE model: transformers never cleans up

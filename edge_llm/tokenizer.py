@@ -58,6 +58,8 @@ def _read_json(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise TokenizerError(f"{path}: not readable JSON ({error}); re-download or fix it") from error
+    except RecursionError:
+        raise TokenizerError(f"{path}: not readable JSON (nested too deep); re-download or fix it") from None
     if not isinstance(data, dict):
         raise TokenizerError(f"{path}: expected a JSON object, found {type(data).__name__}; repair the file")
     return data
@@ -74,6 +76,7 @@ def _unique(values: Iterable[int]) -> list[int]:
 
 class _Backend(Protocol):
     vocab_size: int
+    id_limit: int  # one past the largest id encode() can return
     special_ids: set[int]
     byte_fallback_ids: frozenset[int]
     cleanup_spaces: bool
@@ -113,6 +116,7 @@ class _TokenizersBackend:
             tok.add_special_tokens(missing)
         self._tok = tok
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        self.id_limit = max(tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
         self.special_ids = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
         byte_fallback = tok.decoder is not None and "ByteFallback" in repr(tok.decoder)
         vocab = tok.get_vocab(with_added_tokens=False) if byte_fallback else {}
@@ -177,6 +181,8 @@ class Tokenizer:
         extra_values = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
         if isinstance(extra_values, Mapping):
             extra_values = list(extra_values.values())
+        if not isinstance(extra_values, list):  # transformers would fail on it; nothing special is named
+            extra_values = []
         extra = [t for t in map(token_text, extra_values) if t is not None]
 
         if (folder / "tokenizer.json").is_file():
@@ -256,6 +262,11 @@ class Tokenizer:
     def vocab_size(self) -> int:
         """Number of ids the tokenizer knows, added tokens included (transformers' ``len(tokenizer)``)."""
         return self._backend.vocab_size
+
+    @property
+    def id_limit(self) -> int:
+        """One past the largest id ``encode`` can return: the embedding needs at least this many rows."""
+        return self._backend.id_limit
 
     @property
     def special_token_ids(self) -> set[int]:

@@ -10,6 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..cache import Cache, KVCache
+from .fields import check_fields
 from .layers import output_projection
 
 
@@ -19,14 +20,47 @@ class BaseModelArgs:
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]):
-        fields = inspect.signature(cls).parameters
-        return cls(**{k: v for k, v in config.items() if k in fields})
+        """Checks each field's type and range first (``fields.RULES``): ValueError naming the field."""
+        params = inspect.signature(cls).parameters
+        return cls(**check_fields(config, {k: p.default is not p.empty for k, p in params.items()}))
 
 
 def require(condition: bool, field: str, message: str) -> None:
     """Raises the ValueError a bad config combination deserves, naming the field."""
     if not condition:
         raise ValueError(f"config field {field!r}: {message}")
+
+
+def check_heads(args: BaseModelArgs) -> int:
+    """Fills in grouped-query attention's defaults (key/value heads = heads) and checks the head counts:
+    heads divide the hidden size when no ``head_dim`` is given, key/value heads divide heads, and the head
+    size is even (rotary embeddings rotate pairs). Returns the head size."""
+    if args.num_key_value_heads is None:
+        args.num_key_value_heads = args.num_attention_heads
+    head_dim = getattr(args, "head_dim", None)
+    if head_dim is None:
+        require(args.hidden_size % args.num_attention_heads == 0, "num_attention_heads",
+                f"{args.num_attention_heads} does not divide hidden_size {args.hidden_size}")
+        head_dim = args.hidden_size // args.num_attention_heads
+    require(args.num_attention_heads % args.num_key_value_heads == 0, "num_key_value_heads",
+            f"{args.num_key_value_heads} does not divide num_attention_heads {args.num_attention_heads}")
+    require(head_dim % 2 == 0, "num_attention_heads", f"gives an odd head size {head_dim} (hidden_size "
+            f"{args.hidden_size} / {args.num_attention_heads} heads); rotary embeddings rotate pairs")
+    return head_dim
+
+
+def check_window(args: BaseModelArgs, used: bool = True) -> None:
+    """A sliding window of 0 keys would hide every earlier token; null means no window. (Some configs write
+    0 where the window is switched off, e.g. Qwen2-MoE's without ``use_sliding_window``: harmless there.)"""
+    require(not used or args.sliding_window != 0, "sliding_window",
+            "is 0, which would hide every earlier token; write null for no window")
+
+
+def check_experts(args: BaseModelArgs, experts: int | None) -> None:
+    """Each token is routed to ``num_experts_per_tok`` of the ``experts`` of a sparse layer."""
+    if experts:
+        require(args.num_experts_per_tok <= experts, "num_experts_per_tok",
+                f"{args.num_experts_per_tok} exceeds the {experts} experts per layer")
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: str | mx.array | None) -> mx.array:

@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..cache import Cache
-from .base import BaseModelArgs, DecoderLM, attention, require
+from .base import BaseModelArgs, DecoderLM, attention, check_heads, check_window
 from .layers import MLP, sliding_window_mask
 from .rope import RoPE
 
@@ -38,18 +38,8 @@ class ModelArgs(BaseModelArgs):
     sliding_window: int | None = None
 
     def __post_init__(self) -> None:
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        if self.head_dim is None:
-            require(
-                self.hidden_size % self.num_attention_heads == 0, "num_attention_heads",
-                f"{self.num_attention_heads} does not divide hidden_size {self.hidden_size}",
-            )
-            self.head_dim = self.hidden_size // self.num_attention_heads
-        require(
-            self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
-            f"{self.num_key_value_heads} does not divide num_attention_heads {self.num_attention_heads}",
-        )
+        self.head_dim = check_heads(self)
+        check_window(self)
 
 
 class Attention(nn.Module):

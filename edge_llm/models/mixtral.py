@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..cache import Cache
-from .base import BaseModelArgs, DecoderLM, attention, require
+from .base import BaseModelArgs, DecoderLM, attention, check_experts, check_heads, check_window
 from .layers import sliding_window_mask
 from .moe import SparseMoeBlock, stack_moe_experts
 from .rope import RoPE
@@ -44,18 +44,9 @@ class ModelArgs(BaseModelArgs):
     def __post_init__(self) -> None:
         self.num_local_experts = self.num_local_experts or self.num_experts or 8
         self.num_experts = self.num_local_experts
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        if self.head_dim is None:
-            require(
-                self.hidden_size % self.num_attention_heads == 0, "num_attention_heads",
-                f"{self.num_attention_heads} does not divide hidden_size {self.hidden_size}",
-            )
-            self.head_dim = self.hidden_size // self.num_attention_heads
-        require(
-            self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
-            f"{self.num_key_value_heads} does not divide num_attention_heads {self.num_attention_heads}",
-        )
+        self.head_dim = check_heads(self)
+        check_window(self)
+        check_experts(self, self.num_local_experts)
 
 
 class Attention(nn.Module):

@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..cache import Cache
-from .base import BaseModelArgs, DecoderLM, attention, require
+from .base import BaseModelArgs, DecoderLM, attention, check_experts, check_heads, require
 from .moe import GLU_NAMES, SparseMoeBlock, stack_moe_experts
 from .rope import RoPE
 
@@ -48,18 +48,8 @@ class ModelArgs(BaseModelArgs):
         if self.num_experts is None:
             self.num_experts = 64
         self.num_local_experts = self.num_experts
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        if self.head_dim is None:
-            require(
-                self.hidden_size % self.num_attention_heads == 0, "num_attention_heads",
-                f"{self.num_attention_heads} does not divide hidden_size {self.hidden_size}",
-            )
-            self.head_dim = self.hidden_size // self.num_attention_heads
-        require(
-            self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
-            f"{self.num_key_value_heads} does not divide num_attention_heads {self.num_attention_heads}",
-        )
+        self.head_dim = check_heads(self)
+        check_experts(self, self.num_experts)
         require(self.clip_qkv is None or self.clip_qkv > 0, "clip_qkv", f"{self.clip_qkv} must be positive")
 
 

@@ -17,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..cache import Cache
-from .base import BaseModelArgs, DecoderLM, attention, require
+from .base import BaseModelArgs, DecoderLM, attention, check_experts, check_heads, check_window, require
 from .layers import MLP, sliding_window_mask
 from .moe import GLU_NAMES, SparseMoeBlock, stack_moe_experts
 from .rope import RoPE
@@ -57,16 +57,9 @@ class ModelArgs(BaseModelArgs):
             self.num_experts = 60
         self.num_local_experts = self.num_experts
         self.mlp_only_layers = list(self.mlp_only_layers or [])
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        require(
-            self.hidden_size % self.num_attention_heads == 0, "num_attention_heads",
-            f"{self.num_attention_heads} does not divide hidden_size {self.hidden_size}",
-        )
-        require(
-            self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
-            f"{self.num_key_value_heads} does not divide num_attention_heads {self.num_attention_heads}",
-        )
+        check_heads(self)
+        check_experts(self, self.num_experts)
+        check_window(self, used=self.use_sliding_window)
         require(self.decoder_sparse_step >= 1, "decoder_sparse_step", f"{self.decoder_sparse_step} must be >= 1")
         if self.layer_types is None:
             # transformers' rule: layers 0, 2, 4, ... below max_window_layers slide.

@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..cache import Cache
-from .base import BaseModelArgs, DecoderLM, attention, require
+from .base import BaseModelArgs, DecoderLM, attention, check_experts, check_heads, check_window, require
 from .layers import MLP, sliding_window_mask
 from .moe import GLU_NAMES, SparseMoeBlock, stack_moe_experts
 from .rope import RoPE
@@ -53,19 +53,10 @@ class ModelArgs(BaseModelArgs):
             self.num_experts = 128
         self.num_local_experts = self.num_experts
         self.mlp_only_layers = list(self.mlp_only_layers or [])
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        if self.head_dim is None:
-            require(
-                self.hidden_size % self.num_attention_heads == 0, "num_attention_heads",
-                f"{self.num_attention_heads} does not divide hidden_size {self.hidden_size}",
-            )
-            self.head_dim = self.hidden_size // self.num_attention_heads
-        require(
-            self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
-            f"{self.num_key_value_heads} does not divide num_attention_heads {self.num_attention_heads}",
-        )
+        self.head_dim = check_heads(self)
+        check_experts(self, self.num_experts)
         require(self.decoder_sparse_step >= 1, "decoder_sparse_step", f"{self.decoder_sparse_step} must be >= 1")
+        check_window(self, used=self.use_sliding_window)
         if not self.use_sliding_window:
             self.sliding_window = None  # transformers ignores the window unless use_sliding_window
 
