@@ -150,23 +150,25 @@ class GGUFCheckpoint(Checkpoint):
     def _load_numpy(self) -> dict[str, mx.array]:
         out: dict[str, mx.array] = {}
         data = np.memmap(self.path, dtype=np.uint8, mode="r")
-        dequantized = 0
-        for name, t in self.gguf.tensors.items():
-            raw = data[t.offset : t.offset + t.nbytes]
-            if t.type_name in gguf_quants.MLX_QUANTIZED:
-                base = name.rsplit(".", 1)[0]
-                w, s, b = gguf_quants.to_mlx_quantized(raw, t.type_name, t.shape)
-                out[name], out[f"{base}.scales"], out[f"{base}.biases"] = mx.array(w), mx.array(s), mx.array(b)
-            elif t.type_name in gguf_quants.DEQUANTIZED:
-                out[name] = mx.array(gguf_quants.dequantize(raw, t.type_name, t.shape))
-                dequantized += t.size
-            elif t.type_name == "BF16":
-                out[name] = mx.array(gguf_quants.floats(raw, "BF16", t.shape)).view(mx.bfloat16)
-            else:
-                out[name] = mx.array(gguf_quants.floats(raw, t.type_name, t.shape))
+        # A corrupt block's scale can overflow float16: numpy's warning would be noise on stderr; the value
+        # becomes inf, which the loader's finite check then names with its tensor.
+        with np.errstate(over="ignore", invalid="ignore"):
+            for name, t in self.gguf.tensors.items():
+                raw = data[t.offset : t.offset + t.nbytes]
+                if t.type_name in gguf_quants.MLX_QUANTIZED:
+                    base = name.rsplit(".", 1)[0]
+                    w, s, b = gguf_quants.to_mlx_quantized(raw, t.type_name, t.shape)
+                    out[name], out[f"{base}.scales"], out[f"{base}.biases"] = mx.array(w), mx.array(s), mx.array(b)
+                elif t.type_name in gguf_quants.DEQUANTIZED:
+                    out[name] = mx.array(gguf_quants.dequantize(raw, t.type_name, t.shape))
+                elif t.type_name == "BF16":
+                    out[name] = mx.array(gguf_quants.floats(raw, "BF16", t.shape)).view(mx.bfloat16)
+                else:
+                    out[name] = mx.array(gguf_quants.floats(raw, t.type_name, t.shape))
         del data
-        if dequantized:
-            kinds = sorted({t.type_name for t in self.gguf.tensors.values() if t.type_name in gguf_quants.DEQUANTIZED})
+        kinds = sorted({t.type_name for t in self.gguf.tensors.values() if t.type_name in gguf_quants.DEQUANTIZED})
+        if kinds:
+            dequantized = sum(t.size for t in self.gguf.tensors.values() if t.type_name in gguf_quants.DEQUANTIZED)
             on_disk = sum(t.nbytes for t in self.gguf.tensors.values() if t.type_name in gguf_quants.DEQUANTIZED)
             log.warning(
                 "%s: %s tensors are dequantized to float16 (MLX cannot run them quantized): %.2f GB in memory "
