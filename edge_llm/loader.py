@@ -137,7 +137,7 @@ def _all_finite(value: mx.array, block: int) -> bool:
     return all(int((raw[i : i + rows] & magnitude).max()) < exponent for i in range(0, raw.shape[0], rows))
 
 
-def check_finite(checkpoint: Checkpoint, model: nn.Module, block: int = 1 << 22) -> None:
+def check_finite(checkpoint: Checkpoint, model: nn.Module, block: int = 1 << 20) -> None:
     """Refuses weights holding NaN or infinity (a corrupt download or a broken conversion), which would
     only show as garbage text. One pass over the float parameters (quantized models: their scales and
     norms), ``block`` values at a time so the check's own transient stays small."""

@@ -135,3 +135,11 @@ def test_every_field_of_every_architecture_has_a_rule(model_type):
 
 def test_tiny_llama_fields_are_all_checked():
     assert set(TINY_LLAMA) - set(RULES) <= {"model_type", "architectures", "eos_token_id", "torch_dtype"}
+
+
+def test_products_of_fields_fit_32_bit_shapes(tmp_path):
+    """Found by the long fuzz run: 1e9 shared experts of width 16 made a 1.6e10-wide layer (OverflowError)."""
+    config = dict(TINY_CONFIGS["deepseek_v3"], hidden_size=32, moe_intermediate_size=16, intermediate_size=32)
+    folder = tiny_folder(tmp_path / "m", config)
+    (folder / "config.json").write_text(json.dumps(dict(config, n_shared_experts=10**9)))
+    refused(folder, "n_shared_experts", "2^31-1")

@@ -10,6 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..cache import Cache, KVCache
+from ..limits import MAX_DIM
 from .fields import check_fields
 from .layers import output_projection
 
@@ -46,7 +47,15 @@ def check_heads(args: BaseModelArgs) -> int:
             f"{args.num_key_value_heads} does not divide num_attention_heads {args.num_attention_heads}")
     require(head_dim % 2 == 0, "num_attention_heads", f"gives an odd head size {head_dim} (hidden_size "
             f"{args.hidden_size} / {args.num_attention_heads} heads); rotary embeddings rotate pairs")
+    check_widths(num_attention_heads=args.num_attention_heads * head_dim)
     return head_dim
+
+
+def check_widths(**widths: int) -> None:
+    """Layer widths that are products of config fields (heads x head size, shared experts x their size)
+    must fit MLX's 32-bit shapes; each field alone is bounded by its rule."""
+    for name, width in widths.items():
+        require(width <= MAX_DIM, name, f"makes a layer {width:,} wide, more than MLX's 2^31-1 limit")
 
 
 def check_window(args: BaseModelArgs, used: bool = True) -> None:

@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..cache import LatentCache
-from .base import BaseModelArgs, DecoderLM, require
+from .base import BaseModelArgs, DecoderLM, check_widths, require
 from .deepseek_gate import SOFTMAX_METHODS, DeepseekMoE, MoEGate
 from .layers import MLP
 from .mla import MLAttention
@@ -62,6 +62,10 @@ class ModelArgs(BaseModelArgs):
     quantization: dict | None = None  # the MLX quantization block, when the checkpoint has one
 
     def __post_init__(self) -> None:
+        check_widths(n_shared_experts=(self.n_shared_experts or 0) * self.moe_intermediate_size,
+                     num_attention_heads=self.num_attention_heads * (self.qk_nope_head_dim + self.qk_rope_head_dim
+                                                                     + self.v_head_dim),
+                     kv_lora_rank=self.kv_lora_rank + self.qk_rope_head_dim)  # fmt: skip
         if self.n_routed_experts:
             require(bool(self.num_experts_per_tok), "num_experts_per_tok", "must be set when n_routed_experts is")
             require(self.num_experts_per_tok <= self.n_routed_experts, "num_experts_per_tok",
