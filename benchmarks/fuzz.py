@@ -21,6 +21,7 @@ written as JSON to ``--out`` as the run goes, so a run stopped early still repor
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -146,7 +147,7 @@ class Tally:
 
 
 def fuzz_format(fmt: str, args: argparse.Namespace, pool: Pool, tally: Tally, root: Path) -> None:
-    done = [0]
+    done, attempts = [0], itertools.count()
     rss_bound = int(args.rss_gb * 1e9)
 
     @seed(args.seed)
@@ -154,11 +155,12 @@ def fuzz_format(fmt: str, args: argparse.Namespace, pool: Pool, tally: Tally, ro
               suppress_health_check=list(HealthCheck))  # fmt: skip
     @given(case=STRATEGIES[fmt])
     def one(case: dict) -> None:
-        dst = root / f"{fmt}-{done[0]}"
+        dst = root / f"{fmt}-{next(attempts)}"
         try:
             model = WRITERS[fmt](case, dst)
         except Exception as e:  # the mutation cannot be written (a value its field cannot encode): not an input
             print(f"{fmt}: skipped an input the writer cannot encode ({e!r:.80})", file=sys.stderr)
+            shutil.rmtree(dst, ignore_errors=True)
             return
         try:
             tally.add(fmt, case, pool.run(model), rss_bound)

@@ -139,7 +139,15 @@ class GGUFCheckpoint(Checkpoint):
         return weights
 
     def _all_native(self) -> bool:
+        # MLX's GGUF reader (0.32) crashes the process on float64 metadata values (type 12) and refuses
+        # arrays of arrays (type 9 in 9): such files take the numpy path, which reads both.
+        if 12 in self.gguf.value_types or self._nested_arrays():
+            return False
         return all(t.type_name in _NATIVE for t in self.gguf.tensors.values())
+
+    def _nested_arrays(self) -> bool:
+        return any(isinstance(v, list) and any(isinstance(item, list) for item in v[:1])
+                   for v in self.gguf.metadata.values())  # fmt: skip
 
     def _load_native(self) -> dict[str, mx.array]:
         try:

@@ -73,6 +73,7 @@ class GGUFFile:
     version: int
     metadata: dict[str, Any]
     tensors: dict[str, GGUFTensor] = field(repr=False)
+    value_types: frozenset[int] = frozenset()  # metadata value type ids present (array items included)
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)
@@ -135,6 +136,7 @@ class _Cursor:
         self.f, self.size, self.path = f, size, path
         self.buf, self.pos = bytearray(), 0
         self.items = 0  # metadata array items read so far
+        self.types: set[int] = set()
 
     def take(self, n: int) -> bytes:
         if self.pos + n > self.size:  # checked first: a declared length of 2^40 must not be allocated
@@ -158,6 +160,7 @@ class _Cursor:
         return raw.decode("utf-8", errors="replace")
 
     def value(self, type_id: int, depth: int = 0) -> Any:
+        self.types.add(type_id)
         if type_id in _SCALARS:
             return self.unpack(_SCALARS[type_id])
         if type_id == 8:
@@ -171,6 +174,7 @@ class _Cursor:
                 # each item takes at least one byte, and no real file comes near the total
                 raise CheckpointError(f"{self.path}: corrupt GGUF metadata (array of {count:,} items)")
             if item_type in _NUMPY:
+                self.types.add(item_type)
                 dtype = np.dtype(_NUMPY[item_type])
                 return np.frombuffer(self.take(count * dtype.itemsize), dtype=dtype).tolist()
             return [self.value(item_type, depth + 1) for _ in range(count)]
@@ -245,4 +249,4 @@ def _parse(cur: _Cursor, path: Path, size: int) -> GGUFFile:
         if start < stop:
             raise CheckpointError(f"{path}: corrupt GGUF file (tensors {first[:80]!r} and {second[:80]!r} share "
                                   "bytes); re-download it")  # fmt: skip
-    return GGUFFile(path, version, metadata, tensors)
+    return GGUFFile(path, version, metadata, tensors, frozenset(cur.types))

@@ -264,7 +264,7 @@ def write_safetensors_case(case: dict, dst: Path) -> Path:
 def _bytes_ops(blob: bytearray, ops: list, header_end: int) -> bytes:
     for kind, *args in ops:
         if kind == "flip" and blob:
-            blob[args[0] % max(1, header_end)] = args[1]
+            blob[args[0] % max(1, min(header_end, len(blob)))] = args[1]
         elif kind == "truncate":
             del blob[int(len(blob) * args[0]) :]
         elif kind == "append":

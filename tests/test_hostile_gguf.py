@@ -16,6 +16,7 @@ from tests.hostile_files import (
     ARRAY,
     BOOL,
     F32,
+    F64,
     I32,
     STRING,
     U32,
@@ -182,3 +183,12 @@ def test_more_tokens_than_embedding_rows(parts, tmp_path):
     meta = replace_meta(meta, "tokenizer.ggml.token_type", ARRAY, [1] * len(more), I32)
     line = one_line_error("run", written(tmp_path / "m.gguf", meta, tensors), "--prompt", "hi")
     assert "458" in line and "384 rows" in line, line
+
+
+@pytest.mark.parametrize("value", [Meta("general.extra", F64, 1.5), Meta("general.extra", ARRAY, [0.0, 2.0], F64)])
+def test_float64_metadata_does_not_crash_mlx(parts, tmp_path, value):
+    """Found by the long fuzz run: MLX's own GGUF reader (mx.load) dies with SIGSEGV on a float64 metadata
+    value, which the GGUF spec allows (type 12). Such a file is read by our numpy path instead."""
+    meta, tensors = parts
+    result = invoke("run", written(tmp_path / "m.gguf", [*meta, value], tensors), "--prompt", "hi", "--max-tokens", "2")
+    assert result.exit_code == 0, result.output
