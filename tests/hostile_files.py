@@ -279,3 +279,15 @@ def one_line_error(*args: object, timeout: float = 20.0, code: int = 1) -> str:
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     return lines[0]
+
+
+READERS = (("info",), ("estimate",), ("run", "--prompt", "hi", "--max-tokens", "2"))
+
+
+def refused(model: Path, *words: str, commands=READERS, timeout: float = 10) -> str:
+    """Every command in ``commands`` refuses ``model`` with one line containing each of ``words``."""
+    for command in commands:
+        line = one_line_error(command[0], model, *command[1:], timeout=timeout)
+        for word in words:
+            assert word in line, line
+    return line

@@ -18,6 +18,7 @@ from tests.hostile_files import (
     F32,
     F64,
     I32,
+    READERS,
     STRING,
     U32,
     U64,
@@ -29,9 +30,10 @@ from tests.hostile_files import (
     one_line_error,
     replace_meta,
     tiny_gguf_parts,
-)  # fmt: skip
+)
+from tests.hostile_files import refused as refused_by_all
 
-COMMANDS = (("info",), ("estimate",), ("run", "--prompt", "hi", "--max-tokens", "2"))
+COMMANDS = READERS
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +47,7 @@ def written(path: Path, meta: list[Meta], tensors: list[Tensor], **kw) -> Path:
 
 
 def refused(path: Path, *words: str, commands=COMMANDS) -> str:
-    for command in commands:
-        line = one_line_error(command[0], path, *command[1:], timeout=10)
-        assert path.name in line, line
-        for word in words:
-            assert word in line, line
-    return line
+    return refused_by_all(path, path.name, *words, commands=commands)
 
 
 def test_tiny_gguf_runs(parts, tmp_path):
