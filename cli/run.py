@@ -12,15 +12,14 @@ import typer
 from edge_llm.backend import detect
 from edge_llm.chat import ChatSession
 from edge_llm.checkpoint import read_checkpoint
-from edge_llm.default_model import NAME as DEFAULT_NAME
-from edge_llm.default_model import require_default_model
 from edge_llm.hub import resolve_model
 from edge_llm.loader import load
 from edge_llm.modelinfo import describe
+from edge_llm.sampling import SEED_MAX
 from edge_llm.sampling_defaults import model_settings
 from quant.fit import check_fits
 
-from .common import err, human_count, user_errors
+from .common import err, human_count, model_argument, model_or_default, parse_dtype, user_errors
 from .prompt_input import one_shot_prompt
 from .repl import ChatState, repl, sigint_sets, stats_line
 
@@ -29,10 +28,7 @@ FROM_MODEL = "default: the model's (`edge-llm info` shows it)"
 
 @user_errors
 def run(
-    model: str | None = typer.Argument(
-        None, metavar="MODEL",
-        help="Model folder, .gguf file or Hub repo id; default: the embedded SmolLM2-135M-Instruct.",
-    ),
+    model: str | None = model_argument(),
     prompt: str | None = typer.Option(None, "--prompt", "-p", metavar="TEXT",
                                       help="Answer this once and exit; piped stdin is appended to it."),
     system: str | None = typer.Option(None, "--system", "-s", metavar="TEXT", help="System prompt."),
@@ -49,12 +45,14 @@ def run(
                                             f"({FROM_MODEL})."),
     repetition_penalty: float | None = typer.Option(
         None, "--repetition-penalty", metavar="R",
-        help="Make tokens seen in the last 64 less likely (transformers' rule: a positive logit is divided by R, "
-             f"a negative one multiplied); 1 disables, 1.1 is a mild setting ({FROM_MODEL}).",
+        help="Penalize tokens used in the last 64 (prompt and answer): a positive logit is divided by R, a negative "
+             "one multiplied (transformers' rule); above 1 discourages repetition loops, 1 disables, 1.1-1.3 is "
+             f"typical ({FROM_MODEL}).",
     ),
-    seed: int | None = typer.Option(None, "--seed", metavar="N", help="Make sampling reproducible."),
+    seed: int | None = typer.Option(None, "--seed", min=0, max=SEED_MAX, metavar="N",
+                                    help="Make sampling reproducible: a whole number from 0 to 2**64 - 1."),
     as_json: bool = typer.Option(False, "--json", help="One-shot: print one JSON object."),
-    dtype: str | None = typer.Option(None, "--dtype", metavar="DTYPE",
+    dtype: str | None = typer.Option(None, "--dtype", metavar="DTYPE", parser=parse_dtype,
                                      help="Compute dtype: float32, bfloat16, float16 (default: the backend's)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="One-shot: print stats to stderr."),
     force: bool = typer.Option(False, "--force", help="Load even if the memory estimate says it won't fit."),
@@ -66,9 +64,7 @@ def run(
                                             "on the CPU; 4 bits costs small models accuracy)."),
 ) -> None:
     """Chat with MODEL (default: the embedded SmolLM2); with --prompt or piped stdin, answer once and exit."""
-    name = model
-    if model is None:
-        model, name = str(require_default_model()), f"{DEFAULT_NAME} (default model)"
+    model, name = model_or_default(model)
     one_shot = prompt is not None or not sys.stdin.isatty()
     if as_json and not one_shot:
         raise typer.BadParameter("--json prints one answer: give --prompt TEXT or pipe the question in",

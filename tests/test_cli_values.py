@@ -95,6 +95,19 @@ def test_run_seed_out_of_range_is_one_line(tiny, seed):
     assert "seed" in one_error_line(result.stderr)
 
 
+@pytest.mark.parametrize("command", [["info"], ["estimate"], ["run", "--prompt", "hi"], ["bench"]])
+def test_a_bad_context_length_is_blamed_on_the_config(tiny, tmp_path, command):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["max_position_embeddings"] = -5
+    (bad / "config.json").write_text(json.dumps(config))
+    result = CliRunner().invoke(app, [command[0], str(bad), *command[1:]])
+    assert result.exit_code == 1, result.output
+    line = one_error_line(result.stderr)
+    assert "max_position_embeddings" in line and str(bad / "config.json") in line and "--context" not in line
+
+
 def test_bench_refuses_prompts_longer_than_the_context(tiny):
     result = CliRunner().invoke(app, ["bench", str(tiny), "--prompt-lengths", "600,100000"])
     assert result.exit_code == 1, result.output
