@@ -29,13 +29,17 @@ def bench(
                                             "model's context are skipped)."),
     dtype: str | None = typer.Option(None, "--dtype", metavar="DTYPE", parser=parse_dtype,
                                      help="Compute dtype: float32, bfloat16, float16 (default: the backend's)."),
+    context: int | None = typer.Option(None, "--context", "-c", metavar="TOKENS",
+                                       help="Context window: prompt lengths plus decoded tokens beyond it are "
+                                            "skipped (default: the model's limit)."),
+    kv_bits: int | None = typer.Option(None, "--kv-bits", metavar="8|4", help="Keep the KV cache quantized."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Measure load time, time to first token, prefill and decode tok/s, peak memory and bandwidth use."""
     lengths = parse_prompt_lengths(prompt_lengths)
     model, name = model_or_default(model)
     with err.status(f"benchmarking {name}", spinner="dots"):
-        r = run_bench(model, lengths, decode_tokens, dtype)
+        r = run_bench(model, lengths, decode_tokens, dtype, context=context, kv_bits=kv_bits)
     if as_json:
         print(json.dumps(r.to_dict()))
         return

@@ -17,7 +17,9 @@ from mlx.utils import tree_flatten
 
 from .backend import detect, peak_memory_bytes, reset_peak_memory
 from .bandwidth import machine_bandwidth
+from .cache import check_kv_bits
 from .checkpoint import read_checkpoint
+from .context import context_window, model_context_limit
 from .generate import generate_tokens, prefill
 from .hub import resolve_model
 from .loader import load_checkpoint
@@ -77,9 +79,9 @@ def _random_prompt(vocab: int, length: int, seed: int) -> list[int]:
     return np.random.default_rng(seed).integers(0, vocab, size=length).tolist()
 
 
-def time_prefill(model: CausalLM, tokens: list[int]) -> float:
+def time_prefill(model: CausalLM, tokens: list[int], kv_bits: int | None = None) -> float:
     """Seconds to process ``tokens`` and produce the next token's logits."""
-    cache = model.make_cache()
+    cache = model.make_cache(kv_bits)
     start = time.perf_counter()
     prefill(model, tokens[:-1], cache)
     mx.eval(model(mx.array(tokens[-1:])[None], cache=cache))
@@ -87,26 +89,29 @@ def time_prefill(model: CausalLM, tokens: list[int]) -> float:
 
 
 def run_bench(ref: str | Path, prompt_lengths: tuple[int, ...] = PROMPT_LENGTHS, decode_tokens: int = 64,
-              dtype: str | None = None) -> BenchResult:
+              dtype: str | None = None, context: int | None = None, kv_bits: int | None = None) -> BenchResult:
+    """``context`` bounds the prompt lengths as ``run --context`` bounds a chat; ``kv_bits`` quantizes the cache."""
+    check_kv_bits(kv_bits)
     reset_peak_memory()
     start = time.perf_counter()
     checkpoint = read_checkpoint(resolve_model(ref))
     model = load_checkpoint(checkpoint, dtype)
     load_s = time.perf_counter() - start
     vocab = model.args.vocab_size
-    limit = getattr(model.args, "max_position_embeddings", None) or max(prompt_lengths)
+    model_limit = model_context_limit(model.args)
+    limit = context_window(model_limit, context) if context is not None else model_limit or max(prompt_lengths)
     lengths = [n for n in prompt_lengths if n + decode_tokens <= limit]
     if not lengths:  # never a prompt past the context: its KV cache alone could exhaust memory
         raise ValueError(f"{ref}: no prompt length plus {decode_tokens} decoded tokens fits its context of {limit} "
                          f"tokens (prompt lengths {', '.join(map(str, prompt_lengths))}); give shorter ones")
-    time_prefill(model, _random_prompt(vocab, 16, seed=99))  # warm up kernels and allocator
+    time_prefill(model, _random_prompt(vocab, 16, seed=99), kv_bits)  # warm up kernels and allocator
     prefill_tps, ttft = {}, 0.0
     for i, n in enumerate(lengths):
-        seconds = time_prefill(model, _random_prompt(vocab, n, seed=i))
+        seconds = time_prefill(model, _random_prompt(vocab, n, seed=i), kv_bits)
         prefill_tps[n] = n / seconds
         ttft = ttft or seconds
     prompt = _random_prompt(vocab, lengths[0], seed=1234)
-    cache, sampler = model.make_cache(), Sampler(SamplingParams(temperature=0))
+    cache, sampler = model.make_cache(kv_bits), Sampler(SamplingParams(temperature=0))
     tokens = generate_tokens(model, prompt, cache, sampler, decode_tokens + 1)
     next(tokens)  # the first token comes from the prefill
     start = time.perf_counter()

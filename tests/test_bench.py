@@ -36,6 +36,19 @@ def test_bench_json_fields(tmp_path, monkeypatch):
     assert human.exit_code == 0 and "bandwidth" in human.stdout and "%" in human.stdout
 
 
+def test_bench_context_bounds_prompts_and_kv_bits_quantize_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGE_LLM_HOME", str(tmp_path / "home"))
+    # two heads of 32: a quantized cache needs rows that divide into groups of 32
+    folder = build_tiny_checkpoint(tmp_path / "tiny", **{**TINY_CONFIGS["llama"], "num_attention_heads": 2,
+                                                          "num_key_value_heads": 1})
+    args = ["bench", str(folder), "--json", "--decode-tokens", "8", "--prompt-lengths", "16,64,128"]
+    result = CliRunner().invoke(app, [*args, "--context", "80", "--kv-bits", "8"])
+    assert result.exit_code == 0, result.output
+    assert set(json.loads(result.stdout)["prefill_tps"]) == {"16", "64"}  # 128 + 8 tokens exceed the context
+    refused = CliRunner().invoke(app, [*args, "--kv-bits", "3"])
+    assert refused.exit_code == 1 and "--kv-bits must be 8 or 4" in refused.stderr
+
+
 def test_doctor_measures_bandwidth_once(tmp_path, monkeypatch):
     monkeypatch.setenv("EDGE_LLM_HOME", str(tmp_path / "home"))
     assert remembered_bandwidth() is None
