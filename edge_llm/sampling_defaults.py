@@ -3,7 +3,8 @@
 The first source that names a setting wins:
 1. the user (command-line flags, ``/set`` in the chat, a request to the server),
 2. the model itself: its ``generation_config.json``, or the ``general.sampling.*`` keys of a GGUF file,
-3. the model card's recommendation, for the embedded default model (``default_model.CARD_SAMPLING``),
+3. for the embedded default model: what we measured on its file, then its model card's recommendation
+   (``default_model.TUNED_SAMPLING``, ``CARD_SAMPLING``),
 4. edge-llm's own defaults (``EDGE_LLM_DEFAULTS``), chosen to suit small models too.
 
 ``run``, the chat and the server all start from ``model_settings(checkpoint)``; ``info`` shows it.
@@ -19,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .default_model import CARD_SAMPLING, CARD_SOURCE, default_model_path
+from .default_model import CARD_SAMPLING, CARD_SOURCE, TUNED_SAMPLING, TUNED_SOURCE, default_model_path
 from .sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ EDGE_LLM_SOURCE = "edge-llm default"
 @dataclass(frozen=True)
 class Setting:
     value: float | int
-    source: str  # "command line", "generation_config.json", "GGUF metadata", "... model card", "edge-llm default"
+    source: str  # "command line", "generation_config.json", "GGUF metadata", "... model card", "edge-llm default"...
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ def model_settings(checkpoint) -> SamplingSettings:
     own_name, own = checkpoint.sampling_config()
     layers: list[tuple[str, Mapping[str, Any]]] = [(own_name, own)]
     if _is_default_model(checkpoint.path):
-        layers.append((CARD_SOURCE, CARD_SAMPLING))
+        layers += [(TUNED_SOURCE, TUNED_SAMPLING), (CARD_SOURCE, CARD_SAMPLING)]
     layers.append((EDGE_LLM_SOURCE, EDGE_LLM_DEFAULTS))
     settings: dict[str, Setting] = {}
     for source, values in layers:

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from edge_llm.checkpoint import read_checkpoint
-from edge_llm.default_model import CARD_SAMPLING, CARD_SOURCE, default_model_path
+from edge_llm.default_model import CARD_SAMPLING, CARD_SOURCE, TUNED_SAMPLING, TUNED_SOURCE, default_model_path
 from edge_llm.sampling_defaults import EDGE_LLM_DEFAULTS, EDGE_LLM_SOURCE, model_settings
 from tests.gguf_files import copy_tokenizer_metadata, write_gguf
 from tests.hf_oracle import build_tiny_checkpoint
@@ -87,10 +87,10 @@ def test_gguf_sampling_keys(tmp_path):
     assert got["repetition_penalty"] == (pytest.approx(1.1), "GGUF metadata")
 
 
-def test_the_embedded_default_uses_its_model_card():
+def test_the_embedded_default_uses_what_was_measured_then_its_model_card():
     got = settings_of(default_model_path())
-    for name, value in CARD_SAMPLING.items():
-        assert got[name] == (value, CARD_SOURCE)
+    assert got["top_p"] == (TUNED_SAMPLING["top_p"], TUNED_SOURCE)
+    assert got["temperature"] == (CARD_SAMPLING["temperature"], CARD_SOURCE)
 
 
 def test_flags_override_and_are_validated(tiny_folder):
