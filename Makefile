@@ -6,7 +6,7 @@ MODEL ?=# empty: `edge-llm run` starts the embedded default model (SmolLM2 from 
 
 .PHONY: chat test lint openblas
 
-# Optional but 10x faster CPU matmuls (edge_llm/blas.py); skipped quietly where apt or root is missing.
+# Optional but 10x faster CPU matmuls (edge_llm/machine/blas.py); skipped quietly where apt or root is missing.
 OPENBLAS := /usr/lib/$(shell uname -m)-linux-gnu/openblas-pthread/libopenblas.so.0
 openblas:
 	@[ -e $(OPENBLAS) ] || [ "$$(uname)" != Linux ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \

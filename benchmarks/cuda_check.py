@@ -4,7 +4,7 @@ Run on a machine with ``mlx[cuda13]`` (see benchmarks/cuda_run.sh, which install
 
     python -m benchmarks.cuda_check --fixtures .gpu --out OUT [--quick]
 
-1. Backend facts (edge_llm.backend.detect, mx.device_info).
+1. Backend facts (edge_llm.machine.backend.detect, mx.device_info).
 2. Parity on the GPU: tiny random checkpoints of several architectures, built here on the CPU with
    transformers (``--make-fixtures``), whose transformers fp32 logits travel beside them. On the GPU we
    compare our float32 logits with them, check cached step-by-step decoding against the full forward,
@@ -61,8 +61,8 @@ def parity(fixtures: Path) -> list[dict]:
     import numpy as np
 
     from edge_llm import load, load_model
-    from edge_llm.generate import stream_generate
-    from edge_llm.sampling import SamplingParams
+    from edge_llm.generation.generate import stream_generate
+    from edge_llm.generation.sampling import SamplingParams
 
     rows = []
     for folder in sorted(p for p in fixtures.iterdir() if (p / "logits.npy").is_file()):
@@ -172,7 +172,7 @@ def main() -> None:
         return
     import mlx.core as mx
 
-    from edge_llm.backend import detect
+    from edge_llm.machine.backend import detect
 
     a.out.mkdir(parents=True, exist_ok=True)
     results = {"backend": asdict(detect()), "device_info": {k: str(v) for k, v in mx.device_info().items()}}

@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge_llm.blas import find_openblas
 from edge_llm.checkpoint import read_config
+from edge_llm.machine.blas import find_openblas
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 # mlx-lm given the OpenBLAS edge-llm loads by default (the informational like-for-like column)

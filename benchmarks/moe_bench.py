@@ -7,7 +7,7 @@ the Hub layout (per-expert tensors, old-style config keys, which is all mlx-lm 0
 tokenizer, so each tool's own quantizer can convert it: ``edge-llm quantize`` and ``mlx_lm convert -q``.
 
 Each measurement is a fresh process (``--worker``) that loads a folder and runs the tool's own generation
-loop at its default settings on the same random prompt: ``edge_llm.generate.generate_tokens`` and
+loop at its default settings on the same random prompt: ``edge_llm.generation.generate.generate_tokens`` and
 ``mlx_lm.generate.generate_step`` (greedy). Prefill tok/s is prompt tokens / time to the first token;
 decode tok/s counts the steps after it. MLX's peak allocation covers the whole process (load included, as
 mlx-lm reports it); the parent takes the process's peak RSS from ``wait4``.
@@ -121,8 +121,8 @@ def worker(tool: str, folder: Path, context: int, decode: int) -> dict[str, floa
     start = time.perf_counter()
     if tool == "edge-llm":
         import edge_llm
-        from edge_llm.generate import generate_tokens
-        from edge_llm.sampling import Sampler, SamplingParams
+        from edge_llm.generation.generate import generate_tokens
+        from edge_llm.generation.sampling import Sampler, SamplingParams
 
         model = edge_llm.load_model(folder)
         cache = model.make_cache()

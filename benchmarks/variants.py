@@ -28,10 +28,10 @@ import mlx.nn as nn
 import numpy as np
 
 from benchmarks.harness import machine_load, write_section
-from edge_llm.generate import generate_tokens, prefill
+from edge_llm.generation.generate import generate_tokens, prefill
+from edge_llm.generation.sampling import Sampler, SamplingParams
 from edge_llm.loader import load_model
 from edge_llm.models import layers, mla
-from edge_llm.sampling import Sampler, SamplingParams
 
 DENSE = Path("/tmp/edge-llm-bench/smollm2-bf16")
 DENSE_Q4 = Path("/tmp/edge-llm-bench/smollm2-q4-edge-llm")

@@ -11,10 +11,10 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from edge_llm.backend import DTYPE_NAMES
 from edge_llm.default_model import NAME as DEFAULT_NAME
 from edge_llm.default_model import require_default_model
 from edge_llm.errors import EdgeLLMError
+from edge_llm.machine.backend import DTYPE_NAMES
 
 # Status, progress and errors go to stderr so stdout carries only answers and --json.
 err = Console(stderr=True, highlight=False)

@@ -8,8 +8,8 @@ import sys
 
 import typer
 
-from edge_llm.backend import available_ram_bytes, blas_library, detect
-from edge_llm.bandwidth import machine_bandwidth
+from edge_llm.machine.backend import available_ram_bytes, blas_library, detect
+from edge_llm.machine.bandwidth import machine_bandwidth
 
 from .common import human_bytes, user_errors
 

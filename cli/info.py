@@ -6,9 +6,9 @@ import json
 
 import typer
 
+from edge_llm.generation.sampling_defaults import SamplingSettings, model_settings
 from edge_llm.hub_remote import read_model_headers
 from edge_llm.modelinfo import describe
-from edge_llm.sampling_defaults import SamplingSettings, model_settings
 from edge_llm.tokenizer import describe_tokenizer
 
 from .common import DEFAULT_NAME, MODEL_HELP, human_bytes, human_count, model_argument, model_or_default, user_errors

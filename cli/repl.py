@@ -8,9 +8,9 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
-from edge_llm.chat import ChatSession
 from edge_llm.errors import ContextError, EdgeLLMError
-from edge_llm.sampling_defaults import SamplingSettings
+from edge_llm.generation.chat import ChatSession
+from edge_llm.generation.sampling_defaults import SamplingSettings
 
 from .common import err, human_bytes
 

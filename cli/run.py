@@ -9,14 +9,14 @@ from contextlib import nullcontext
 
 import typer
 
-from edge_llm.backend import detect
-from edge_llm.chat import ChatSession
 from edge_llm.checkpoint import read_checkpoint
+from edge_llm.generation.chat import ChatSession
+from edge_llm.generation.sampling import SEED_MAX
+from edge_llm.generation.sampling_defaults import model_settings
 from edge_llm.hub import resolve_model
 from edge_llm.loader import load
+from edge_llm.machine.backend import detect
 from edge_llm.modelinfo import describe
-from edge_llm.sampling import SEED_MAX
-from edge_llm.sampling_defaults import model_settings
 from quant.fit import check_fits
 
 from .common import err, human_count, model_argument, model_or_default, parse_dtype, user_errors

@@ -15,16 +15,16 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .backend import detect, peak_memory_bytes, reset_peak_memory
-from .bandwidth import machine_bandwidth
-from .cache import check_kv_bits
 from .checkpoint import read_checkpoint
-from .context import context_window, model_context_limit
-from .generate import generate_tokens, prefill
+from .generation.context import context_window, model_context_limit
+from .generation.generate import generate_tokens, prefill
+from .generation.sampling import Sampler, SamplingParams
 from .hub import resolve_model
 from .loader import load_checkpoint
+from .machine.backend import detect, peak_memory_bytes, reset_peak_memory
+from .machine.bandwidth import machine_bandwidth
 from .models.base import CausalLM
-from .sampling import Sampler, SamplingParams
+from .models.cache import check_kv_bits
 
 PROMPT_LENGTHS = (128, 512, 2048)
 

@@ -129,7 +129,7 @@ class Checkpoint:
 
     def sampling_config(self) -> tuple[str, dict[str, Any]]:
         """The sampling settings the model's files recommend, and where they were found."""
-        from .sampling_defaults import sampling_from_generation_config
+        from .generation.sampling_defaults import sampling_from_generation_config
 
         path = self.path / "generation_config.json"
         try:

@@ -79,7 +79,7 @@ class GGUFCheckpoint(Checkpoint):
         return f"{mlx_form} (GGUF {', '.join(types)})"
 
     def sampling_config(self) -> tuple[str, dict[str, Any]]:
-        from .sampling_defaults import sampling_from_gguf
+        from .generation.sampling_defaults import sampling_from_gguf
 
         return "GGUF metadata", sampling_from_gguf(self.gguf.metadata)
 

@@ -19,12 +19,12 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .chat_template import read_chat_templates
 from .checkpoint import Checkpoint, TensorInfo, read_checkpoint, read_config
 from .errors import HubError
 from .hub_errors import hub_errors
 from .hub_pull import META_FILES, RemoteFile, check_repo, hub_endpoint, repo_tree, select_files
 from .tokenizer import TokenizerInfo
+from .tokenizer.chat_template import read_chat_templates
 
 # Metadata worth having without the weights: everything ``pull`` fetches first except the tokenizer itself
 # (tokenizer.json is 2-35 MB on current models), for the chat templates and generation defaults.

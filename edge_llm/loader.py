@@ -16,12 +16,12 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .backend import DtypePolicy, dtype_policy
 from .checkpoint import Checkpoint, read_checkpoint
 from .errors import CheckpointError
 from .fp8 import dequantize_fp8
 from .gguf import GGUFCheckpoint
 from .hub import resolve_model
+from .machine.backend import DtypePolicy, dtype_policy
 from .models import get_architecture
 from .models.base import CausalLM
 from .models.layers import QuantizedLinear

@@ -20,10 +20,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from edge_llm.backend import detect
 from edge_llm.checkpoint import Checkpoint, normalize_config
 from edge_llm.errors import CheckpointError
 from edge_llm.loader import build_model
+from edge_llm.machine.backend import detect
 
 from . import reference
 from .memory import RuntimeTerms, kv_cache_bytes, overhead_bytes, policy_for, runtime_terms, tokenizer_bytes
@@ -42,7 +42,7 @@ class Machine:
     def this(cls) -> Machine:
         info = detect()
         try:
-            from edge_llm.bandwidth import remembered_bandwidth
+            from edge_llm.machine.bandwidth import remembered_bandwidth
 
             bandwidth = remembered_bandwidth()
         except ImportError:

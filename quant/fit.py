@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import shlex
 
-from edge_llm.cache import check_kv_bits
-from edge_llm.context import context_window, model_context_limit
 from edge_llm.errors import MemoryBudgetError
+from edge_llm.generation.context import context_window, model_context_limit
+from edge_llm.models.cache import check_kv_bits
 
 from .estimate import Estimate, Machine, estimate_checkpoint
 from .remote import locate
@@ -39,7 +39,7 @@ def refusal(est: Estimate, ref: str) -> str:
 def check_fits(ref: str, context: int | None = None, kv_bits: int | None = None,
                machine: Machine | None = None) -> Estimate:
     """Raises MemoryBudgetError when ``ref`` (as stored) won't fit with the KV cache ``edge-llm run`` keeps:
-    ``context`` tokens as ``edge_llm.context.context_window`` resolves it (ContextError past the model's
+    ``context`` tokens as ``edge_llm.generation.context.context_window`` resolves it (ContextError past the model's
     limit), at ``kv_bits``; returns the estimate.
 
     A reference that cannot be read (unreachable Hub, gated or missing repo) raises here, once, with the

@@ -1,9 +1,9 @@
 """What ``edge-llm run`` holds in memory besides the weights' bytes: dtype policy, KV cache, runtime.
 
-- In-memory dtypes follow the runtime's policy (``edge_llm.backend.DtypePolicy``): on a GPU every float
+- In-memory dtypes follow the runtime's policy (``edge_llm.machine.backend.DtypePolicy``): on a GPU every float
   tensor in the checkpoint's dtype; on the CPU activations and the KV cache in float32 (MLX's
   half-precision CPU kernels are slow) over half-precision weights, see ``MemoryPolicy``.
-- KV cache: what ``edge_llm.cache`` allocates for ``context`` tokens (buffers grow in steps of 256):
+- KV cache: what ``edge_llm.models.cache`` allocates for ``context`` tokens (buffers grow in steps of 256):
   ``2 · layers · kv_heads · head_dim`` values per token for GQA (the config's head_dim), and
   ``layers · (kv_lora_rank + qk_rope_head_dim)`` for DeepSeek's MLA latent.
 - runtime: the process itself (interpreter, libraries, tokenizer), the activations of the largest
@@ -21,10 +21,10 @@ from typing import Any
 
 import mlx.core as mx
 
-from edge_llm.backend import MX_DTYPES, DtypePolicy
-from edge_llm.cache import STEP, LatentCache, kv_group_size
 from edge_llm.checkpoint import DTYPE_BYTES
-from edge_llm.generate import PREFILL_CHUNK
+from edge_llm.generation.generate import PREFILL_CHUNK
+from edge_llm.machine.backend import MX_DTYPES, DtypePolicy
+from edge_llm.models.cache import STEP, LatentCache, kv_group_size
 
 from .plan import Plan, PlannedTensor
 
@@ -57,7 +57,7 @@ CALIBRATION = Calibration(base=4.91e7, scores=0.481, intermediate=4.6, mla=1.86,
 
 @dataclass(frozen=True)
 class MemoryPolicy:
-    """Element sizes in memory, by the loader's own rule (``edge_llm.backend.DtypePolicy``).
+    """Element sizes in memory, by the loader's own rule (``edge_llm.machine.backend.DtypePolicy``).
 
     ``compute`` is the activations' and the KV cache's element size. Packed codes and the parameters a
     model keeps in float (``keep_float32``) stay as stored; every other float tensor goes where the
@@ -80,7 +80,7 @@ class MemoryPolicy:
 
 
 def policy_for(backend: str, plan: Plan) -> MemoryPolicy:
-    """What ``edge_llm.backend.dtype_policy`` picks on ``backend``: float32 compute over the stored weights
+    """What ``edge_llm.machine.backend.dtype_policy`` picks on ``backend``: float32 compute over the stored weights
     on the CPU; the checkpoint's main float dtype for everything on a GPU."""
     if backend == "cpu":
         return MemoryPolicy(DtypePolicy(mx.float32, None), plan.tied_embeddings)
@@ -104,7 +104,7 @@ def kv_cache_bytes(model: Any, context: int, batch: int, itemsize: int, kv_bits:
     elements = layers * per_token * tokens * batch
     if kv_bits is None or kv_bits >= 16:
         return elements * (itemsize if kv_bits is None else kv_bits // 8)
-    # edge_llm.cache's quantized rows (mlx-lm's QuantizedKVCache layout): packed codes + a scale and an
+    # edge_llm.models.cache's quantized rows (mlx-lm's QuantizedKVCache layout): packed codes + a scale and an
     # offset per group of each row
     return elements * kv_bits // 8 + elements // (kv_group_size(row) or 64) * 2 * itemsize
 

@@ -26,7 +26,6 @@ from typing import Any, Protocol
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from edge_llm.backend import DTYPE_NAMES
 from edge_llm.checkpoint import Checkpoint, normalize_config, read_checkpoint, read_safetensors_header
 from edge_llm.errors import CheckpointError, EdgeLLMError, TokenizerError
 from edge_llm.fp8 import dequantize_fp8
@@ -34,6 +33,7 @@ from edge_llm.gguf import GGUFCheckpoint, commonest_bits
 from edge_llm.gguf_quants import GROUP_SIZE
 from edge_llm.hub import resolve_model
 from edge_llm.loader import build_model
+from edge_llm.machine.backend import DTYPE_NAMES
 from edge_llm.models.base import CausalLM
 
 from . import affine

@@ -7,7 +7,7 @@ import json
 from typer.testing import CliRunner
 
 from cli.main import app
-from edge_llm.bandwidth import remembered_bandwidth
+from edge_llm.machine.bandwidth import remembered_bandwidth
 from tests.hf_oracle import build_tiny_checkpoint
 from tests.tiny_configs import TINY_CONFIGS
 

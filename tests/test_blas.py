@@ -8,11 +8,11 @@ import sys
 
 import pytest
 
-from edge_llm.blas import find_openblas
+from edge_llm.machine.blas import find_openblas
 
 PROBE = (
     "import edge_llm, numpy as np, mlx.core as mx\n"
-    "from edge_llm.backend import blas_library\n"
+    "from edge_llm.machine.backend import blas_library\n"
     "a = np.random.default_rng(0).standard_normal((300, 200)).astype(np.float32)\n"
     "b = np.random.default_rng(1).standard_normal((200, 100)).astype(np.float32)\n"
     "assert np.allclose(np.array(mx.array(a) @ mx.array(b)), a @ b, atol=1e-3)\n"

@@ -53,7 +53,7 @@ def tiny(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def home(tmp_path_factory) -> Path:
     """A private EDGE_LLM_HOME that already knows this machine's bandwidth (bench would measure it: ~10 s)."""
-    from edge_llm.backend import detect
+    from edge_llm.machine.backend import detect
 
     folder = tmp_path_factory.mktemp("home")
     b = detect()

@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from edge_llm.sampling import SEED_MAX, SamplingParams
+from edge_llm.generation.sampling import SEED_MAX, SamplingParams
 from quant.quality import Quality, judge
 from quant.quantize import quantize
 from tests.hf_oracle import build_tiny_checkpoint

@@ -14,12 +14,12 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from edge_llm.cache import cache_offset
-from edge_llm.chat import ChatSession
-from edge_llm.context import DEFAULT_CONTEXT, context_window, model_context_limit
 from edge_llm.default_model import default_model_path
 from edge_llm.errors import ContextError
-from edge_llm.sampling import SamplingParams
+from edge_llm.generation.chat import ChatSession
+from edge_llm.generation.context import DEFAULT_CONTEXT, context_window, model_context_limit
+from edge_llm.generation.sampling import SamplingParams
+from edge_llm.models.cache import cache_offset
 from quant.fit import check_fits
 
 SMOLLM2_LIMIT = 8192  # the GGUF's llama.context_length

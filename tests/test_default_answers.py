@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 
-from edge_llm.chat import ChatSession
 from edge_llm.checkpoint import read_checkpoint
 from edge_llm.default_model import default_model_path
+from edge_llm.generation.chat import ChatSession
+from edge_llm.generation.sampling_defaults import model_settings
 from edge_llm.loader import load
-from edge_llm.sampling_defaults import model_settings
 
 pytestmark = pytest.mark.slow
 

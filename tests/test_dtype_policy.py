@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from edge_llm.backend import DtypePolicy, dtype_policy
 from edge_llm.loader import load_model
+from edge_llm.machine.backend import DtypePolicy, dtype_policy
 from edge_llm.models import layers
 from tests.hf_oracle import build_tiny_checkpoint, random_tokens
 from tests.tiny_configs import TINY_CONFIGS

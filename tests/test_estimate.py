@@ -158,7 +158,7 @@ def test_deepseek_v3():
 
 
 def test_cpu_computes_in_float32_over_stored_weights():
-    """The CPU loader's policy (edge_llm.backend.DtypePolicy): activations, KV cache, vectors and the
+    """The CPU loader's policy (edge_llm.machine.backend.DtypePolicy): activations, KV cache, vectors and the
     token embedding's scales in float32; matrices and other quantization scales as stored."""
     params, norms = dense_llama(32000, 4096, 11008, 32, kv_heads=32)
     embed = 32000 * 4096

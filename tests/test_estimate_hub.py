@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from edge_llm.backend import detect
+from edge_llm.machine.backend import detect
 from quant.quantize import quantize
 from tests.hf_oracle import build_tiny_checkpoint
 from tests.hub_server import HubServer, ServedRepo, cli_env, run_cli

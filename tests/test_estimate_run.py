@@ -18,7 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from edge_llm.backend import detect
+from edge_llm.machine.backend import detect
 from quant import fit
 from quant.estimate import Machine
 from tests.hf_oracle import build_tiny_checkpoint

@@ -19,8 +19,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from edge_llm import load
-from edge_llm.generate import generate_tokens
-from edge_llm.sampling import Sampler, SamplingParams
+from edge_llm.generation.generate import generate_tokens
+from edge_llm.generation.sampling import Sampler, SamplingParams
 from tests.smollm2 import gguf_path
 
 pytestmark = pytest.mark.slow

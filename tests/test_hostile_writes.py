@@ -25,7 +25,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from edge_llm.bandwidth import remembered_bandwidth
+from edge_llm.machine.bandwidth import remembered_bandwidth
 from edge_llm.tokenizer import Tokenizer
 from quant.quantize import QuantizeError, quantize
 from tests.hf_oracle import build_tiny_checkpoint

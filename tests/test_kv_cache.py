@@ -6,13 +6,13 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
-from edge_llm.cache import KVCache, LatentCache, cache_nbytes, truncate_cache
-from edge_llm.chat import ChatSession
 from edge_llm.default_model import default_model_path
 from edge_llm.errors import ContextError
+from edge_llm.generation.chat import ChatSession
+from edge_llm.generation.sampling import SamplingParams
+from edge_llm.models.cache import KVCache, LatentCache, cache_nbytes, truncate_cache
 from edge_llm.models.deepseek_v2 import Model as DeepSeekV2
 from edge_llm.models.deepseek_v2 import ModelArgs as DeepSeekV2Args
-from edge_llm.sampling import SamplingParams
 from quant.estimate import estimate
 from quant.memory import kv_cache_bytes
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from edge_llm import load_model
-from edge_llm.cache import LatentCache, cache_nbytes, truncate_cache
+from edge_llm.models.cache import LatentCache, cache_nbytes, truncate_cache
 from edge_llm.models.deepseek_v2 import Model, ModelArgs
 from edge_llm.models.mla import MLAttention
 from tests.hf_oracle import TOLERANCE, build_tiny_checkpoint, random_tokens

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from edge_llm import load
-from edge_llm.generate import generate_tokens
+from edge_llm.generation.generate import generate_tokens
+from edge_llm.generation.sampling import Sampler, SamplingParams
 from edge_llm.models.switch import SORT_THRESHOLD
-from edge_llm.sampling import Sampler, SamplingParams
 
 pytestmark = pytest.mark.slow
 

@@ -6,8 +6,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from edge_llm.generate import _StopMatcher
-from edge_llm.sampling import (
+from edge_llm.generation.generate import _StopMatcher
+from edge_llm.generation.sampling import (
     Sampler,
     SamplingParams,
     apply_min_p,

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from cli.main import app
 from edge_llm.checkpoint import read_checkpoint
 from edge_llm.default_model import CARD_SAMPLING, CARD_SOURCE, TUNED_SAMPLING, TUNED_SOURCE, default_model_path
-from edge_llm.sampling_defaults import EDGE_LLM_DEFAULTS, EDGE_LLM_SOURCE, model_settings
+from edge_llm.generation.sampling_defaults import EDGE_LLM_DEFAULTS, EDGE_LLM_SOURCE, model_settings
 from tests.gguf_files import copy_tokenizer_metadata, write_gguf
 from tests.hf_oracle import build_tiny_checkpoint
 from tests.test_gguf_llama import tiny_llama

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from edge_llm import load
-from edge_llm.generate import generate_tokens
-from edge_llm.sampling import Sampler, SamplingParams
+from edge_llm.generation.generate import generate_tokens
+from edge_llm.generation.sampling import Sampler, SamplingParams
 
 pytestmark = pytest.mark.slow
 

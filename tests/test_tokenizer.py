@@ -16,10 +16,10 @@ import pytest
 import sentencepiece
 from transformers import AutoTokenizer
 
-from edge_llm.chat_template import DEFAULT_CHAT_TEMPLATE
-from edge_llm.detokenizer import StreamingDetokenizer
 from edge_llm.errors import TokenizerError
 from edge_llm.tokenizer import Tokenizer, describe_tokenizer
+from edge_llm.tokenizer.chat_template import DEFAULT_CHAT_TEMPLATE
+from edge_llm.tokenizer.detokenizer import StreamingDetokenizer
 from tests.tokenizer_fixtures import CORPUS, build_smollm2_tokenizer, train_sentencepiece
 
 CONVERSATION = [

@@ -9,8 +9,8 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..cache import Cache, KVCache
 from ..limits import MAX_DIM
+from .cache import Cache, KVCache
 from .fields import check_fields
 from .layers import output_projection
 

@@ -18,8 +18,8 @@ import re
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..cache import LatentCache
 from .base import BaseModelArgs, DecoderLM, check_widths, require
+from .cache import LatentCache
 from .deepseek_gate import SOFTMAX_METHODS, DeepseekMoE, MoEGate
 from .layers import MLP
 from .mla import MLAttention

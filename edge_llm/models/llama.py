@@ -12,8 +12,8 @@ import dataclasses
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..cache import Cache
 from .base import BaseModelArgs, DecoderLM, attention, check_heads, check_window
+from .cache import Cache
 from .layers import MLP, sliding_window_mask
 from .rope import RoPE
 

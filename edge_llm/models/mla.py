@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..cache import LatentCache
 from .base import attention
+from .cache import LatentCache
 from .rope import RoPE, yarn_get_mscale
 
 if TYPE_CHECKING:

@@ -15,8 +15,8 @@ import dataclasses
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..cache import Cache
 from .base import BaseModelArgs, DecoderLM, attention, check_experts, check_heads, require
+from .cache import Cache
 from .moe import GLU_NAMES, SparseMoeBlock, stack_moe_experts
 from .rope import RoPE
 

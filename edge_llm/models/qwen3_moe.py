@@ -14,8 +14,8 @@ import dataclasses
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..cache import Cache
 from .base import BaseModelArgs, DecoderLM, attention, check_experts, check_heads, check_window, require
+from .cache import Cache
 from .layers import MLP, sliding_window_mask
 from .moe import GLU_NAMES, SparseMoeBlock, stack_moe_experts
 from .rope import RoPE

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import ContextError
+from ..errors import ContextError
 
 DEFAULT_CONTEXT = 4096
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .default_model import CARD_SAMPLING, CARD_SOURCE, TUNED_SAMPLING, TUNED_SOURCE, default_model_path
+from ..default_model import CARD_SAMPLING, CARD_SOURCE, TUNED_SAMPLING, TUNED_SOURCE, default_model_path
 from .sampling import SamplingParams
 
 log = logging.getLogger(__name__)

@@ -15,11 +15,11 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from .cache import truncate_cache
+from ..errors import ContextError
+from ..models.base import CausalLM
+from ..models.cache import truncate_cache
 from .context import context_window, model_context_limit
-from .errors import ContextError
 from .generate import GenerationChunk, GenerationStats, stream_generate
-from .models.base import CausalLM
 from .sampling import SamplingParams
 
 
@@ -48,7 +48,7 @@ class ChatSession:
     system: str | None = None
     messages: list[dict] = field(default_factory=list)
     last: TurnStats | None = None
-    context: int | None = None  # tokens the cache may hold; None: the model's limit, capped (edge_llm.context)
+    context: int | None = None  # tokens the cache may hold; None: the model's limit, capped (edge_llm.generation.context)
     kv_bits: int | None = None  # 8 or 4: a quantized KV cache
 
     def __post_init__(self) -> None:

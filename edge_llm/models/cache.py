@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from .errors import ContextError
+from ..errors import ContextError
 
 STEP = 256
 KV_BITS = (8, 4)

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from .backend import peak_memory_bytes
-from .cache import Cache
-from .models.base import CausalLM
+from ..machine.backend import peak_memory_bytes
+from ..models.base import CausalLM
+from ..models.cache import Cache
 from .sampling import Sampler, SamplingParams
 
 PREFILL_CHUNK = 256  # measured on SmolLM2: faster than 512 or 128 on the CPU, and half the transient of 512

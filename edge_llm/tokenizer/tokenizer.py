@@ -29,12 +29,12 @@ from typing import Any, Protocol
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as _RustTokenizer
 
-from edge_llm.chat_template import DEFAULT_CHAT_TEMPLATE, read_chat_templates, render_chat_template
-from edge_llm.detokenizer import StreamingDetokenizer
 from edge_llm.errors import TokenizerError
 from edge_llm.gguf_reader import GGUFFile, read_gguf
 from edge_llm.gguf_tokenizer import build_gguf_tokenizer
-from edge_llm.sentencepiece_backend import (
+from edge_llm.tokenizer.chat_template import DEFAULT_CHAT_TEMPLATE, read_chat_templates, render_chat_template
+from edge_llm.tokenizer.detokenizer import StreamingDetokenizer
+from edge_llm.tokenizer.sentencepiece_backend import (
     BYTE_TOKEN,
     SentencePieceBackend,
     load_sentencepiece,

@@ -1,0 +1,1 @@
+"""Generation: sampling, the token loop, chat sessions, context windows, per-model sampling defaults."""
