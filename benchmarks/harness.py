@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge_llm.checkpoint import read_config
+from edge_llm.formats.folder import read_config
 from edge_llm.machine.blas import find_openblas
 
 RESULTS = Path(__file__).with_name("RESULTS.md")

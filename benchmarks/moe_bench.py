@@ -157,9 +157,9 @@ def run_once(tool: str, folder: Path, context: int, decode: int, env: dict[str, 
 
 
 def param_count(folder: Path) -> int:
-    from edge_llm.checkpoint import read_checkpoint
+    from edge_llm.formats.open import open_checkpoint
 
-    return sum(t.size for t in read_checkpoint(folder).tensors.values())
+    return sum(t.size for t in open_checkpoint(folder).tensors.values())
 
 
 METRICS = [("prompt_tps", "prefill tok/s", True), ("generation_tps", "decode tok/s", True),

@@ -7,10 +7,10 @@ import time
 
 import typer
 
-from edge_llm.checkpoint import read_checkpoint
 from edge_llm.default_model import NAME as DEFAULT_NAME
 from edge_llm.default_model import default_model_path
 from edge_llm.errors import EdgeLLMError
+from edge_llm.formats.open import open_checkpoint
 from edge_llm.hub_cache import CachedModel, hub_cache_dir, list_models, plan_removal
 from edge_llm.modelinfo import describe
 
@@ -31,7 +31,7 @@ def _default_model() -> CachedModel | None:
     if path is None:
         return None
     try:
-        info = describe(read_checkpoint(path))
+        info = describe(open_checkpoint(path))
     except EdgeLLMError as e:  # a damaged install: `run` says so when it is used
         err.print(f"the default model {path} cannot be read: {e}", highlight=False, soft_wrap=True)
         return None

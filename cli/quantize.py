@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from edge_llm.checkpoint import read_checkpoint
+from edge_llm.formats.open import open_checkpoint
 from quant.quality import Quality, Verdict, evaluate, judge
 from quant.quantize import QuantizeJob, QuantizeResult, quantize
 
@@ -135,7 +135,7 @@ def quantize_cmd(
     if eval_quality:
         with err.status("evaluating against the source", spinner="dots"):
             quality = evaluate(result.source, result.out)
-        verdict = judge(quality, read_checkpoint(result.out).quantization)
+        verdict = judge(quality, open_checkpoint(result.out).quantization)
     if as_json:
         data = {"source": str(result.source), "out": str(result.out), "recipe": result.recipe,
                 "source_bytes": result.source_bytes, "output_bytes": result.output_bytes,

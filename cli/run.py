@@ -9,7 +9,7 @@ from contextlib import nullcontext
 
 import typer
 
-from edge_llm.checkpoint import read_checkpoint
+from edge_llm.formats.open import open_checkpoint
 from edge_llm.generation.chat import ChatSession
 from edge_llm.generation.sampling import SEED_MAX
 from edge_llm.generation.sampling_defaults import model_settings
@@ -73,7 +73,7 @@ def run(
         prompt = one_shot_prompt(prompt, None if sys.stdin.isatty() else sys.stdin.buffer)
     if not force:  # refuse before loading (or pulling) a model that cannot fit; names what would
         check_fits(model, context=context, kv_bits=kv_bits)
-    checkpoint = read_checkpoint(resolve_model(model))
+    checkpoint = open_checkpoint(resolve_model(model))
     settings = model_settings(checkpoint).override(
         temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty,
     )

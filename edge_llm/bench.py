@@ -15,7 +15,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .checkpoint import read_checkpoint
+from .formats.open import open_checkpoint
 from .generation.context import context_window, model_context_limit
 from .generation.generate import generate_tokens, prefill
 from .generation.sampling import Sampler, SamplingParams
@@ -94,7 +94,7 @@ def run_bench(ref: str | Path, prompt_lengths: tuple[int, ...] = PROMPT_LENGTHS,
     check_kv_bits(kv_bits)
     reset_peak_memory()
     start = time.perf_counter()
-    checkpoint = read_checkpoint(resolve_model(ref))
+    checkpoint = open_checkpoint(resolve_model(ref))
     model = load_checkpoint(checkpoint, dtype)
     load_s = time.perf_counter() - start
     vocab = model.args.vocab_size

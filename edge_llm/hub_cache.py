@@ -31,8 +31,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import INDEX_FILE, read_checkpoint
 from .errors import EdgeLLMError, HubError
+from .formats.folder import INDEX_FILE
+from .formats.open import open_checkpoint
 from .modelinfo import ModelInfo, describe
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,7 @@ def list_models(cache_dir: str | Path | None = None) -> list[CachedModel]:
             if missing_files(rev.snapshot_path):
                 continue
             try:
-                info = describe(read_checkpoint(rev.snapshot_path))
+                info = describe(open_checkpoint(rev.snapshot_path))
             except EdgeLLMError as e:  # an architecture we don't run, or an unreadable folder
                 log.info("skipping %s: %s", rev.snapshot_path, e)
                 continue

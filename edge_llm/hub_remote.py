@@ -19,8 +19,11 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint import Checkpoint, TensorInfo, read_checkpoint, read_config
 from .errors import HubError
+from .formats.checkpoint import Checkpoint
+from .formats.folder import FolderCheckpoint, read_config
+from .formats.open import open_checkpoint
+from .formats.tensors import TensorInfo
 from .hub_errors import hub_errors
 from .hub_pull import META_FILES, RemoteFile, check_repo, hub_endpoint, repo_tree, select_files
 from .tokenizer import TokenizerInfo
@@ -77,7 +80,7 @@ def read_model_headers(ref: str, revision: str | None = None) -> ModelHeaders:
 
     local = find_local(ref, revision=revision)
     if local is not None:
-        return ModelHeaders(read_checkpoint(local), local, None)
+        return ModelHeaders(open_checkpoint(local), local, None)
     remote = read_remote(ref, revision)
     return ModelHeaders(remote.checkpoint, None, remote)
 
@@ -108,7 +111,7 @@ def read_remote(repo_id: str, revision: str | None = None, *, endpoint: str | No
                 tensors.update(_header(api, repo_id, commit, f.path, where))
     if not tensors:
         raise HubError(f"{where}: its safetensors files hold no tensors")
-    checkpoint = Checkpoint(folder, read_config(folder), tensors)
+    checkpoint = FolderCheckpoint(folder, read_config(folder), tensors)
     return RemoteModel(repo_id, revision or "main", commit, hub_endpoint(endpoint), checkpoint, tree, tmp)
 
 

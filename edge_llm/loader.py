@@ -16,10 +16,10 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .checkpoint import Checkpoint, read_checkpoint
 from .errors import CheckpointError
-from .fp8 import dequantize_fp8
-from .gguf import GGUFCheckpoint
+from .formats.checkpoint import Checkpoint
+from .formats.fp8 import dequantize_fp8
+from .formats.open import open_checkpoint
 from .hub import resolve_model
 from .machine.backend import DtypePolicy, dtype_policy
 from .models import get_architecture
@@ -150,17 +150,14 @@ def check_finite(checkpoint: Checkpoint, model: nn.Module, block: int = 1 << 20)
 
 def load_model(path: str | Path, dtype: str | None = None) -> CausalLM:
     """Loads a local checkpoint folder; ``dtype`` ('float32', 'bfloat16', 'float16') overrides policy."""
-    return load_checkpoint(read_checkpoint(path), dtype)
+    return load_checkpoint(open_checkpoint(path), dtype)
 
 
 def load(ref: str | Path, dtype: str | None = None) -> tuple[CausalLM, Tokenizer]:
     """Resolves a model reference (folder, GGUF file or Hub repo id) and loads model and tokenizer."""
     folder = resolve_model(ref)
-    checkpoint = read_checkpoint(folder)
-    if isinstance(checkpoint, GGUFCheckpoint):  # the tokenizer lives in the file's metadata
-        tokenizer = Tokenizer.from_gguf(checkpoint.gguf)
-    else:
-        tokenizer = Tokenizer.from_folder(folder)
+    checkpoint = open_checkpoint(folder)
+    tokenizer = checkpoint.tokenizer()  # a folder's tokenizer files, or a GGUF file's metadata
     model = load_checkpoint(checkpoint, dtype)
     check_vocabulary(checkpoint, tokenizer)  # after the weights: their problems are the more basic ones
     return model, tokenizer

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import Checkpoint
+from .formats.checkpoint import Checkpoint
 
 
 @dataclass(frozen=True)
@@ -23,24 +23,15 @@ class ModelInfo:
     experts: tuple[int, int] | None  # (routed experts per token, experts per layer)
 
 
-def quant_bits_for(checkpoint: Checkpoint, module: str) -> int | None:
-    """Bits of a quantized module (per-module override or the default), None when not quantized."""
-    q = checkpoint.quantization
-    if not q or f"{module}.scales" not in checkpoint.tensors:
-        return None
-    override = q.get(module)
-    return (override or {}).get("bits", q["bits"]) if isinstance(override, dict) else q["bits"]
-
-
 def tensor_parameters(checkpoint: Checkpoint, name: str) -> int:
     """Logical parameter count of one tensor; packed quantized weights count their unpacked size."""
     info = checkpoint.tensors[name]
     if name.endswith((".scales", ".biases")) and checkpoint.quantization:
         module = name.rsplit(".", 1)[0]
-        if f"{module}.weight" in checkpoint.tensors and quant_bits_for(checkpoint, module):
+        if f"{module}.weight" in checkpoint.tensors and checkpoint.quantized_bits(module):
             return 0  # quantization metadata, not parameters
     if name.endswith(".weight"):
-        bits = quant_bits_for(checkpoint, name[: -len(".weight")])
+        bits = checkpoint.quantized_bits(name[: -len(".weight")])
         if bits:
             return info.size * 32 // bits
     return info.size
@@ -65,10 +56,7 @@ def describe(checkpoint: Checkpoint) -> ModelInfo:
     # Routed experts: only ``routed`` of ``n_experts`` run for each token. Scaled once over the sum, not per
     # tensor: a per-expert tensor's share (e.g. 4/60 of it) is rarely a whole number.
     active += experts * routed // n_experts if experts else 0
-    q = checkpoint.quantization
-    quant = f"{q['bits']}-bit {q.get('mode', 'affine')}, group {q['group_size']}" if q else None
-    if hasattr(checkpoint, "describe_quantization"):  # a GGUF file also says what it holds, in llama.cpp's names
-        quant = checkpoint.describe_quantization(quant)
+    quant = checkpoint.describe_quantization()  # a GGUF file also says what it holds, in llama.cpp's names
     architectures = cfg.get("architectures") or [checkpoint.model_type]
     return ModelInfo(
         path=checkpoint.path,

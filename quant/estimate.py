@@ -20,8 +20,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from edge_llm.checkpoint import Checkpoint, normalize_config
 from edge_llm.errors import CheckpointError
+from edge_llm.formats.checkpoint import Checkpoint
+from edge_llm.formats.folder import FolderCheckpoint, normalize_config
 from edge_llm.loader import build_model
 from edge_llm.machine.backend import detect
 
@@ -251,4 +252,4 @@ def config_only(config: dict[str, Any], name: str) -> Checkpoint:
     config = normalize_config(config)
     if config.get("model_type") is None:
         raise CheckpointError(f"{name}: config has no model_type")
-    return Checkpoint(Path(name), config, {})
+    return FolderCheckpoint(Path(name), config, {})

@@ -21,7 +21,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from edge_llm.checkpoint import DTYPE_BYTES
+from edge_llm.formats.tensors import DTYPE_BYTES
 from edge_llm.generation.generate import PREFILL_CHUNK
 from edge_llm.machine.backend import MX_DTYPES, DtypePolicy
 from edge_llm.models.cache import STEP, LatentCache, kv_group_size

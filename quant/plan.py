@@ -16,7 +16,8 @@ from typing import Any
 
 from mlx.utils import tree_flatten
 
-from edge_llm.checkpoint import DTYPE_BYTES, Checkpoint
+from edge_llm.formats.checkpoint import Checkpoint
+from edge_llm.formats.tensors import DTYPE_BYTES
 from edge_llm.loader import build_model, quantize_modules
 from edge_llm.models.base import CausalLM
 from edge_llm.models.switch import QuantizedSwitchLinear, SwitchLinear

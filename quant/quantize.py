@@ -1,6 +1,6 @@
 """Checkpoint -> quantized (or FP16/BF16) checkpoint, streamed one tensor group at a time, atomically.
 
-Reading goes through the runtime's own reader (``edge_llm.checkpoint`` + the architecture's ``sanitize``,
+Reading goes through the runtime's own reader (``edge_llm.formats.checkpoint`` + the architecture's ``sanitize``,
 FP8 dequantization included), so anything ``edge-llm run`` loads can be converted, and the output uses
 the post-sanitize names the loader and mlx-lm (``mlx_lm.load``) expect. Source tensors are grouped by
 decoder layer; each group is sanitized and evaluated on its own, and every output tensor goes straight
@@ -26,11 +26,14 @@ from typing import Any, Protocol
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from edge_llm.checkpoint import Checkpoint, normalize_config, read_checkpoint, read_safetensors_header
 from edge_llm.errors import CheckpointError, EdgeLLMError, TokenizerError
-from edge_llm.fp8 import dequantize_fp8
-from edge_llm.gguf import GGUFCheckpoint, commonest_bits
-from edge_llm.gguf_quants import GROUP_SIZE
+from edge_llm.formats.checkpoint import Checkpoint
+from edge_llm.formats.folder import normalize_config
+from edge_llm.formats.fp8 import dequantize_fp8
+from edge_llm.formats.gguf.checkpoint import commonest_bits
+from edge_llm.formats.gguf.quants import GROUP_SIZE
+from edge_llm.formats.open import open_checkpoint
+from edge_llm.formats.safetensors_header import read_safetensors_header
 from edge_llm.hub import resolve_model
 from edge_llm.loader import build_model
 from edge_llm.machine.backend import DTYPE_NAMES
@@ -40,7 +43,6 @@ from . import affine
 from .destination import refusal
 from .plan import MX_NAMES, ST_DTYPES, Plan, PlannedTensor, plan_quantized, quantizable_paths, source_dtype_of
 from .recipes import Recipe, check_rules_match, layer_of, make_recipe
-from .side_files import SideFiles, copy_side_files, select_side_files
 from .writer import MAX_SHARD_BYTES, AtomicFolder, ShardWriter, assign_shards
 
 log = logging.getLogger(__name__)
@@ -107,13 +109,16 @@ def default_float_dtype(checkpoint: Checkpoint, bits: int, requested: str | None
     return "float16"
 
 
-def _check_not_quantized(checkpoint: Checkpoint) -> None:
-    """Quantizing a quantized model compounds the error: say so instead, naming the format. (A quantized
-    GGUF is converted instead: its Q4_0/Q4_1/Q8_0/... tensors are copied exactly, see ``_recipe``.)"""
-    if not isinstance(checkpoint, GGUFCheckpoint) and checkpoint.quantization:
-        q = checkpoint.quantization
+def _float_source(checkpoint: Checkpoint) -> Checkpoint:
+    """What the conversion reads: the checkpoint with its tensors in float. Quantizing a quantized model
+    compounds the error: say so instead, naming the format. (A quantized GGUF has a float view and is
+    converted: its Q4_0/Q4_1/Q8_0/... tensors are copied exactly, see ``_recipe``.)"""
+    source = checkpoint.dequantized()
+    if source is None:
+        q = checkpoint.quantization or {}
         raise CheckpointError(f"{checkpoint.path}: already quantized ({q.get('bits')}-bit, group "
                               f"{q.get('group_size')}); quantize the original float checkpoint instead")
+    return source
 
 
 def _recipe(checkpoint: Checkpoint, bits: int | None, group_size: int | None, recipe: str | None) -> Recipe:
@@ -121,7 +126,7 @@ def _recipe(checkpoint: Checkpoint, bits: int | None, group_size: int | None, re
     4-bit GGUF re-quantized at group 64 loses accuracy that group 32 keeps) and, without ``--bits``, keeps
     its own quantization module by module (the commonest bits as default, rules for the rest, float
     matrices float), so its tensors are copied exactly; a user's recipe rules come first."""
-    if not (isinstance(checkpoint, GGUFCheckpoint) and checkpoint.quantized):
+    if not checkpoint.quantized:
         return make_recipe(4 if bits is None else bits, 64 if group_size is None else group_size, recipe)
     if bits is not None:
         return make_recipe(bits, GROUP_SIZE if group_size is None else group_size, recipe)
@@ -304,19 +309,18 @@ def quantize(source: str | Path, out: str | Path, bits: int | None = None, group
     _check_destination(None, out, force)  # before a pull
     out = Path(out).expanduser()
     folder = resolve_model(source)
-    checkpoint = read_checkpoint(folder)
-    _check_not_quantized(checkpoint)
+    checkpoint = open_checkpoint(folder)
+    source = _float_source(checkpoint)  # a quantized GGUF: float16 values, the packed originals kept to copy
     _check_destination(folder, out, force)
     source_total = sum(t.nbytes for t in checkpoint.tensors.values())
     rec = _recipe(checkpoint, bits, group_size, recipe)
-    if isinstance(checkpoint, GGUFCheckpoint) and checkpoint.quantized:
-        checkpoint = checkpoint.dequantized()  # float16 values; ``packed`` keeps the originals to copy
+    checkpoint = source
     float_dtype = default_float_dtype(checkpoint, rec.bits, dtype)
     model = build_model(checkpoint)
     check_rules_match(recipe, quantizable_paths(model))
     plan = plan_quantized(model, checkpoint.config, rec, ST_DTYPES[float_dtype], source_dtype_of(checkpoint))
-    weights = dequantize_fp8(checkpoint.load_weights(), checkpoint)
-    packed = getattr(checkpoint, "packed", {})  # a quantized GGUF's original tensors, by module
+    weights, packed = checkpoint.load_float_weights()  # packed: a quantized GGUF's original tensors, by module
+    weights = dequantize_fp8(weights, checkpoint)
     if any(t.dtype.startswith("F8") for t in checkpoint.tensors.values()):
         # dequantized FP8 arrives as float32: going straight to the output's half dtype halves the memory of
         # a layer group (stacked experts) and rounds once, as a direct conversion would
@@ -329,8 +333,7 @@ def quantize(source: str | Path, out: str | Path, bits: int | None = None, group
         by_param.setdefault(t.param, []).append(t)
     ordered = [t for _, params in schedule for p in params for t in by_param[p]]
     shards = assign_shards(ordered, max_shard_bytes or MAX_SHARD_BYTES)
-    gguf = isinstance(checkpoint, GGUFCheckpoint)
-    side = SideFiles((), ()) if gguf else select_side_files(folder)
+    side = checkpoint.side_files()
     _check_space(out, plan.nbytes + side.nbytes + (64 << 10))  # + headers, index and config
     if announce is not None:
         announce(QuantizeJob(folder, out, rec.describe(), float_dtype, len(ordered), source_total, plan.nbytes))
@@ -356,16 +359,11 @@ def quantize(source: str | Path, out: str | Path, bits: int | None = None, group
                 writer.close(complete=False)
                 raise
             writer.write_index(plan.params_total)
-            if gguf:  # config and tokenizer files rebuilt from the GGUF metadata
-                raw = checkpoint.hf_config
-                try:
-                    checkpoint.write_side_files(tmp)
-                except TokenizerError as e:  # a weights-only file: the output has no tokenizer either
-                    log.warning("%s", e)
-            else:
-                raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-                copy_side_files(side, tmp)
-            (tmp / "config.json").write_text(json.dumps(output_config(raw, plan), indent=2) + "\n")
+            try:
+                side.write(tmp)  # a GGUF's are rebuilt from its metadata
+            except TokenizerError as e:  # a weights-only GGUF: the output has no tokenizer either
+                log.warning("%s", e)
+            (tmp / "config.json").write_text(json.dumps(output_config(checkpoint.hf_config(), plan), indent=2) + "\n")
             for name in writer.names:  # read back what a loader will see
                 read_safetensors_header(tmp / name)
     except OSError as e:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from edge_llm.checkpoint import Checkpoint
+from edge_llm.formats.checkpoint import Checkpoint
 from edge_llm.hub_remote import read_model_headers
 
 

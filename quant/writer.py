@@ -30,7 +30,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from edge_llm.checkpoint import DTYPE_BYTES
+from edge_llm.formats.tensors import DTYPE_BYTES
 
 from .plan import MX_NAMES, PlannedTensor
 

@@ -152,8 +152,8 @@ def seed_gguf() -> tuple[list[Meta], list[Tensor]]:
 
 
 def _config_keys() -> list[str]:
+    from edge_llm.formats.validate import GENERAL_RULES
     from edge_llm.models.fields import RULES
-    from edge_llm.validate import GENERAL_RULES
 
     return sorted({*RULES, *GENERAL_RULES, "model_type", "quantization_config", "rope_parameters", "zzz_unknown"})
 

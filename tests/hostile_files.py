@@ -38,10 +38,10 @@ def tiny_weights(config: dict[str, Any], seed: int = 0) -> dict[str, np.ndarray]
     """Random float32 weights with the names and shapes edge-llm's module tree gives ``config``."""
     from mlx.utils import tree_flatten
 
-    from edge_llm.checkpoint import Checkpoint, normalize_config
+    from edge_llm.formats.folder import FolderCheckpoint, normalize_config
     from edge_llm.loader import build_model
 
-    model = build_model(Checkpoint(Path("tiny"), normalize_config(config), {}))
+    model = build_model(FolderCheckpoint(Path("tiny"), normalize_config(config), {}))
     rng = np.random.default_rng(seed)
     return {k: (rng.standard_normal(v.shape) * 0.05).astype(np.float32) for k, v in tree_flatten(model.parameters())}
 

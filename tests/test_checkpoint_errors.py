@@ -12,8 +12,9 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from edge_llm import load_model
-from edge_llm.checkpoint import normalize_config, read_checkpoint
 from edge_llm.errors import CheckpointError
+from edge_llm.formats.folder import normalize_config
+from edge_llm.formats.open import open_checkpoint
 from tests.hf_oracle import build_tiny_checkpoint
 
 TINY = dict(vocab_size=384, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -125,7 +126,7 @@ def test_sharded_checkpoint_loads_like_single(tiny, broken):
     import numpy as np
 
     shard_to_two(broken)
-    assert len(read_checkpoint(broken).weight_files) == 2
+    assert len(open_checkpoint(broken).weight_files) == 2
     tokens = mx.array([[1, 5, 9, 3]])
     np.testing.assert_array_equal(np.array(load_model(broken)(tokens)), np.array(load_model(tiny)(tokens)))
 

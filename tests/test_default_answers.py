@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from edge_llm.checkpoint import read_checkpoint
 from edge_llm.default_model import default_model_path
+from edge_llm.formats.open import open_checkpoint
 from edge_llm.generation.chat import ChatSession
 from edge_llm.generation.sampling_defaults import model_settings
 from edge_llm.loader import load
@@ -33,7 +33,7 @@ def default_model():
 @pytest.mark.parametrize("question", QUESTIONS)
 def test_default_settings_answer_and_stop(default_model, question):
     model, tokenizer = default_model
-    settings = model_settings(read_checkpoint(default_model_path()))
+    settings = model_settings(open_checkpoint(default_model_path()))
     for seed in SEEDS:
         session = ChatSession(model, tokenizer, params=settings.params(seed), max_tokens=200)
         answer = "".join(chunk.text for chunk in session.ask(question))

@@ -189,12 +189,12 @@ def test_context_batch_and_kv_bits():
 def test_estimate_equals_quantize_output_for_every_architecture(arch, tmp_path):
     src = build_tiny_checkpoint(tmp_path / "src", **TINY_CONFIGS[arch])
     est, r = rows(json.loads((src / "config.json").read_text()), group_size=32)
-    from edge_llm.checkpoint import read_checkpoint
+    from edge_llm.formats.open import open_checkpoint
 
     for bits in (4, 8):
         result = quantize(src, tmp_path / f"q{bits}", bits=bits, group_size=32, dtype="float16")
         assert r[f"{bits}-bit"].file_bytes == result.output_bytes
-    stored = estimate_checkpoint(read_checkpoint(tmp_path / "q4"), machine=GPU).requested
+    stored = estimate_checkpoint(open_checkpoint(tmp_path / "q4"), machine=GPU).requested
     # read back from the written headers, the stored model is what was planned
     assert stored.label == "4-bit (stored)" and stored.file_bytes == r["4-bit"].file_bytes
     assert stored.weights_bytes == r["4-bit"].weights_bytes and stored.kv_cache_bytes == r["4-bit"].kv_cache_bytes

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from edge_llm import CheckpointError, load_model
-from edge_llm.fp8 import dequantize_block_fp8
+from edge_llm.formats.fp8 import dequantize_block_fp8
 from tests.hf_oracle import TOLERANCE, build_tiny_checkpoint, random_tokens, reference_logits
 from tests.tiny_tokenizer import write_tiny_tokenizer
 

@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType as Q
 from typer.testing import CliRunner
 
 from cli.main import app
-from edge_llm.checkpoint import read_checkpoint
+from edge_llm.formats.open import open_checkpoint
 from edge_llm.modelinfo import describe
 from tests.gguf_files import copy_tokenizer_metadata, write_gguf
 from tests.smollm2 import gguf_path
@@ -23,7 +23,7 @@ def test_info_on_the_smollm2_gguf(smollm2_folder):
     result = CliRunner().invoke(app, ["info", str(gguf_path()), "--json"])
     assert result.exit_code == 0, result.output
     facts = json.loads(result.stdout)
-    converted = describe(read_checkpoint(smollm2_folder))  # transformers' conversion of the same file
+    converted = describe(open_checkpoint(smollm2_folder))  # transformers' conversion of the same file
     assert facts["architecture"] == "LlamaForCausalLM" and facts["model_type"] == "llama"
     assert facts["params_total"] == converted.params_total == 134_515_008
     assert facts["layers"] == 30 and facts["context_length"] == 8192

@@ -17,8 +17,8 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from edge_llm.checkpoint import read_checkpoint
-from edge_llm.gguf import GGUFCheckpoint
+from edge_llm.formats.gguf.checkpoint import GGUFCheckpoint
+from edge_llm.formats.open import open_checkpoint
 from edge_llm.loader import load_checkpoint
 from edge_llm.modelinfo import describe
 from tests.gguf_files import write_llama_gguf
@@ -44,7 +44,7 @@ def hf_logits(model) -> np.ndarray:
 
 
 def our_logits(path) -> np.ndarray:
-    model = load_checkpoint(read_checkpoint(path), dtype="float32")
+    model = load_checkpoint(open_checkpoint(path), dtype="float32")
     return np.array(model(mx.array(TOKENS)))
 
 
@@ -55,7 +55,7 @@ BITS = {Q.Q8_0: 8, Q.Q4_0: 4, Q.Q4_1: 4, Q.Q5_0: 5, Q.Q5_1: 5}
 def test_logits_equal_transformers(tmp_path, qtype):
     path = tmp_path / f"tiny-{qtype.name}.gguf"
     reference = write_llama_gguf(path, tiny_llama(), qtype)
-    checkpoint = read_checkpoint(path)
+    checkpoint = open_checkpoint(path)
     assert isinstance(checkpoint, GGUFCheckpoint)
     assert checkpoint.quantization == ({"group_size": 32, "bits": BITS[qtype]} if qtype in BITS else None)
     np.testing.assert_allclose(our_logits(path), hf_logits(reference), atol=1e-4, rtol=0)
@@ -80,14 +80,14 @@ def test_k_quants(tmp_path, caplog):
     by_name = {n: kinds[i % len(kinds)] for i, n in enumerate(names)}
     path = tmp_path / "kquants.gguf"
     reference = write_llama_gguf(path, model, lambda name, shape: by_name[name])
-    checkpoint = read_checkpoint(path)
+    checkpoint = open_checkpoint(path)
     kept = {n[: -len(".weight")]: {Q.Q4_K: 4, Q.Q5_K: 5}[k] for n, k in by_name.items() if k in (Q.Q4_K, Q.Q5_K)}
     quantization = checkpoint.quantization
     assert quantization["group_size"] == 32
     assert {m: quantization.get(m, {"bits": quantization["bits"]})["bits"] for m in kept} == kept
     dequantized = {n for n, k in by_name.items() if k in (Q.Q2_K, Q.Q3_K, Q.Q6_K)}
     assert {checkpoint.tensors[n].dtype for n in dequantized} == {"F16"}
-    with caplog.at_level(logging.WARNING, logger="edge_llm.gguf"):
+    with caplog.at_level(logging.WARNING, logger="edge_llm.formats.gguf.checkpoint"):
         ours = our_logits(path)
     warning = " ".join(r.getMessage() for r in caplog.records)
     assert "Q2_K/Q3_K/Q6_K tensors are dequantized to float16" in warning and "GB in memory" in warning
@@ -99,7 +99,7 @@ def test_mixed_bits_and_tied_embeddings(tmp_path):
     model = tiny_llama(tie_word_embeddings=True)
     path = tmp_path / "mixed.gguf"
     reference = write_llama_gguf(path, model, lambda name, shape: Q.Q8_0 if "embed" in name else Q.Q4_1)
-    checkpoint = read_checkpoint(path)
+    checkpoint = open_checkpoint(path)
     assert checkpoint.config["tie_word_embeddings"] is True
     assert checkpoint.quantization == {"group_size": 32, "bits": 4,
                                        "model.embed_tokens": {"group_size": 32, "bits": 8}}  # fmt: skip
@@ -110,7 +110,7 @@ def test_tensor_headers_are_what_load_weights_returns(tmp_path):
     model = tiny_llama()
     path = tmp_path / "q.gguf"
     write_llama_gguf(path, model, lambda name, shape: Q.Q8_0 if "down" in name else Q.Q4_0)
-    checkpoint = read_checkpoint(path)
+    checkpoint = open_checkpoint(path)
     weights = checkpoint.load_weights()
     assert set(weights) == set(checkpoint.tensors)
     for name, info in checkpoint.tensors.items():
@@ -123,9 +123,9 @@ def test_numpy_path_equals_mx_load(tmp_path, monkeypatch):
     """Files with only MLX-native types go through mx.load; our numpy repacking gives identical arrays."""
     path = tmp_path / "q.gguf"
     write_llama_gguf(path, tiny_llama(), lambda name, shape: {0: Q.Q4_0, 1: Q.Q4_1, 2: Q.Q8_0}[len(name) % 3])
-    native = read_checkpoint(path).load_weights()
+    native = open_checkpoint(path).load_weights()
     monkeypatch.setattr(GGUFCheckpoint, "_all_native", lambda self: False)
-    ours = read_checkpoint(path).load_weights()
+    ours = open_checkpoint(path).load_weights()
     assert set(native) == set(ours)
     for name in native:
         assert native[name].dtype == ours[name].dtype, name
@@ -136,7 +136,7 @@ def test_linear_rope_scaling(tmp_path):
     model = tiny_llama(rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0})
     path = tmp_path / "linear.gguf"
     reference = write_llama_gguf(path, model, Q.F32)
-    assert read_checkpoint(path).config["rope_scaling"] == {"rope_type": "linear", "factor": 4.0}
+    assert open_checkpoint(path).config["rope_scaling"] == {"rope_type": "linear", "factor": 4.0}
     np.testing.assert_allclose(our_logits(path), hf_logits(reference), atol=1e-4, rtol=0)
 
 
@@ -165,11 +165,11 @@ def test_llama3_rope_from_rope_freqs(tmp_path):
                        intermediate_size=128, num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
     path = tmp_path / "llama31.gguf"
     reference = write_llama_gguf(path, model, Q.F32, rope_freqs=llama_cpp_rope_freqs(64, 500000.0, 8.0))
-    scaling = read_checkpoint(path).config["rope_scaling"]
+    scaling = open_checkpoint(path).config["rope_scaling"]
     assert scaling["rope_type"] == "llama3" and scaling["factor"] == 8.0
     # long positions, where the scaled low frequencies matter
     tokens = np.arange(0, 384).reshape(1, -1) % 384
-    ours = np.array(load_checkpoint(read_checkpoint(path), dtype="float32")(mx.array(tokens)))
+    ours = np.array(load_checkpoint(open_checkpoint(path), dtype="float32")(mx.array(tokens)))
     with torch.no_grad():
         theirs = reference(torch.tensor(tokens)).logits.numpy()
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
@@ -179,7 +179,7 @@ def test_dequantized_view_for_converters(tmp_path):
     """``dequantized()``: float16 headers and weights (what a re-quantizer starts from), the same model."""
     path = tmp_path / "mixed.gguf"
     write_llama_gguf(path, tiny_llama(), lambda name, shape: Q.Q8_0 if "embed" in name else Q.Q5_1)
-    quantized = read_checkpoint(path)
+    quantized = open_checkpoint(path)
     floats = quantized.dequantized()
     assert floats.quantization is None and "quantization" in quantized.config
     weights = floats.load_weights()

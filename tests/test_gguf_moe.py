@@ -15,7 +15,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from edge_llm.checkpoint import read_checkpoint
+from edge_llm.formats.open import open_checkpoint
 from edge_llm.loader import load_checkpoint
 from edge_llm.modelinfo import describe
 from edge_llm.models import supported_model_types
@@ -46,7 +46,7 @@ def logits_of(model) -> np.ndarray:
 
 
 def ours(path) -> np.ndarray:
-    model = load_checkpoint(read_checkpoint(path), dtype="float32")
+    model = load_checkpoint(open_checkpoint(path), dtype="float32")
     return np.array(model(mx.array(TOKENS)))
 
 
@@ -55,7 +55,7 @@ def ours(path) -> np.ndarray:
 def test_moe_logits_equal_transformers(tmp_path, model_type, qtype):
     path = tmp_path / f"{model_type}.gguf"
     reference = write_gguf(path, tiny(model_type), qtype)
-    checkpoint = read_checkpoint(path)
+    checkpoint = open_checkpoint(path)
     assert checkpoint.model_type == model_type
     experts = [n for n in checkpoint.tensors if ".switch_mlp." in n]
     assert experts and all(checkpoint.tensors[n].shape[0] == 4 for n in experts)  # stacked [E, ...]
@@ -82,7 +82,7 @@ def test_mixtral_per_expert_tensors(tmp_path):
     """Older Mixtral GGUFs store one tensor per expert (blk.N.ffn_gate.E); the model stacks them."""
     path = tmp_path / "mixtral-old.gguf"
     reference = write_gguf(path, tiny("mixtral", seed=2), Q.Q8_0, per_expert=True)
-    assert "blk.0.ffn_gate.3.weight" in read_checkpoint(path).gguf.tensors
+    assert "blk.0.ffn_gate.3.weight" in open_checkpoint(path).gguf.tensors
     np.testing.assert_allclose(ours(path), logits_of(reference), atol=1e-4, rtol=0)
 
 
@@ -91,7 +91,7 @@ def test_moe_parameter_counts(tmp_path, model_type):
     source = tiny(model_type)
     path = tmp_path / f"{model_type}.gguf"
     write_gguf(path, source, Q.Q4_0)
-    info = describe(read_checkpoint(path))
+    info = describe(open_checkpoint(path))
     assert info.params_total == sum(p.numel() for p in source.parameters())
     assert info.experts == (2, 4)
     assert info.params_active < info.params_total
@@ -114,7 +114,7 @@ def test_deepseek_logits_equal_transformers(tmp_path, model_type, qtype, split_k
                     p.copy_(torch.randn_like(p))
     path = tmp_path / f"{model_type}.gguf"
     reference = write_gguf(path, source, qtype, split_kv_b=split_kv_b)
-    checkpoint = read_checkpoint(path)
+    checkpoint = open_checkpoint(path)
     assert checkpoint.model_type == model_type
     assert "attn_k_b" in " ".join(checkpoint.gguf.tensors) if split_kv_b else "attn_kv_b" in " ".join(
         checkpoint.gguf.tensors)
@@ -135,7 +135,7 @@ def test_deepseek_yarn_and_q_lora(tmp_path):
     source = tiny("deepseek_v2", q_lora_rank=32, rope_parameters=rope, max_position_embeddings=2560)
     path = tmp_path / "v2lite.gguf"
     reference = write_gguf(path, source, Q.Q4_0)
-    config = read_checkpoint(path).config
+    config = open_checkpoint(path).config
     assert config["rope_scaling"]["mscale_all_dim"] == pytest.approx(0.707)
     assert config["q_lora_rank"] == 32
     np.testing.assert_allclose(ours(path), logits_of(reference), atol=1e-4, rtol=0)

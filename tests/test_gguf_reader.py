@@ -19,10 +19,10 @@ from gguf import GGMLQuantizationType as Q
 from typer.testing import CliRunner
 
 from cli.main import app
-from edge_llm import gguf_quants
-from edge_llm.checkpoint import read_checkpoint
 from edge_llm.errors import CheckpointError
-from edge_llm.gguf_reader import GGML_TYPES, read_gguf
+from edge_llm.formats.gguf import quants as gguf_quants
+from edge_llm.formats.gguf.reader import GGML_TYPES, read_gguf
+from edge_llm.formats.open import open_checkpoint
 from tests.gguf_files import encode, write_llama_gguf
 from tests.smollm2 import gguf_path
 from tests.test_gguf_llama import tiny_llama
@@ -110,7 +110,7 @@ def test_truncated_data(good_file, tmp_path):
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(good_file.read_bytes()[:-1000])
     with pytest.raises(CheckpointError, match="truncated GGUF file .* re-download") as e:
-        read_checkpoint(cut)
+        open_checkpoint(cut)
     assert str(cut) in _one_line(str(e.value))
 
 
@@ -118,29 +118,29 @@ def test_truncated_header(good_file, tmp_path):
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(good_file.read_bytes()[:300])
     with pytest.raises(CheckpointError, match="truncated GGUF header"):
-        read_checkpoint(cut)
+        open_checkpoint(cut)
     cut.write_bytes(b"GGUF")
     with pytest.raises(CheckpointError, match="truncated GGUF header"):
-        read_checkpoint(cut)
+        open_checkpoint(cut)
 
 
 def test_not_gguf_and_old_versions(good_file, tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"PK\x03\x04" + good_file.read_bytes()[4:])
     with pytest.raises(CheckpointError, match="not a GGUF file"):
-        read_checkpoint(bad)
+        open_checkpoint(bad)
     data = bytearray(good_file.read_bytes())
     data[4:8] = struct.pack("<I", 1)
     bad.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="GGUF version 1 is not supported"):
-        read_checkpoint(bad)
+        open_checkpoint(bad)
 
 
 def test_unsupported_type_is_named(tmp_path):
     path = tmp_path / "iq4.gguf"
     write_llama_gguf(path, tiny_llama(), lambda name, shape: Q.IQ4_NL if "mlp" in name else Q.Q4_0)
     with pytest.raises(CheckpointError) as e:
-        read_checkpoint(path)
+        open_checkpoint(path)
     message = _one_line(str(e.value))
     assert "is IQ4_NL" in message and "cannot load" in message and "Q4_0" in message
 
@@ -157,7 +157,7 @@ def test_unknown_type_id(good_file, tmp_path):
     bad = tmp_path / "unknown.gguf"
     bad.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="unknown ggml type 77"):
-        read_checkpoint(bad)
+        open_checkpoint(bad)
 
 
 @pytest.mark.parametrize("command", ["run", "info"])
@@ -184,4 +184,4 @@ def test_split_files_are_refused(tmp_path):
     writer.add_tensor("token_embd.weight", np.zeros((4, 32), dtype=np.float32))
     writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
     with pytest.raises(CheckpointError, match="part 1 of a GGUF split into 2 files; merge them first"):
-        read_checkpoint(path)
+        open_checkpoint(path)

@@ -145,8 +145,8 @@ def test_end_of_turn_ids_stop_too(tmp_path: Path):
 def test_exported_folder_is_the_same_tokenizer(which, request, tmp_path):
     """write_tokenizer_files (what a GGUF converted to safetensors ships): our folder reader and
     transformers read it back into the same tokenizer as the GGUF's."""
-    from edge_llm.gguf_reader import read_gguf
-    from edge_llm.gguf_tokenizer import write_tokenizer_files
+    from edge_llm.formats.gguf.reader import read_gguf
+    from edge_llm.formats.gguf.tokenizer import write_tokenizer_files
 
     ours, theirs, *rest = request.getfixturevalue(which)
     path = rest[0] if rest else gguf_path()

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_llm.checkpoint import read_checkpoint
 from edge_llm.errors import CheckpointError
+from edge_llm.formats.open import open_checkpoint
 from edge_llm.models import ARCHITECTURES, get_architecture
 from edge_llm.models.fields import RULES
 from tests.hostile_files import TINY_LLAMA, invoke, one_line_error, tiny_folder
@@ -94,7 +94,7 @@ def test_size_bombs_are_refused_in_milliseconds(tiny, tmp_path, changes):
     folder = with_config(tiny, tmp_path / "m", **changes)
     start = time.monotonic()
     with pytest.raises(CheckpointError, match="config"):
-        read_checkpoint(folder)
+        open_checkpoint(folder)
     assert time.monotonic() - start < 0.5
     refused(folder, next(iter(changes)))
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from edge_llm.errors import CheckpointError
-from edge_llm.gguf_reader import read_gguf
+from edge_llm.formats.gguf.reader import read_gguf
 from tests.hostile_files import (
     ARRAY,
     BOOL,

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_llm.checkpoint import read_checkpoint
 from edge_llm.errors import CheckpointError
+from edge_llm.formats.open import open_checkpoint
 from tests.hostile_files import invoke, one_line_error, read_safetensors, safetensors_bytes, tiny_folder
 from tests.hostile_files import refused as refused_by_all
 
@@ -117,7 +117,7 @@ def test_huge_header_with_a_million_entries_is_refused_cheaply(tiny, tmp_path):
     tracemalloc.start()
     start = time.monotonic()
     with pytest.raises(CheckpointError, match="tensors"):
-        read_checkpoint(folder)
+        open_checkpoint(folder)
     elapsed, (_, peak) = time.monotonic() - start, tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert elapsed < 2 and peak < 250e6, (elapsed, peak)
@@ -126,7 +126,7 @@ def test_huge_header_with_a_million_entries_is_refused_cheaply(tiny, tmp_path):
 
 def test_sizes_add_up_to_the_file(tiny):
     """The header's sizes are what the loader allocates: never more than the data section holds."""
-    checkpoint = read_checkpoint(tiny)
+    checkpoint = open_checkpoint(tiny)
     data = (tiny / "model.safetensors").stat().st_size
     assert checkpoint.nbytes <= data
     assert invoke("run", tiny, "--prompt", "hi", "--max-tokens", "2").exit_code == 0

@@ -15,8 +15,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from edge_llm.checkpoint import read_checkpoint
 from edge_llm.errors import CheckpointError
+from edge_llm.formats.open import open_checkpoint
 from edge_llm.loader import build_model, load_model
 from quant import affine
 from quant.quantize import _schedule, quantize
@@ -86,7 +86,7 @@ def test_constant_and_zero_groups_are_exact():
 @pytest.mark.parametrize("arch", sorted(TINY_CONFIGS))
 def test_every_architecture_quantizes_streams_and_runs(arch, tiny, tmp_path):
     src = tiny(arch)
-    checkpoint = read_checkpoint(src)
+    checkpoint = open_checkpoint(src)
     model = build_model(checkpoint)
     # conversion streams layer by layer: each layer's tensors sanitize on their own
     from quant.plan import plan_quantized, source_dtype_of
@@ -98,7 +98,7 @@ def test_every_architecture_quantizes_streams_and_runs(arch, tiny, tmp_path):
 
     out = tmp_path / "q4"
     result = quantize(src, out, bits=4, group_size=32)
-    written = read_checkpoint(out)
+    written = open_checkpoint(out)
     # the files hold exactly the planned tensors, and the estimate's bytes are the bytes on disk
     assert {n: (t.dtype, t.shape) for n, t in written.tensors.items()} == {
         t.name: (t.dtype, t.shape) for t in plan.tensors}
@@ -165,11 +165,11 @@ def test_output_config_and_side_files(tiny, tmp_path):
     out = tmp_path / "q"
     quantize(src, out, bits=8)
     config = json.loads((out / "config.json").read_text())
-    assert config["rope_theta"] == read_checkpoint(src).config["rope_theta"]  # old-style key for mlx-lm 0.32
+    assert config["rope_theta"] == open_checkpoint(src).config["rope_theta"]  # old-style key for mlx-lm 0.32
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (out / name).read_bytes() == (src / name).read_bytes()
     index = json.loads((out / "model.safetensors.index.json").read_text())
-    assert set(index["weight_map"]) == set(read_checkpoint(out).tensors)
+    assert set(index["weight_map"]) == set(open_checkpoint(out).tensors)
     assert oct(out.stat().st_mode & 0o777) != oct(0o700)  # a normal folder, not mkdtemp's private one
 
 
@@ -210,7 +210,7 @@ def test_rule_recipe_keeps_float_and_group_size_rule(tmp_path):
     src = build_tiny_checkpoint(tmp_path / "src", **dict(TINY_CONFIGS["llama"], intermediate_size=96))
     out = tmp_path / "rules"
     quantize(src, out, recipe="lm_head=8,*.q_proj=float")
-    tensors = read_checkpoint(out).tensors
+    tensors = open_checkpoint(out).tensors
     assert "model.layers.0.mlp.down_proj.scales" not in tensors
     assert tensors["model.layers.0.mlp.down_proj.weight"].dtype == "F16"
     assert "model.layers.0.self_attn.q_proj.scales" not in tensors

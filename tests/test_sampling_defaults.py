@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from edge_llm.checkpoint import read_checkpoint
 from edge_llm.default_model import CARD_SAMPLING, CARD_SOURCE, TUNED_SAMPLING, TUNED_SOURCE, default_model_path
+from edge_llm.formats.open import open_checkpoint
 from edge_llm.generation.sampling_defaults import EDGE_LLM_DEFAULTS, EDGE_LLM_SOURCE, model_settings
 from tests.gguf_files import copy_tokenizer_metadata, write_gguf
 from tests.hf_oracle import build_tiny_checkpoint
@@ -33,7 +33,7 @@ def with_generation_config(folder, tmp_path, generation: dict):
 
 
 def settings_of(path) -> dict[str, tuple[float, str]]:
-    return {k: (s.value, s.source) for k, s in model_settings(read_checkpoint(path)).settings.items()}
+    return {k: (s.value, s.source) for k, s in model_settings(open_checkpoint(path)).settings.items()}
 
 
 def test_generation_config_values_win_and_the_rest_are_edge_llm_defaults(tiny_folder, tmp_path):
@@ -94,7 +94,7 @@ def test_the_embedded_default_uses_what_was_measured_then_its_model_card():
 
 
 def test_flags_override_and_are_validated(tiny_folder):
-    settings = model_settings(read_checkpoint(tiny_folder)).override(temperature=0.0, top_k=None)
+    settings = model_settings(open_checkpoint(tiny_folder)).override(temperature=0.0, top_k=None)
     assert settings["temperature"].value == 0.0 and settings["temperature"].source == "command line"
     assert settings["top_k"].source == EDGE_LLM_SOURCE
     with pytest.raises(ValueError, match="top_p"):

@@ -48,7 +48,7 @@ class ChatSession:
     system: str | None = None
     messages: list[dict] = field(default_factory=list)
     last: TurnStats | None = None
-    context: int | None = None  # tokens the cache may hold; None: the model's limit, capped (edge_llm.generation.context)
+    context: int | None = None  # tokens the cache may hold; None: the model's limit, capped (generation.context)
     kv_bits: int | None = None  # 8 or 4: a quantized KV cache
 
     def __post_init__(self) -> None:

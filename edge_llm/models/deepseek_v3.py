@@ -8,7 +8,7 @@ unless ``rope_interleave`` is false. Differences from it, beyond stacked experts
 - ``sanitize`` drops the multi-token-prediction layers (index >= ``num_hidden_layers``, used only for
   speculative decoding) and accepts mlx-lm's split ``embed_q``/``unembed_out`` form of ``kv_b_proj``;
 - FP8 checkpoints (e4m3 with 128x128 ``weight_scale_inv`` blocks) are dequantized by the loader
-  (``edge_llm/fp8.py``) before ``sanitize`` sees them.
+  (``edge_llm/formats/fp8.py``) before ``sanitize`` sees them.
 """
 
 from __future__ import annotations

@@ -79,7 +79,7 @@ RULES: dict[str, Rule] = {
     "qk_nope_head_dim": COUNT,
     "qk_rope_head_dim": Rule(int, 2, MAX_DIM, even=True),
     "v_head_dim": SIZE,
-    "quantization": Rule(dict, optional=True),  # its contents: edge_llm.validate.check_quantization
+    "quantization": Rule(dict, optional=True),  # its contents: edge_llm.formats.validate.check_quantization
 }
 
 # rope_scaling's own keys (transformers' rope_config_validation), for the types it supports

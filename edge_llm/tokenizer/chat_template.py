@@ -39,8 +39,8 @@ from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from edge_llm.errors import TokenizerError
+from edge_llm.formats.own_files import not_own
 from edge_llm.limits import TEMPLATE_LOOP_ITEMS, TEMPLATE_OUTPUT_CHARS, TEMPLATE_SECONDS
-from edge_llm.own_files import not_own
 
 #: Used when a model ships no chat template. One line per message, "Role: content", and a final
 #: "Assistant:" when a reply is wanted:  "System: Be brief.\nUser: Hi\nAssistant:"

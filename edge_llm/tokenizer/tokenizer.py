@@ -30,8 +30,8 @@ from tokenizers import AddedToken
 from tokenizers import Tokenizer as _RustTokenizer
 
 from edge_llm.errors import TokenizerError
-from edge_llm.gguf_reader import GGUFFile, read_gguf
-from edge_llm.gguf_tokenizer import build_gguf_tokenizer
+from edge_llm.formats.gguf.reader import GGUFFile, read_gguf
+from edge_llm.formats.gguf.tokenizer import build_gguf_tokenizer
 from edge_llm.tokenizer.chat_template import DEFAULT_CHAT_TEMPLATE, read_chat_templates, render_chat_template
 from edge_llm.tokenizer.detokenizer import StreamingDetokenizer
 from edge_llm.tokenizer.sentencepiece_backend import (
@@ -225,7 +225,7 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, path: str | Path | GGUFFile) -> Tokenizer:
-        """The tokenizer a GGUF file describes in its metadata (edge_llm/gguf_tokenizer.py)."""
+        """The tokenizer a GGUF file describes in its metadata (edge_llm/formats/gguf/tokenizer.py)."""
         gguf = path if isinstance(path, GGUFFile) else read_gguf(path)
         rust, facts = build_gguf_tokenizer(gguf)
         named = facts["special_tokens"]

@@ -15,11 +15,12 @@ What a reader of the checkpoint sees is what a converted Hugging Face folder wou
   for quantized ones, float16 for dequantized Q2_K/Q3_K/Q6_K).
 - ``load_weights()``: HF-named MLX arrays, with llama.cpp's rope permutation of q/k rows undone (its
   ``permute`` interleaves the two rotary halves for GGML's "normal" rope; we use rotate-half, as HF).
+- ``stored_tensors()``: the file's own tensors (ggml type, offset, length) under those HF names.
 
-Architectures (config keys, tensor names, which ones llama.cpp permuted) live in ``gguf_arch``.
+Architectures (config keys, tensor names, which ones llama.cpp permuted) live in ``arch``.
 Files whose tensors are all F32/F16/Q4_0/Q4_1/Q8_0 go through ``mx.load`` (fast C++); any other type
 (BF16, which ``mx.load`` rounds to float16; Q5_*, K-quants) sends the whole file through our numpy path
-(``gguf_quants``), which gives bit-identical arrays for the types both read.
+(``quants``), which gives bit-identical arrays for the types both read.
 """
 
 from __future__ import annotations
@@ -34,19 +35,22 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from . import gguf_quants
-from .checkpoint import Checkpoint, TensorInfo
-from .errors import CheckpointError
-from .gguf_arch import ARCHITECTURES, Arch, Names
-from .gguf_reader import GGUFFile, GGUFTensor, read_gguf
-from .gguf_tokenizer import write_tokenizer_files
-from .models import supported_model_types
-from .validate import check_checkpoint
+from ...errors import CheckpointError
+from ...generation.sampling_defaults import sampling_from_gguf
+from ...models import supported_model_types
+from ...tokenizer import Tokenizer
+from ..checkpoint import Checkpoint, PackedTensor
+from ..tensors import StoredTensor, TensorInfo
+from ..validate import check_checkpoint
+from . import quants
+from .arch import ARCHITECTURES, Arch, Names
+from .reader import GGUFFile, ValueType, read_gguf
+from .tokenizer import write_tokenizer_files
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_TYPES = (*gguf_quants.FLOATS, *gguf_quants.MLX_QUANTIZED, *gguf_quants.DEQUANTIZED)
-_NATIVE = {"F32", "F16", *gguf_quants.MX_LOAD_NATIVE}  # what mx.load reads exactly
+SUPPORTED_TYPES = (*quants.FLOATS, *quants.MLX_QUANTIZED, *quants.DEQUANTIZED)
+_NATIVE = {"F32", "F16", *quants.MX_LOAD_NATIVE}  # what mx.load reads exactly
 
 # Tensors llama.cpp writes that hold no weights of the HF model.
 _DROPPED = ("rope_freqs.weight",)
@@ -71,21 +75,23 @@ class GGUFCheckpoint(Checkpoint):
             counts[t.type_name] += t.size
         return [name for name, _ in counts.most_common()]
 
-    def describe_quantization(self, mlx_form: str | None) -> str:
-        """``info``'s quantization line: how it runs, then what the file holds as llama.cpp names it."""
+    def describe_quantization(self) -> str:
+        """How it runs, then what the file holds as llama.cpp names it (``4-bit affine, group 32 (GGUF Q4_1, F32)``)."""
+        mlx_form = super().describe_quantization()
         types = self.gguf_types
         if mlx_form is None:
-            mlx_form = "dequantized to float16" if set(types) & set(gguf_quants.DEQUANTIZED) else "none"
+            mlx_form = "dequantized to float16" if set(types) & set(quants.DEQUANTIZED) else "none"
         return f"{mlx_form} (GGUF {', '.join(types)})"
 
     def sampling_config(self) -> tuple[str, dict[str, Any]]:
-        from .generation.sampling_defaults import sampling_from_gguf
-
         return "GGUF metadata", sampling_from_gguf(self.gguf.metadata)
+
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer.from_gguf(self.gguf)
 
     @property
     def quantized(self) -> bool:
-        return any(t not in gguf_quants.FLOATS for t in self.gguf_types)
+        return any(t not in quants.FLOATS for t in self.gguf_types)
 
     def module_bits(self) -> dict[str, int | None]:
         """The bits each matrix holds in the file, by HF module path: 4/5/8 for types kept quantized, the
@@ -95,32 +101,45 @@ class GGUFCheckpoint(Checkpoint):
         bits: dict[str, int | None] = {f"{m.rsplit('.', 1)[0]}.kv_b_proj": None
                                        for m in self.names.values() if m.endswith(spec.split_modules)}
         for module, kind in _matrices(self.gguf, self.names, spec):
-            bits[module] = gguf_quants.MLX_QUANTIZED.get(kind) or gguf_quants.DEQUANTIZED_BITS.get(kind)
+            bits[module] = quants.MLX_QUANTIZED.get(kind) or quants.DEQUANTIZED_BITS.get(kind)
         return bits
 
-    def write_side_files(self, folder: Path) -> list[str]:
-        """What a Hugging Face folder holds besides weights and config.json: the tokenizer files and
-        generation_config.json, rebuilt from the GGUF metadata (for ``quantize FILE.gguf -o OUT``)."""
-        return write_tokenizer_files(self.gguf, folder)
+    def side_files(self) -> GGUFSideFiles:
+        return GGUFSideFiles(self.gguf)
 
-    @property
     def hf_config(self) -> dict[str, Any]:
         """config.json for a converted folder: the config without the GGUF quantization block."""
         return {k: v for k, v in self.config.items() if k != "quantization"}
 
+    def stored_tensors(self) -> dict[str, StoredTensor]:
+        """The file's tensors by the Hugging Face name ``load_weights`` gives them (DeepSeek's k_b/v_b halves
+        under their own names: ``load_weights`` joins them into kv_b_proj), their bytes as llama.cpp wrote
+        them: ggml blocks undecoded, q/k rows in llama.cpp's rope order, shapes as the file declares them."""
+        spec = ARCHITECTURES[self.gguf.get("general.architecture")]
+        stored = {}
+        for name, t in self.gguf.tensors.items():
+            base, suffix = name.rsplit(".", 1)
+            if name in _DROPPED or base not in self.names:
+                continue
+            stored[spec.rename(f"{self.names[base]}.{suffix}")] = StoredTensor(
+                name, self.path, t.offset, t.nbytes, t.type_name, t.shape)
+        return stored
+
     def dequantized(self) -> GGUFCheckpoint:
         """The same file seen as a float16 checkpoint (what a converter re-quantizing it needs): no
         quantization block, float16 headers, and ``load_weights`` dequantizing lazily, tensor by tensor."""
+        if not self.quantized:
+            return self
         float_infos: dict[str, TensorInfo] = {}
         for name, info in self.tensors.items():
             module, suffix = name.rsplit(".", 1)
             if suffix in ("scales", "biases"):
                 continue
             if f"{module}.scales" in self.tensors:  # one scale per 32 values
-                columns = self.tensors[f"{module}.scales"].shape[-1] * gguf_quants.GROUP_SIZE
+                columns = self.tensors[f"{module}.scales"].shape[-1] * quants.GROUP_SIZE
                 info = TensorInfo(name, info.file, "F16", (*info.shape[:-1], columns))
             float_infos[name] = info
-        return _DequantizedGGUF(self.path, self.hf_config, float_infos, gguf=self.gguf, names=self.names)
+        return _DequantizedGGUF(self.path, self.hf_config(), float_infos, gguf=self.gguf, names=self.names)
 
     def load_weights(self) -> dict[str, mx.array]:
         """HF-named arrays, q/k rows un-permuted; quantized tensors as ``weight``/``scales``/``biases``."""
@@ -141,7 +160,7 @@ class GGUFCheckpoint(Checkpoint):
     def _all_native(self) -> bool:
         # MLX's GGUF reader (0.32) crashes the process on float64 metadata values (type 12) and refuses
         # arrays of arrays (type 9 in 9): such files take the numpy path, which reads both.
-        if 12 in self.gguf.value_types or self._nested_arrays():
+        if ValueType.FLOAT64 in self.gguf.value_types or self._nested_arrays():
             return False
         return all(t.type_name in _NATIVE for t in self.gguf.tensors.values())
 
@@ -163,21 +182,21 @@ class GGUFCheckpoint(Checkpoint):
         with np.errstate(over="ignore", invalid="ignore"):
             for name, t in self.gguf.tensors.items():
                 raw = data[t.offset : t.offset + t.nbytes]
-                if t.type_name in gguf_quants.MLX_QUANTIZED:
+                if t.type_name in quants.MLX_QUANTIZED:
                     base = name.rsplit(".", 1)[0]
-                    w, s, b = gguf_quants.to_mlx_quantized(raw, t.type_name, t.shape)
+                    w, s, b = quants.to_mlx_quantized(raw, t.type_name, t.shape)
                     out[name], out[f"{base}.scales"], out[f"{base}.biases"] = mx.array(w), mx.array(s), mx.array(b)
-                elif t.type_name in gguf_quants.DEQUANTIZED:
-                    out[name] = mx.array(gguf_quants.dequantize(raw, t.type_name, t.shape))
+                elif t.type_name in quants.DEQUANTIZED:
+                    out[name] = mx.array(quants.dequantize(raw, t.type_name, t.shape))
                 elif t.type_name == "BF16":
-                    out[name] = mx.array(gguf_quants.floats(raw, "BF16", t.shape)).view(mx.bfloat16)
+                    out[name] = mx.array(quants.floats(raw, "BF16", t.shape)).view(mx.bfloat16)
                 else:
-                    out[name] = mx.array(gguf_quants.floats(raw, t.type_name, t.shape))
+                    out[name] = mx.array(quants.floats(raw, t.type_name, t.shape))
         del data
-        kinds = sorted({t.type_name for t in self.gguf.tensors.values() if t.type_name in gguf_quants.DEQUANTIZED})
+        kinds = sorted({t.type_name for t in self.gguf.tensors.values() if t.type_name in quants.DEQUANTIZED})
         if kinds:
-            dequantized = sum(t.size for t in self.gguf.tensors.values() if t.type_name in gguf_quants.DEQUANTIZED)
-            on_disk = sum(t.nbytes for t in self.gguf.tensors.values() if t.type_name in gguf_quants.DEQUANTIZED)
+            dequantized = sum(t.size for t in self.gguf.tensors.values() if t.type_name in quants.DEQUANTIZED)
+            on_disk = sum(t.nbytes for t in self.gguf.tensors.values() if t.type_name in quants.DEQUANTIZED)
             log.warning(
                 "%s: %s tensors are dequantized to float16 (MLX cannot run them quantized): %.2f GB in memory "
                 "(%.2f GB where the CPU computes in float32) instead of %.2f GB on disk; a Q4_0/Q8_0 file, "
@@ -209,18 +228,35 @@ class GGUFCheckpoint(Checkpoint):
 class _DequantizedGGUF(GGUFCheckpoint):
     """``GGUFCheckpoint.dequantized()``: quantized tensors come back as float16 weights."""
 
-    packed: dict[str, tuple[mx.array, mx.array, mx.array]] = field(default_factory=dict, repr=False)
+    def dequantized(self) -> GGUFCheckpoint:
+        return self
 
     def load_weights(self) -> dict[str, mx.array]:
-        """Float16 weights, dequantized lazily; ``packed`` keeps each module's original ``weight``/``scales``/
+        return self.load_float_weights()[0]
+
+    def load_float_weights(self) -> tuple[dict[str, mx.array], dict[str, PackedTensor]]:
+        """Float16 weights, dequantized lazily, and each quantized module's original ``weight``/``scales``/
         ``biases`` (MLX affine, group 32), so a converter can copy them exactly instead of re-quantizing."""
         weights = super().load_weights()
-        self.packed = {}
+        packed = {}
         for key in [k for k in weights if k.endswith(".scales")]:
             module = key[: -len(".scales")]
-            self.packed[module] = (weights[f"{module}.weight"], weights[key], weights[f"{module}.biases"])
+            packed[module] = (weights[f"{module}.weight"], weights[key], weights[f"{module}.biases"])
             weights[f"{module}.weight"] = _dense(weights, module).astype(mx.float16)
-        return weights
+        return weights, packed
+
+
+@dataclass(frozen=True)
+class GGUFSideFiles:
+    """What a Hugging Face folder holds besides weights and config.json, rebuilt from the GGUF metadata:
+    the tokenizer files and generation_config.json (``tokenizer.write_tokenizer_files``)."""
+
+    gguf: GGUFFile
+    nbytes: int = 0  # small, and only known once written
+    skipped: tuple[tuple[str, str], ...] = ()
+
+    def write(self, dest: Path) -> None:
+        write_tokenizer_files(self.gguf, dest)
 
 
 def _hf_name(gguf_base: str, table: Names) -> str | None:
@@ -243,7 +279,7 @@ def _dense(weights: dict[str, mx.array], module: str) -> mx.array:
         return w
     bits = w.shape[-1] // scales.shape[-1]  # packed columns per group of 32 values
     return mx.dequantize(w, scales.astype(mx.float32), biases.astype(mx.float32),
-                         group_size=gguf_quants.GROUP_SIZE, bits=bits)  # fmt: skip
+                         group_size=quants.GROUP_SIZE, bits=bits)  # fmt: skip
 
 
 def _join_kv_b(weights: dict[str, mx.array], config: dict[str, Any]) -> None:
@@ -273,17 +309,17 @@ def _tensor_infos(g: GGUFFile, names: dict[str, str], spec: Arch, config: dict[s
         module = names[base]
         if module.endswith(spec.split_modules):
             prefix = module.rsplit(".", 1)[0]
-            quantized = t.type_name in gguf_quants.MLX_QUANTIZED or joined.get(prefix) == "F32"
-            joined[prefix] = "F32" if quantized else "F16" if t.type_name in gguf_quants.DEQUANTIZED else t.type_name
-        elif t.type_name in gguf_quants.MLX_QUANTIZED:
-            bits = gguf_quants.MLX_QUANTIZED[t.type_name]
+            quantized = t.type_name in quants.MLX_QUANTIZED or joined.get(prefix) == "F32"
+            joined[prefix] = "F32" if quantized else "F16" if t.type_name in quants.DEQUANTIZED else t.type_name
+        elif t.type_name in quants.MLX_QUANTIZED:
+            bits = quants.MLX_QUANTIZED[t.type_name]
             *outer, cols = t.shape
-            groups = cols // gguf_quants.GROUP_SIZE
+            groups = cols // quants.GROUP_SIZE
             add(f"{module}.weight", "U32", (*outer, cols * bits // 32))
             for part in ("scales", "biases"):
-                add(f"{module}.{part}", "F32" if t.type_name in gguf_quants.FLOAT32_SCALES else "F16", (*outer, groups))
+                add(f"{module}.{part}", "F32" if t.type_name in quants.FLOAT32_SCALES else "F16", (*outer, groups))
         else:
-            dtype = "F16" if t.type_name in gguf_quants.DEQUANTIZED else t.type_name
+            dtype = "F16" if t.type_name in quants.DEQUANTIZED else t.type_name
             add(f"{module}.{suffix}", dtype, _hf_shape(module, t.shape))
     for prefix, dtype in joined.items():
         rows = config["num_attention_heads"] * (config["qk_nope_head_dim"] + config["v_head_dim"])
@@ -310,15 +346,15 @@ def commonest_bits(bits_of: dict[str, int | None]) -> int | None:
 
 def _quantization(g: GGUFFile, names: dict[str, str], spec: Arch) -> dict[str, Any] | None:
     """The MLX quantization block: the commonest bits as default, other bits as per-module entries."""
-    bits_of = {module: gguf_quants.MLX_QUANTIZED[kind] for module, kind in _matrices(g, names, spec)
-               if kind in gguf_quants.MLX_QUANTIZED}
+    bits_of = {module: quants.MLX_QUANTIZED[kind] for module, kind in _matrices(g, names, spec)
+               if kind in quants.MLX_QUANTIZED}
     default = commonest_bits(bits_of)
     if default is None:
         return None
-    block: dict[str, Any] = {"group_size": gguf_quants.GROUP_SIZE, "bits": default}
+    block: dict[str, Any] = {"group_size": quants.GROUP_SIZE, "bits": default}
     for module, bits in bits_of.items():
         if bits != default:
-            block[module] = {"group_size": gguf_quants.GROUP_SIZE, "bits": bits}
+            block[module] = {"group_size": quants.GROUP_SIZE, "bits": bits}
     return block
 
 
@@ -384,4 +420,4 @@ def is_gguf(path: str | Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
-__all__ = ["GGUFCheckpoint", "GGUFTensor", "SUPPORTED_TYPES", "commonest_bits", "is_gguf", "read_gguf_checkpoint"]
+__all__ = ["GGUFCheckpoint", "SUPPORTED_TYPES", "commonest_bits", "is_gguf", "read_gguf_checkpoint"]

@@ -1,7 +1,7 @@
 """A checkpoint's config checked against itself and against its weights, before anything is built.
 
-``check_checkpoint`` runs when a checkpoint is read (``read_checkpoint``, ``read_gguf_checkpoint``), so
-``info``, ``estimate``, ``run`` and ``quantize`` all refuse the same bad files with the same one line:
+``check_checkpoint`` runs when a checkpoint is read (``folder.read_folder``, ``gguf.checkpoint.read_gguf_checkpoint``),
+so ``info``, ``estimate``, ``run`` and ``quantize`` all refuse the same bad files with the same one line:
 
 - every field the architecture reads, typed and in range (``ModelArgs.from_dict``: ``models/fields.py``),
   and the combinations its ``__post_init__`` requires;
@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .errors import CheckpointError
-from .models import get_architecture
-from .models.fields import Rule, checked
+from ..errors import CheckpointError
+from ..models import get_architecture
+from ..models.fields import Rule, checked
+from .tensors import DTYPE_BYTES
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
@@ -130,8 +131,6 @@ def min_parameters(args: Any) -> int:
 
 def _least_bits(checkpoint: Checkpoint) -> int:
     """The fewest bits any parameter of the checkpoint is stored in."""
-    from .checkpoint import DTYPE_BYTES
-
     bits = [8 * DTYPE_BYTES[t.dtype] for t in checkpoint.tensors.values() if t.dtype not in ("U32", "BOOL")]
     q = checkpoint.quantization or {}
     bits += [q["bits"]] if q else []

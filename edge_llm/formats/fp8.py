@@ -14,8 +14,8 @@ import math
 
 import mlx.core as mx
 
+from ..errors import CheckpointError
 from .checkpoint import Checkpoint
-from .errors import CheckpointError
 
 SCALE_SUFFIX = "_scale_inv"
 DEFAULT_BLOCK = (128, 128)

@@ -27,8 +27,8 @@ from typing import Any
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as RustTokenizer
 
-from .errors import EdgeLLMError, TokenizerError
-from .gguf_reader import GGUFFile
+from ...errors import EdgeLLMError, TokenizerError
+from .reader import GGUFFile
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CheckpointError
-from .gguf_reader import GGUFFile
+from ...errors import CheckpointError
+from .reader import GGUFFile
 
 Names = list[tuple[str, str]]
 

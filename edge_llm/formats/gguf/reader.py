@@ -20,13 +20,14 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass, field
+from enum import IntEnum
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 
-from .errors import CheckpointError
-from .limits import MAX_DIM, MAX_METADATA_ITEMS, MAX_NESTING, MAX_TENSORS
+from ...errors import CheckpointError
+from ...limits import MAX_DIM, MAX_METADATA_ITEMS, MAX_NESTING, MAX_TENSORS
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -44,10 +45,32 @@ GGML_TYPES: dict[int, tuple[str, int, int]] = {
     34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66), 39: ("MXFP4", 32, 17),
 }  # fmt: skip
 
-# metadata value type id -> struct format of a scalar (8: string, 9: array are handled apart)
-_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8",
-          12: "<f8"}  # fmt: skip
+
+
+class ValueType(IntEnum):
+    """Metadata value types (the spec's ``gguf_metadata_value_type``)."""
+
+    UINT8 = 0
+    INT8 = 1
+    UINT16 = 2
+    INT16 = 3
+    UINT32 = 4
+    INT32 = 5
+    FLOAT32 = 6
+    BOOL = 7
+    STRING = 8
+    ARRAY = 9
+    UINT64 = 10
+    INT64 = 11
+    FLOAT64 = 12
+
+
+V = ValueType
+# struct format of each scalar type, and its little-endian numpy dtype for arrays read in one go
+_SCALARS = {V.UINT8: "B", V.INT8: "b", V.UINT16: "H", V.INT16: "h", V.UINT32: "I", V.INT32: "i", V.FLOAT32: "f",
+            V.BOOL: "?", V.UINT64: "Q", V.INT64: "q", V.FLOAT64: "d"}
+_NUMPY = {V.UINT8: "<u1", V.INT8: "<i1", V.UINT16: "<u2", V.INT16: "<i2", V.UINT32: "<u4", V.INT32: "<i4",
+          V.FLOAT32: "<f4", V.BOOL: "?", V.UINT64: "<u8", V.INT64: "<i8", V.FLOAT64: "<f8"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -73,7 +96,7 @@ class GGUFFile:
     version: int
     metadata: dict[str, Any]
     tensors: dict[str, GGUFTensor] = field(repr=False)
-    value_types: frozenset[int] = frozenset()  # metadata value type ids present (array items included)
+    value_types: frozenset[ValueType] = frozenset()  # metadata value types present (array items included)
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)
@@ -136,7 +159,7 @@ class _Cursor:
         self.f, self.size, self.path = f, size, path
         self.buf, self.pos = bytearray(), 0
         self.items = 0  # metadata array items read so far
-        self.types: set[int] = set()
+        self.types: set[ValueType] = set()
 
     def take(self, n: int) -> bytes:
         if self.pos + n > self.size:  # checked first: a declared length of 2^40 must not be allocated
@@ -160,12 +183,14 @@ class _Cursor:
         return raw.decode("utf-8", errors="replace")
 
     def value(self, type_id: int, depth: int = 0) -> Any:
-        self.types.add(type_id)
-        if type_id in _SCALARS:
-            return self.unpack(_SCALARS[type_id])
-        if type_id == 8:
+        try:
+            kind = ValueType(type_id)
+        except ValueError:
+            raise CheckpointError(f"{self.path}: corrupt GGUF metadata (unknown value type {type_id})") from None
+        self.types.add(kind)
+        if kind == ValueType.STRING:
             return self.string()
-        if type_id == 9:
+        if kind == ValueType.ARRAY:
             if depth >= MAX_NESTING:
                 raise CheckpointError(f"{self.path}: corrupt GGUF metadata (arrays nested over {MAX_NESTING} deep)")
             item_type, count = self.unpack("I"), self.unpack("Q")
@@ -174,11 +199,11 @@ class _Cursor:
                 # each item takes at least one byte, and no real file comes near the total
                 raise CheckpointError(f"{self.path}: corrupt GGUF metadata (array of {count:,} items)")
             if item_type in _NUMPY:
-                self.types.add(item_type)
+                self.types.add(ValueType(item_type))
                 dtype = np.dtype(_NUMPY[item_type])
                 return np.frombuffer(self.take(count * dtype.itemsize), dtype=dtype).tolist()
             return [self.value(item_type, depth + 1) for _ in range(count)]
-        raise CheckpointError(f"{self.path}: corrupt GGUF metadata (unknown value type {type_id})")
+        return self.unpack(_SCALARS[kind])
 
 
 def read_gguf(path: str | Path) -> GGUFFile:
@@ -196,10 +221,13 @@ def _parse(cur: _Cursor, path: Path, size: int) -> GGUFFile:
     if bytes(cur.take(4)) != MAGIC:
         raise CheckpointError(f"{path}: not a GGUF file (no 'GGUF' magic at the start)")
     version = cur.unpack("I")
+    if version not in (2, 3) and version.to_bytes(4, "little") in (b"\0\0\0\2", b"\0\0\0\3"):
+        # llama.cpp's --bigendian writes the magic as is and every number after it byte-swapped
+        raise CheckpointError(f"{path}: a big-endian (byte-swapped) GGUF file; edge-llm reads little-endian GGUF "
+                              "files: convert the model again without --bigendian")  # fmt: skip
     if version not in (2, 3):
-        hint = "; big-endian files are not supported" if version > 0xFFFF else ""
         raise CheckpointError(
-            f"{path}: GGUF version {version} is not supported (2 and 3 are){hint}; re-convert with a recent llama.cpp"
+            f"{path}: GGUF version {version} is not supported (2 and 3 are); re-convert with a recent llama.cpp"
         )
     n_tensors, n_kv = cur.unpack("Q"), cur.unpack("Q")
     if n_tensors > min(size, MAX_TENSORS) or n_kv > min(size, MAX_METADATA_ITEMS):

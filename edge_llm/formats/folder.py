@@ -1,27 +1,29 @@
-"""The one reader of checkpoints: config.json, safetensors headers, lazy weights, validation.
+"""A Hugging Face model folder as a ``Checkpoint``: config.json (both key styles), safetensors shards.
 
-Reading a checkpoint is cheap: config and tensor headers only. The estimator, ``info`` and the loader
-all start here; weights are only touched by ``Checkpoint.load_weights`` (lazy ``mx.load``).
-Every problem becomes a ``CheckpointError`` with one line naming the path and what to do.
+The config is normalized to the classic keys the architectures read (``normalize_config``); every shard's
+header is parsed and bounded before MLX sees it (``safetensors_header``); the whole is validated
+(``validate.check_checkpoint``). ``mx.load`` reads the weights lazily.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 
-from .errors import CheckpointError
-from .limits import MAX_TENSORS
-from .models import supported_model_types
-from .safetensors_header import DTYPE_BYTES, FLOAT_DTYPES, TensorInfo, read_safetensors_header
+from ..errors import CheckpointError
+from ..generation.sampling_defaults import sampling_from_generation_config
+from ..limits import MAX_TENSORS
+from ..models import supported_model_types
+from ..tokenizer import Tokenizer
+from .checkpoint import Checkpoint
+from .safetensors_header import read_safetensors_header
+from .side_files import FolderSideFiles, select_side_files
+from .tensors import TensorInfo
 from .validate import check_checkpoint
-
-__all__ = ["DTYPE_BYTES", "FLOAT_DTYPES", "Checkpoint", "TensorInfo", "normalize_config", "read_checkpoint",
-           "read_config", "read_safetensors_header"]  # fmt: skip
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -89,58 +91,12 @@ def _weight_files(folder: Path) -> list[Path]:
     return files
 
 
+
 @dataclass
-class Checkpoint:
-    """A model folder read cheaply: normalized config and every tensor's header entry."""
-
-    path: Path
-    config: dict[str, Any]
-    tensors: dict[str, TensorInfo] = field(repr=False)
-
-    @property
-    def model_type(self) -> str:
-        return self.config["model_type"]
-
-    @property
-    def config_path(self) -> Path:
-        """Where the config came from, for error messages (a GGUF checkpoint: the file itself)."""
-        return self.path / "config.json"
-
-    @property
-    def quantization(self) -> dict[str, Any] | None:
-        return self.config.get("quantization")
-
-    @property
-    def weight_files(self) -> list[Path]:
-        return list(dict.fromkeys(t.file for t in self.tensors.values()))
-
-    @property
-    def dtype(self) -> str:
-        """The float dtype holding most parameters (``BF16``, ``F16``, ``F32``...)."""
-        counts: dict[str, int] = {}
-        for t in self.tensors.values():
-            if t.dtype in FLOAT_DTYPES or t.dtype.startswith("F8"):
-                counts[t.dtype] = counts.get(t.dtype, 0) + t.size
-        return max(counts, key=counts.__getitem__) if counts else "F32"
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
-
-    def sampling_config(self) -> tuple[str, dict[str, Any]]:
-        """The sampling settings the model's files recommend, and where they were found."""
-        from .generation.sampling_defaults import sampling_from_generation_config
-
-        path = self.path / "generation_config.json"
-        try:
-            generation = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-        except (OSError, ValueError, RecursionError):  # a broken optional file only loses its recommendations
-            generation = {}
-        values = sampling_from_generation_config(generation) if isinstance(generation, dict) else {}
-        return "generation_config.json", values
+class FolderCheckpoint(Checkpoint):
+    """A model folder: ``path`` holds config.json, the safetensors shards and the tokenizer files."""
 
     def load_weights(self) -> dict[str, mx.array]:
-        """All tensors, lazily: nothing is read until an array is evaluated."""
         weights: dict[str, mx.array] = {}
         for file in self.weight_files:
             try:
@@ -149,18 +105,28 @@ class Checkpoint:
                 raise CheckpointError(f"{file}: cannot read weights ({e}); re-download it") from None
         return weights
 
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer.from_folder(self.path)
 
-def read_checkpoint(path: str | Path) -> Checkpoint:
+    def sampling_config(self) -> tuple[str, dict[str, Any]]:
+        path = self.path / "generation_config.json"
+        try:
+            generation = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        except (OSError, ValueError, RecursionError):  # a broken optional file only loses its recommendations
+            generation = {}
+        values = sampling_from_generation_config(generation) if isinstance(generation, dict) else {}
+        return "generation_config.json", values
+
+    def hf_config(self) -> dict[str, Any]:
+        """The folder's own config.json, as written (not normalized)."""
+        return json.loads(self.config_path.read_text(encoding="utf-8"))
+
+    def side_files(self) -> FolderSideFiles:
+        return select_side_files(self.path)
+
+
+def read_folder(folder: Path) -> FolderCheckpoint:
     """Reads config and tensor headers of a model folder, validating what can be checked cheaply."""
-    folder = Path(path).expanduser()
-    if not folder.exists():
-        raise CheckpointError(f"{folder}: no such model folder")
-    if not folder.is_dir():
-        from .gguf import is_gguf, read_gguf_checkpoint  # gguf.py builds on this module
-
-        if is_gguf(folder):
-            return read_gguf_checkpoint(folder)
-        raise CheckpointError(f"{folder}: expected a model folder (config.json + *.safetensors) or a .gguf file")
     config = read_config(folder)
     model_type = config.get("model_type")
     if model_type not in supported_model_types():
@@ -173,6 +139,6 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         tensors.update(read_safetensors_header(file))
         if len(tensors) > MAX_TENSORS:
             raise CheckpointError(f"{folder}: more than {MAX_TENSORS:,} tensors in its weight files; not a model")
-    checkpoint = Checkpoint(folder, config, tensors)
+    checkpoint = FolderCheckpoint(folder, config, tensors)
     check_checkpoint(checkpoint)
     return checkpoint

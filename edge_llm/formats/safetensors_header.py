@@ -14,38 +14,15 @@ allocate more than the file holds, and ``mx.load`` only ever sees headers that p
 from __future__ import annotations
 
 import json
-import math
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError
-from .limits import MAX_DIM, MAX_DIMS, MAX_HEADER_BYTES, MAX_TENSORS
+from ..errors import CheckpointError
+from ..limits import MAX_DIM, MAX_DIMS, MAX_HEADER_BYTES, MAX_TENSORS
+from .tensors import DTYPE_BYTES, TensorInfo
 
-# bytes per element of each safetensors dtype edge-llm reads
-DTYPE_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
-}  # fmt: skip
-FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 _ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    file: Path
-    dtype: str  # safetensors spelling: F32, BF16, U32, F8_E4M3, ...
-    shape: tuple[int, ...]
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.size * DTYPE_BYTES.get(self.dtype, 4)
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -74,7 +51,7 @@ def _header_json(path: Path, raw: bytes) -> dict[str, Any]:
     return header
 
 
-def _entry(path: Path, name: str, meta: Any, data_size: int) -> tuple[TensorInfo, int, int]:
+def _entry(path: Path, name: str, meta: Any, data_start: int, data_size: int) -> tuple[TensorInfo, int, int]:
     def bad(what: str) -> CheckpointError:
         return CheckpointError(f"{path}: corrupt safetensors entry {name[:80]!r}: {what}; re-download it")
 
@@ -94,7 +71,7 @@ def _entry(path: Path, name: str, meta: Any, data_size: int) -> tuple[TensorInfo
                                   f"{data_size:,} bytes of data); re-download the checkpoint")  # fmt: skip
         raise bad(f"data_offsets {offsets!r:.60} are not two byte offsets in the file")
     begin, end = offsets
-    info = TensorInfo(name, path, dtype, tuple(shape))
+    info = TensorInfo(name, path, dtype, tuple(shape), data_start + begin)
     if end - begin != info.nbytes:
         raise bad(f"{end - begin:,} bytes of data for shape {tuple(shape)} in {dtype} ({info.nbytes:,} bytes)")
     return info, begin, end
@@ -105,7 +82,7 @@ def _is_int(value: Any, high: int) -> bool:
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Tensor names, dtypes and shapes of one file, checking it is complete and consistent on disk."""
+    """Tensor names, dtypes, shapes and data offsets of one file, checking it is complete and consistent on disk."""
     if not path.is_file():
         raise CheckpointError(f"{path}: weight shard is missing; re-download the checkpoint")
     size = path.stat().st_size
@@ -125,7 +102,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     data_size = size - 8 - n
     tensors, spans = {}, []
     for name, meta in header.items():
-        info, begin, end = _entry(path, name, meta, data_size)
+        info, begin, end = _entry(path, name, meta, 8 + n, data_size)
         tensors[name] = info
         if end > begin:
             spans.append((begin, end, name))

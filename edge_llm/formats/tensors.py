@@ -1,0 +1,53 @@
+"""What a tensor is, whatever file it comes from.
+
+``TensorInfo`` is a tensor's header as the model will hold it (``Checkpoint.tensors``: what ``load_weights``
+returns, named as Hugging Face names it). ``StoredTensor`` is where its bytes lie in its file, as the file
+stores them (``Checkpoint.stored_tensors()``), for reading a tensor, or a slice of one, with ``os.pread``.
+Dtypes are spelled as safetensors spells them; a stored GGUF tensor keeps its ggml type name (``Q4_1``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+# bytes per element of each safetensors dtype edge-llm reads
+DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+}  # fmt: skip
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: Path
+    dtype: str  # safetensors spelling: F32, BF16, U32, F8_E4M3, ...
+    shape: tuple[int, ...]
+    offset: int | None = None  # absolute byte offset of its data in ``file`` when the file stores it as described
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * DTYPE_BYTES.get(self.dtype, 4)
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """One tensor's bytes in its file: ``os.pread(fd, nbytes, offset)`` returns exactly them."""
+
+    name: str  # as the file names it (a GGUF file: ``blk.0.ffn_gate_exps.weight``)
+    file: Path
+    offset: int  # absolute, from the start of the file
+    nbytes: int
+    dtype: str  # as the file's format names it: ``BF16``, ``U32``, ``F8_E4M3``; GGUF: ``F16``, ``Q4_1``, ``Q6_K``
+    shape: tuple[int, ...]  # outermost first, in values (a Q4_1 matrix: its [rows, columns] of weights)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
