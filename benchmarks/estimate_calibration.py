@@ -131,10 +131,10 @@ def run_and_estimate(model: Path, prompt_tokens: int, max_tokens: int = 8) -> di
     run = measure(cmd)
     data = json.loads(run.stdout)
     context = data["prompt_tokens"] + data["generation_tokens"]
-    from quant.remote import locate
+    from edge_llm.hub.resolve import read_model_headers
 
-    checkpoint, folder = locate(str(model))
-    est = estimate_checkpoint(checkpoint, context=context, machine=Machine.this(), folder=folder).requested
+    found = read_model_headers(str(model))
+    est = estimate_checkpoint(found.named, context=context, machine=Machine.this(), folder=found.folder).requested
     return {"model": str(model), "context": context, "rss": run.max_rss_bytes, "mlx_peak": data["peak_memory_bytes"],
             "estimate": est.total_bytes, "weights": est.weights_bytes, "kv": est.kv_cache_bytes,
             "overhead": est.overhead_bytes, "terms": dataclasses.asdict(est.runtime)}

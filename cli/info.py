@@ -7,7 +7,7 @@ import json
 import typer
 
 from edge_llm.generation.sampling_defaults import SamplingSettings, model_settings
-from edge_llm.hub_remote import read_model_headers
+from edge_llm.hub.resolve import read_model_headers
 from edge_llm.modelinfo import describe
 from edge_llm.tokenizer import describe_tokenizer
 

@@ -9,7 +9,7 @@ from importlib.metadata import version as package_version
 
 import typer
 
-from edge_llm.hub import set_pull_observer
+from edge_llm.hub.resolve import set_pull_observer
 
 from . import bench, doctor, estimate, info, models, pull, quantize, run
 from .usage import App, Command

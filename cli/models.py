@@ -11,7 +11,7 @@ from edge_llm.default_model import NAME as DEFAULT_NAME
 from edge_llm.default_model import default_model_path
 from edge_llm.errors import EdgeLLMError
 from edge_llm.formats.open import open_checkpoint
-from edge_llm.hub_cache import CachedModel, hub_cache_dir, list_models, plan_removal
+from edge_llm.hub.cache import CachedModel, hub_cache_dir, list_models, plan_removal
 from edge_llm.modelinfo import describe
 
 from .common import err, human_bytes, human_count, user_errors

@@ -2,7 +2,7 @@
 
 Progress goes to stderr: on a terminal a rich display (overall, and the file in flight: bytes, speed,
 time left); otherwise one line per file, so logs stay readable. stdout gets only the snapshot's path.
-The same display shows implicit pulls by ``run``/``info`` (``edge_llm.hub.set_pull_observer``).
+The same display shows implicit pulls by ``run``/``info`` (``edge_llm.hub.resolve.set_pull_observer``).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from rich.filesize import decimal
 from rich.progress import BarColumn, DownloadColumn, Progress, ProgressColumn, Task, TaskID, TextColumn
 from rich.text import Text
 
-from edge_llm.hub_pull import PullObserver, PullPlan, RemoteFile
-from edge_llm.hub_pull import pull as pull_repo
+from edge_llm.hub.pull import PullObserver, PullPlan, RemoteFile
+from edge_llm.hub.pull import pull as pull_repo
 
 from .common import err, human_bytes, user_errors
 

@@ -13,7 +13,7 @@ from edge_llm.formats.open import open_checkpoint
 from edge_llm.generation.chat import ChatSession
 from edge_llm.generation.sampling import SEED_MAX
 from edge_llm.generation.sampling_defaults import model_settings
-from edge_llm.hub import resolve_model
+from edge_llm.hub.resolve import resolve_model
 from edge_llm.loader import load
 from edge_llm.machine.backend import detect
 from edge_llm.modelinfo import describe

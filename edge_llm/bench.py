@@ -19,7 +19,7 @@ from .formats.open import open_checkpoint
 from .generation.context import context_window, model_context_limit
 from .generation.generate import generate_tokens, prefill
 from .generation.sampling import Sampler, SamplingParams
-from .hub import resolve_model
+from .hub.resolve import resolve_model
 from .loader import load_checkpoint
 from .machine.backend import detect, peak_memory_bytes, reset_peak_memory
 from .machine.bandwidth import machine_bandwidth

@@ -20,7 +20,7 @@ from .errors import CheckpointError
 from .formats.checkpoint import Checkpoint
 from .formats.fp8 import dequantize_fp8
 from .formats.open import open_checkpoint
-from .hub import resolve_model
+from .hub.resolve import resolve_model
 from .machine.backend import DtypePolicy, dtype_policy
 from .models import get_architecture
 from .models.base import CausalLM

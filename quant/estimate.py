@@ -23,6 +23,7 @@ from typing import Any
 from edge_llm.errors import CheckpointError
 from edge_llm.formats.checkpoint import Checkpoint
 from edge_llm.formats.folder import FolderCheckpoint, normalize_config
+from edge_llm.hub.resolve import read_model_headers
 from edge_llm.loader import build_model
 from edge_llm.machine.backend import detect
 
@@ -214,11 +215,9 @@ def estimate(model: str | None = None, bits: int | None = None, group_size: int 
                               kv_bits, machine)
     if model is None:
         raise ValueError("give a MODEL (folder or Hub repo id), or --params with --arch for a rough estimate")
-    from .remote import locate
-
-    checkpoint, folder = locate(model, revision)
-    return estimate_checkpoint(checkpoint, bits, group_size, context, batch, kv_bits, machine, name=model,
-                               folder=folder)
+    found = read_model_headers(model, revision)
+    return estimate_checkpoint(found.named, bits, group_size, context, batch, kv_bits, machine, name=model,
+                               folder=found.folder)
 
 
 def estimate_rough(params: int, arch: str, bits: int | None, group_size: int, context: int, batch: int,

@@ -10,10 +10,10 @@ import shlex
 
 from edge_llm.errors import MemoryBudgetError
 from edge_llm.generation.context import context_window, model_context_limit
+from edge_llm.hub.resolve import read_model_headers
 from edge_llm.models.cache import check_kv_bits
 
 from .estimate import Estimate, Machine, estimate_checkpoint
-from .remote import locate
 
 
 def _gb(n: float) -> str:
@@ -45,9 +45,10 @@ def check_fits(ref: str, context: int | None = None, kv_bits: int | None = None,
     A reference that cannot be read (unreachable Hub, gated or missing repo) raises here, once, with the
     line the loader would print: pulling after a failed header read would only ask the Hub again."""
     check_kv_bits(kv_bits)
-    checkpoint, folder = locate(ref)
-    context = context_window(model_context_limit(checkpoint.config), context)
-    est = estimate_checkpoint(checkpoint, context=context, kv_bits=kv_bits, machine=machine, name=ref, folder=folder)
+    found = read_model_headers(ref)
+    context = context_window(model_context_limit(found.checkpoint.config), context)
+    est = estimate_checkpoint(found.named, context=context, kv_bits=kv_bits, machine=machine, name=ref,
+                              folder=found.folder)
     if not est.requested.fits:
         raise MemoryBudgetError(refusal(est, ref))
     return est

@@ -34,7 +34,7 @@ from edge_llm.formats.gguf.checkpoint import commonest_bits
 from edge_llm.formats.gguf.quants import GROUP_SIZE
 from edge_llm.formats.open import open_checkpoint
 from edge_llm.formats.safetensors_header import read_safetensors_header
-from edge_llm.hub import resolve_model
+from edge_llm.hub.resolve import resolve_model
 from edge_llm.loader import build_model
 from edge_llm.machine.backend import DTYPE_NAMES
 from edge_llm.models.base import CausalLM

@@ -66,7 +66,7 @@ def test_bad_values_are_one_usage_line(args, says, tmp_path, monkeypatch):
 
 def test_an_empty_model_reference_is_refused_by_the_library_too(tmp_path, monkeypatch):
     from edge_llm.errors import CheckpointError
-    from edge_llm.hub import resolve_model
+    from edge_llm.hub.resolve import resolve_model
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(CheckpointError, match="empty model reference"):

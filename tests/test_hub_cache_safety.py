@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from edge_llm.errors import HubError
-from edge_llm.hub import resolve_model
-from edge_llm.hub_cache import cached_snapshot
+from edge_llm.hub.cache import cached_snapshot
+from edge_llm.hub.resolve import resolve_model
 from tests.hf_oracle import build_tiny_checkpoint
 from tests.hub_cache_layout import COMMIT, cache_entry
 from tests.hub_server import cli_env, run_cli

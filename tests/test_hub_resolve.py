@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from edge_llm.errors import CheckpointError, HubError
-from edge_llm.hub import is_repo_id, resolve_model
-from edge_llm.hub_cache import cached_snapshot, missing_files
-from edge_llm.hub_pull import PullObserver, RemoteFile, pull, select_files
+from edge_llm.hub.cache import cached_snapshot, missing_files
+from edge_llm.hub.pull import PullObserver, RemoteFile, pull, select_files
+from edge_llm.hub.repo_id import is_repo_id
+from edge_llm.hub.resolve import resolve_model
 from tests.hub_server import HubServer, ServedRepo
 
 

@@ -30,11 +30,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import HubError
-from .hub_cache import COMMIT, hub_cache_dir, repo_folder
-from .hub_errors import hub_errors
-from .hub_errors import human_size as _size
-from .models import supported_model_types
+from ..errors import HubError
+from ..models import supported_model_types
+from .cache import COMMIT, cached_snapshot, hub_cache_dir, repo_folder
+from .errors import hub_errors
+from .errors import human_size as _size
+from .repo_id import check_repo_id
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +144,6 @@ def pull(repo_id: str, revision: str | None = None, *, verify: bool = False, obs
     ``token`` None uses HF_TOKEN or a prior ``hf auth login``. With HF_HUB_OFFLINE=1 only the cache is
     consulted. Raises HubError (one line) for gated, missing, unreachable, unsupported or disk-full cases.
     """
-    from .hub import check_repo_id
-    from .hub_cache import cached_snapshot
-
     check_repo_id(repo_id)
     observer = observer or PullObserver()
     revision = revision or "main"

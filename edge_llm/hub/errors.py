@@ -12,7 +12,7 @@ import contextlib
 import errno
 from collections.abc import Iterator
 
-from .errors import HubError
+from ..errors import HubError
 
 
 @contextlib.contextmanager

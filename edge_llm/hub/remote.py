@@ -1,7 +1,7 @@
 """A Hub repo read header-only: config.json, the small metadata files and every safetensors header, no weights.
 
 ``estimate``, ``info`` and ``run``'s memory check answer from this for a repo that is not in the local Hub
-cache. It asks the Hub in the order ``pull`` does (``hub_pull.repo_tree`` / ``check_repo``, so both refuse
+cache. It asks the Hub in the order ``pull`` does (``pull.repo_tree`` / ``check_repo``, so both refuse
 the same repos with the same words), then reads each weight file's header with HTTP range requests
 (``HfApi.parse_safetensors_file_metadata``: the first 100 KB, more only for a larger header). Small files
 go into a temporary folder that lives as long as the ``RemoteModel``, never into the shared Hub cache, so
@@ -19,15 +19,14 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import HubError
-from .formats.checkpoint import Checkpoint
-from .formats.folder import FolderCheckpoint, read_config
-from .formats.open import open_checkpoint
-from .formats.tensors import TensorInfo
-from .hub_errors import hub_errors
-from .hub_pull import META_FILES, RemoteFile, check_repo, hub_endpoint, repo_tree, select_files
-from .tokenizer import TokenizerInfo
-from .tokenizer.chat_template import read_chat_templates
+from ..errors import HubError
+from ..formats.checkpoint import Checkpoint
+from ..formats.folder import FolderCheckpoint, read_config
+from ..formats.tensors import TensorInfo
+from ..tokenizer import TokenizerInfo
+from ..tokenizer.chat_template import read_chat_templates
+from .errors import hub_errors
+from .pull import META_FILES, RemoteFile, check_repo, hub_endpoint, repo_tree, select_files
 
 # Metadata worth having without the weights: everything ``pull`` fetches first except the tokenizer itself
 # (tokenizer.json is 2-35 MB on current models), for the chat templates and generation defaults.
@@ -62,27 +61,6 @@ class RemoteModel:
             config = {}
         templates = read_chat_templates(self.checkpoint.path, config if isinstance(config, dict) else {})
         return TokenizerInfo(kind, None, ", ".join(templates) or None)
-
-
-@dataclass(frozen=True)
-class ModelHeaders:
-    """A model reference read cheaply: a local folder / GGUF file, or a Hub repo read header-only."""
-
-    checkpoint: Checkpoint
-    local: Path | None  # the folder or GGUF file on disk; None when read from the Hub
-    remote: RemoteModel | None
-
-
-def read_model_headers(ref: str, revision: str | None = None) -> ModelHeaders:
-    """Config and tensor headers for ``ref`` without downloading weights. Raises CheckpointError / HubError
-    with one line, through the branches ``hub.resolve_model`` takes (``hub.find_local``)."""
-    from .hub import find_local
-
-    local = find_local(ref, revision=revision)
-    if local is not None:
-        return ModelHeaders(open_checkpoint(local), local, None)
-    remote = read_remote(ref, revision)
-    return ModelHeaders(remote.checkpoint, None, remote)
 
 
 def read_remote(repo_id: str, revision: str | None = None, *, endpoint: str | None = None,

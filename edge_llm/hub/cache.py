@@ -31,10 +31,10 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import EdgeLLMError, HubError
-from .formats.folder import INDEX_FILE
-from .formats.open import open_checkpoint
-from .modelinfo import ModelInfo, describe
+from ..errors import EdgeLLMError, HubError
+from ..formats.folder import INDEX_FILE
+from ..formats.open import open_checkpoint
+from ..modelinfo import ModelInfo, describe
 
 log = logging.getLogger(__name__)
 
