@@ -15,8 +15,8 @@ mlx-lm reports it); the parent takes the process's peak RSS from ``wait4``.
     python -m benchmarks.moe_bench [--bits 4|16] [--rounds 3] [--context 256] [--decode 16] [--work DIR]
 
 ``--bits 16`` compares the bf16 folder: mlx-lm on MLX's CPU backend cannot run it (``gather_mm`` is
-float32-only there, DESIGN.md §5), so mlx-lm gets a float32 copy. benchmarks/compare_mlx_lm.py runs the
-4-bit case beside the dense ones.
+float32-only there: "[GatherMM::eval] Currently only supports float32"), so mlx-lm gets a float32 copy.
+benchmarks/compare_mlx_lm.py runs the 4-bit case beside the dense ones.
 """
 
 from __future__ import annotations

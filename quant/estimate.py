@@ -10,8 +10,11 @@ total = weights + KV cache + runtime overhead, each computed, not guessed:
 
 The table has fp32, 16-bit, 8-bit and 4-bit rows plus the checkpoint as stored; MoE models report total
 and active parameters and the bytes one decoded token reads, which with a measured memory bandwidth
-bounds decode speed. References: DESIGN.md §5 (KV per token, real 4-bit is not 4 bits), llama.cpp's
-and ollama's memory reports (the same three parts), mlx-lm's ``compute_bits_per_weight``.
+bounds decode speed. The KV cache per token is ``2 · layers · kv_heads · head_dim · bytes`` for GQA (config
+``head_dim``, not hidden / heads) and ``layers · (kv_lora_rank + qk_rope_head_dim) · bytes`` for MLA; real 4-bit
+is not 4 bits (group 64: 4.5 bits per weight, group 32: 5.0, plus float norms and routers). References:
+docs/ARCHITECTURE.md, llama.cpp's and ollama's memory reports (the same three parts), mlx-lm's
+``compute_bits_per_weight``.
 """
 
 from __future__ import annotations

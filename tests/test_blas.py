@@ -39,3 +39,29 @@ def test_disabled_by_environment():
 
 def test_missing_library_does_not_crash():
     assert "OpenBLAS (" not in probe(EDGE_LLM_OPENBLAS="/nonexistent/libopenblas.so.0")
+
+
+# Records, when mlx.core is first imported, whether an OpenBLAS is already mapped into the process.
+ORDER_PROBE = (
+    "import sys\n"
+    "seen = []\n"
+    "class Watch:\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name == 'mlx.core' and not seen:\n"
+    "            seen.append('openblas' in open('/proc/self/maps').read().lower())\n"
+    "sys.meta_path.insert(0, Watch())\n"
+    "import {module}\n"
+    "print(seen)\n"
+)
+
+
+@pytest.mark.skipif(find_openblas() is None or not os.path.exists("/proc/self/maps"),
+                    reason="no system OpenBLAS, or no /proc to see the libraries a process has loaded")
+@pytest.mark.parametrize("module", ["quant.affine", "benchmarks.variants", "edge_llm.models.llama"])
+def test_openblas_precedes_mlx_whichever_module_comes_first(module):
+    """``quant.affine`` and ``benchmarks.variants`` import mlx.core before anything of edge_llm: their
+    package imports edge_llm (and so its preload) first."""
+    result = subprocess.run([sys.executable, "-c", ORDER_PROBE.format(module=module)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[True]"

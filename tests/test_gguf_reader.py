@@ -136,6 +136,21 @@ def test_not_gguf_and_old_versions(good_file, tmp_path):
         open_checkpoint(bad)
 
 
+def test_big_endian_file_is_named(tmp_path):
+    """gguf-py's big-endian writer (llama.cpp's ``--bigendian``): the magic as is, every number byte-swapped."""
+    path = tmp_path / "big.gguf"
+    w = gguf.GGUFWriter(str(path), "llama", endianess=gguf.GGUFEndian.BIG)
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((8, 32), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(CheckpointError, match="a big-endian \\(byte-swapped\\) GGUF file") as e:
+        open_checkpoint(path)
+    assert str(path) in _one_line(str(e.value))
+
+
 def test_unsupported_type_is_named(tmp_path):
     path = tmp_path / "iq4.gguf"
     write_llama_gguf(path, tiny_llama(), lambda name, shape: Q.IQ4_NL if "mlp" in name else Q.Q4_0)

@@ -31,7 +31,7 @@ scales the rotary part (the RoPE class's attention factor).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -40,8 +40,21 @@ from .base import attention
 from .cache import LatentCache
 from .rope import RoPE, yarn_get_mscale
 
-if TYPE_CHECKING:
-    from .deepseek_v2 import ModelArgs
+
+class LatentAttentionArgs(Protocol):
+    """The config fields MLA reads (``deepseek_v2.ModelArgs`` has them; DeepSeek-V3 shares it)."""
+
+    num_attention_heads: int
+    hidden_size: int
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    attention_bias: bool
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    max_position_embeddings: int
 
 # DeepSeek builds q_a_layernorm / kv_a_layernorm with the RMSNorm default, not config.rms_norm_eps.
 LORA_NORM_EPS = 1e-6
@@ -56,7 +69,7 @@ def softmax_scale(qk_head_dim: int, rope_scaling: dict | None) -> float:
 
 
 class MLAttention(nn.Module):
-    def __init__(self, args: ModelArgs, traditional_rope: bool = True):
+    def __init__(self, args: LatentAttentionArgs, traditional_rope: bool = True):
         super().__init__()
         self.n_heads = args.num_attention_heads
         self.q_lora_rank, self.kv_lora_rank = args.q_lora_rank, args.kv_lora_rank

@@ -12,7 +12,7 @@ mapping, which our choices agree with).
 - ``olmoe``: full-width q/k RMSNorm.
 - ``deepseek2`` (DeepSeek-V2 and V3, ``DeepseekV2Model`` in the converter): MLA tensors, dense first
   layers, shared experts, V3's sigmoid router bias (``exp_probs_b``); newer files split ``kv_b_proj``
-  into ``attn_k_b`` (per head, transposed) and ``attn_v_b``, which ``gguf.py`` joins back.
+  into ``attn_k_b`` (per head, transposed) and ``attn_v_b``, which ``checkpoint.py`` joins back.
 
 Experts come stacked (``ffn_{gate,up,down}_exps``, ``[E, out, in]``) and map straight onto the
 architectures' ``switch_mlp``; old Mixtral files with one tensor per expert (``ffn_gate.{e}``) map onto
