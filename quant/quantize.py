@@ -310,11 +310,11 @@ def quantize(source: str | Path, out: str | Path, bits: int | None = None, group
     out = Path(out).expanduser()
     folder = resolve_model(source)
     checkpoint = open_checkpoint(folder)
-    source = _float_source(checkpoint)  # a quantized GGUF: float16 values, the packed originals kept to copy
+    float_source = _float_source(checkpoint)  # a quantized GGUF: float16 values, the packed originals kept
     _check_destination(folder, out, force)
     source_total = sum(t.nbytes for t in checkpoint.tensors.values())
     rec = _recipe(checkpoint, bits, group_size, recipe)
-    checkpoint = source
+    checkpoint = float_source
     float_dtype = default_float_dtype(checkpoint, rec.bits, dtype)
     model = build_model(checkpoint)
     check_rules_match(recipe, quantizable_paths(model))
