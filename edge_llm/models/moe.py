@@ -14,6 +14,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..experts.provenance import FusedHalf, Renamed, record
 from .switch import SwitchGLU, stack_experts
 
 
@@ -66,10 +67,12 @@ def stack_moe_experts(weights: dict[str, mx.array], src: str, dst: str, num_expe
     fused = weights.pop(f"{src}.experts.gate_up_proj", None)
     if fused is not None:
         gate, up = mx.split(fused, 2, axis=1)  # [E, I, D] each
-        weights[f"{dst}.switch_mlp.gate_proj.weight"] = gate
-        weights[f"{dst}.switch_mlp.up_proj.weight"] = up
+        for part, (name, value) in enumerate((("gate_proj", gate), ("up_proj", up))):
+            record(f"{dst}.switch_mlp.{name}.weight", FusedHalf(f"{src}.experts.gate_up_proj", part))
+            weights[f"{dst}.switch_mlp.{name}.weight"] = value
     down = weights.pop(f"{src}.experts.down_proj", None)
     if down is not None:
+        record(f"{dst}.switch_mlp.down_proj.weight", Renamed(f"{src}.experts.down_proj"))
         weights[f"{dst}.switch_mlp.down_proj.weight"] = down
 
 

@@ -13,6 +13,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..experts.provenance import PerExpert, record
 from .layers import activation
 
 SORT_THRESHOLD = 64  # (token, expert) pairs from which sorting by expert pays off
@@ -118,11 +119,15 @@ class SwitchGLU(nn.Module):
         idx = indices
         if do_sort:
             x, idx, inverse = sort_by_expert(x, indices)
-        h = self.act(self.gate_proj(x, idx, do_sort)) * self.up_proj(x, idx, do_sort)
-        y = self.down_proj(h, idx, do_sort)  # [..., k, 1, D] or [N*k, 1, D] when sorted
+        y = self.experts(x, idx, do_sort)  # [..., k, 1, D] or [N*k, 1, D] when sorted
         if do_sort:
             y = y[inverse].reshape(*lead_shape, 1, -1)
         return y.squeeze(-2)
+
+    def experts(self, x: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
+        """The experts' SwiGLU on rows ``x`` for expert ``indices`` (sorted: rows grouped by expert)."""
+        h = self.act(self.gate_proj(x, indices, sorted_indices)) * self.up_proj(x, indices, sorted_indices)
+        return self.down_proj(h, indices, sorted_indices)
 
 
 def stack_experts(weights: dict[str, mx.array], prefix: str, num_experts: int,
@@ -138,6 +143,6 @@ def stack_experts(weights: dict[str, mx.array], prefix: str, num_experts: int,
             first = f"{prefix}.0.{src}.{suffix}"
             if first not in weights:
                 continue
-            weights[f"{dst}.{suffix}"] = mx.stack(
-                [weights.pop(f"{prefix}.{e}.{src}.{suffix}") for e in range(num_experts)]
-            )
+            sources = tuple(f"{prefix}.{e}.{src}.{suffix}" for e in range(num_experts))
+            record(f"{dst}.{suffix}", PerExpert(sources))  # expert streaming reads them one by one
+            weights[f"{dst}.{suffix}"] = mx.stack([weights.pop(name) for name in sources])
