@@ -8,6 +8,7 @@ Loading reads the config, never the file name: a ``"quantization"`` block in the
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import CheckpointError
+from .experts.load import is_routed_expert, stream_experts
+from .experts.provenance import recording
 from .formats.checkpoint import Checkpoint
 from .formats.fp8 import dequantize_fp8
 from .formats.open import open_checkpoint
@@ -61,22 +64,32 @@ def quantize_modules(model: nn.Module, quantization: dict[str, Any], has_scales)
         model.update_modules(tree_unflatten(list(swap.items())))
 
 
-def _cast(weights: dict[str, mx.array], policy: DtypePolicy, keep: tuple[str, ...] = (),
-          tied: bool = False) -> dict[str, mx.array]:
-    """Floats to the dtype ``policy`` stores them in, except parameters whose path contains one of
-    ``keep`` (a model's ``keep_float32``, e.g. MoE routers that must stay float32). Casts stay lazy, so
-    each tensor is converted as it is loaded and its source copy is freed right after."""
-    def cast(k: str, v: mx.array) -> mx.array:
-        if not mx.issubdtype(v.dtype, mx.floating) or any(s in k for s in keep):
-            return v
-        dtype = policy.stored_dtype(k, v.dtype, v.ndim, tied)
-        return v if v.dtype == dtype else v.astype(dtype)
+@dataclass(frozen=True)
+class Caster:
+    """Floats to the dtype ``policy`` stores them in, except parameters whose path contains one of ``keep``
+    (a model's ``keep_float32``, e.g. MoE routers that must stay float32). Casts stay lazy, so each tensor
+    is converted as it is loaded and its source copy is freed right after."""
 
-    return {k: cast(k, v) for k, v in weights.items()}
+    policy: DtypePolicy
+    keep: tuple[str, ...] = ()
+    tied: bool = False
+
+    def __call__(self, name: str, value: mx.array, ndim: int | None = None) -> mx.array:
+        """``value`` as parameter ``name`` is held; ``ndim`` is the parameter's own when ``value`` is a row of it
+        (one streamed expert of a stacked parameter)."""
+        if not mx.issubdtype(value.dtype, mx.floating) or any(s in name for s in self.keep):
+            return value
+        dtype = self.policy.stored_dtype(name, value.dtype, value.ndim if ndim is None else ndim, self.tied)
+        return value if value.dtype == dtype else value.astype(dtype)
+
+    def all(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        return {k: self(k, v) for k, v in weights.items()}
 
 
-def check_weights(checkpoint: Checkpoint, model: nn.Module, weights: dict[str, mx.array]) -> None:
-    expected = dict(tree_flatten(model.parameters()))
+def check_weights(checkpoint: Checkpoint, model: nn.Module, weights: dict[str, mx.array],
+                  streamed: frozenset[str] = frozenset()) -> None:
+    """Every parameter of ``model`` has a tensor of its shape (``streamed`` ones are the expert banks')."""
+    expected = {k: v for k, v in tree_flatten(model.parameters()) if k not in streamed}
     missing = [k for k in expected if k not in weights]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
@@ -94,27 +107,34 @@ def check_weights(checkpoint: Checkpoint, model: nn.Module, weights: dict[str, m
         log.warning("%s: ignoring %d unused tensors (e.g. %s)", checkpoint.path, len(extra), extra[0])
 
 
-def load_checkpoint(checkpoint: Checkpoint, dtype: str | None = None) -> CausalLM:
+def load_checkpoint(checkpoint: Checkpoint, dtype: str | None = None, expert_slots: int | None = None) -> CausalLM:
+    """The model ready to run. ``expert_slots``: stream the routed experts of every MoE layer from the files
+    through a bank of that many slots per layer (``edge_llm.experts``) instead of loading them."""
     model = build_model(checkpoint)
+    skip = is_routed_expert if expert_slots else None
     try:
-        # FP8 checkpoints (DeepSeek-V3 format) are dequantized before the model sees them
-        weights = model.sanitize(dequantize_fp8(checkpoint.load_weights(), checkpoint))
+        with recording() as provenance:
+            # FP8 checkpoints (DeepSeek-V3 format) are dequantized before the model sees them
+            weights = model.sanitize(dequantize_fp8(checkpoint.load_weights(skip), checkpoint))
         if checkpoint.quantization:
             quantize_modules(model, checkpoint.quantization, lambda p: f"{p}.scales" in weights)
     except ValueError as e:  # tensors that do not fit the config's shapes, settings MLX cannot quantize with
         raise CheckpointError(f"{checkpoint.config_path}: {' '.join(str(e).split())[:300]}") from None
     policy = dtype_policy(checkpoint.dtype, dtype)
-    tied = bool(getattr(model.args, "tie_word_embeddings", False))
+    caster = Caster(policy, getattr(model, "keep_float32", ()), bool(getattr(model.args, "tie_word_embeddings", False)))
+    streamed: frozenset[str] = frozenset()
+    if expert_slots:
+        streamed = stream_experts(checkpoint, model, weights, provenance, caster, expert_slots).parameters
     stored = {k: v.dtype for k, v in weights.items()}
-    weights = _cast(weights, policy, getattr(model, "keep_float32", ()), tied)
-    check_weights(checkpoint, model, weights)
+    weights = caster.all(weights)
+    check_weights(checkpoint, model, weights, streamed)
     # Converted tensors first, one at a time, largest first: each source copy is freed once its cast
     # exists, so loading peaks at the model plus one source tensor, not at both copies of everything.
     for v in sorted((v for k, v in weights.items() if v.dtype != stored[k]), key=lambda a: -a.nbytes):
         mx.eval(v)
     model.load_weights(list(weights.items()), strict=False)
     mx.eval(model.parameters())
-    check_finite(checkpoint, model)
+    check_finite(checkpoint, model, skip=streamed)
     model.eval()
     return model
 
@@ -137,11 +157,14 @@ def _all_finite(value: mx.array, block: int) -> bool:
     return all(int((raw[i : i + rows] & magnitude).max()) < exponent for i in range(0, raw.shape[0], rows))
 
 
-def check_finite(checkpoint: Checkpoint, model: nn.Module, block: int = 1 << 20) -> None:
+def check_finite(checkpoint: Checkpoint, model: nn.Module, block: int = 1 << 20,
+                 skip: frozenset[str] = frozenset()) -> None:
     """Refuses weights holding NaN or infinity (a corrupt download or a broken conversion), which would
     only show as garbage text. One pass over the float parameters (quantized models: their scales and
     norms), ``block`` values at a time so the check's own transient stays small."""
     for name, value in tree_flatten(model.parameters()):
+        if name in skip:  # a streamed expert bank: what it will hold is read later
+            continue
         if mx.issubdtype(value.dtype, mx.floating) and value.size and not _all_finite(value, block):
             where = checkpoint.tensors[name].file if name in checkpoint.tensors else checkpoint.path
             raise CheckpointError(f"{where}: tensor {name!r} holds NaN or infinite values; the checkpoint is "

@@ -24,11 +24,14 @@ What a checkpoint tells, whatever its format:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import mlx.core as mx
+import numpy as np
 
 from ..errors import CheckpointError
 from .tensors import FLOAT_DTYPES, StoredTensor, TensorInfo
@@ -63,6 +66,7 @@ class Checkpoint(ABC):
     path: Path
     config: dict[str, Any]
     tensors: dict[str, TensorInfo] = field(repr=False)
+    format_name: ClassVar[str]  # how a person calls the files' format: "safetensors", "GGUF"
 
     @property
     def model_type(self) -> str:
@@ -114,6 +118,13 @@ class Checkpoint(ABC):
         return {name[: -len(".weight")]: self.quantized_bits(name[: -len(".weight")])
                 for name, info in self.tensors.items() if name.endswith(".weight") and len(info.shape) >= 2}
 
+    @property
+    def quantized_group_size(self) -> int | None:
+        """Values per scale of the tensors the files hold quantized (re-quantizing at this group size can copy
+        them exactly); None when nothing is quantized."""
+        q = self.quantization
+        return int(q["group_size"]) if q else None
+
     def describe_quantization(self) -> str | None:
         """``info``'s quantization line (``4-bit affine, group 64``); None when nothing is quantized."""
         q = self.quantization
@@ -143,8 +154,19 @@ class Checkpoint(ABC):
         return stored
 
     @abstractmethod
-    def load_weights(self) -> dict[str, mx.array]:
-        """All tensors, lazily, named and shaped as ``tensors`` says: nothing is read until evaluated."""
+    def load_weights(self, skip: Callable[[str], bool] | None = None) -> dict[str, mx.array]:
+        """All tensors, lazily, named and shaped as ``tensors`` says: nothing is read until evaluated.
+
+        Tensors whose name ``skip`` accepts come back as lazy zeros of their shape and dtype, never read:
+        a caller that will drop them (expert streaming) keeps the whole pipeline and no memory for them."""
+
+    @abstractmethod
+    def decode_stored(self, name: str, stored: StoredTensor, data: np.ndarray,
+                      shape: tuple[int, ...]) -> dict[str, mx.array]:
+        """The arrays ``load_weights`` gives for ``data``: the bytes of the stored tensor ``name`` (as
+        ``stored_tensors()`` keys it), or of a slice of it along its outermost axis, whose shape as stored is
+        ``shape``. By name: the tensor itself, and for a format's own quantized blocks also its
+        ``scales``/``biases`` in MLX's affine form."""
 
     @abstractmethod
     def tokenizer(self) -> Tokenizer:
@@ -162,3 +184,18 @@ class Checkpoint(ABC):
     @abstractmethod
     def side_files(self) -> SideFiles:
         """The files besides weights and config.json that a converted folder gets from this checkpoint."""
+
+
+_MX_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "U32": "uint32", "U8": "uint8",
+              "I32": "int32", "U16": "uint16", "I8": "int8", "F8_E4M3": "uint8", "F8_E5M2": "uint8"}  # fmt: skip
+
+
+def lazy_zeros(info: TensorInfo) -> mx.array:
+    """A placeholder for a tensor that is not read: lazy zeros of its in-memory shape and dtype."""
+    return mx.zeros(info.shape, dtype=getattr(mx, _MX_DTYPES.get(info.dtype, "float32")))
+
+
+def commonest_bits(bits_of: dict[str, int | None]) -> int | None:
+    """The bits most matrices have (ties: the first seen); None when none is quantized."""
+    counts = Counter(b for b in bits_of.values() if b is not None)
+    return counts.most_common(1)[0][0] if counts else None

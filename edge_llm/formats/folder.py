@@ -8,21 +8,23 @@ header is parsed and bounded before MLX sees it (``safetensors_header``); the wh
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 
 from ..errors import CheckpointError
 from ..generation.sampling_defaults import sampling_from_generation_config
 from ..limits import MAX_TENSORS
 from ..models import supported_model_types
 from ..tokenizer import Tokenizer
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, lazy_zeros
 from .safetensors_header import read_safetensors_header
 from .side_files import FolderSideFiles, select_side_files
-from .tensors import TensorInfo
+from .tensors import StoredTensor, TensorInfo, safetensors_array
 from .validate import check_checkpoint
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -96,14 +98,22 @@ def _weight_files(folder: Path) -> list[Path]:
 class FolderCheckpoint(Checkpoint):
     """A model folder: ``path`` holds config.json, the safetensors shards and the tokenizer files."""
 
-    def load_weights(self) -> dict[str, mx.array]:
+    format_name = "safetensors"
+
+    def load_weights(self, skip: Callable[[str], bool] | None = None) -> dict[str, mx.array]:
         weights: dict[str, mx.array] = {}
         for file in self.weight_files:
             try:
                 weights.update(mx.load(str(file)))
             except (RuntimeError, ValueError) as e:
                 raise CheckpointError(f"{file}: cannot read weights ({e}); re-download it") from None
+        if skip is not None:  # mx.load is lazy: what is replaced here is never read
+            weights.update({name: lazy_zeros(self.tensors[name]) for name in weights if skip(name)})
         return weights
+
+    def decode_stored(self, name: str, stored: StoredTensor, data: np.ndarray,
+                      shape: tuple[int, ...]) -> dict[str, mx.array]:
+        return {name: safetensors_array(data, stored.dtype, shape)}
 
     def tokenizer(self) -> Tokenizer:
         return Tokenizer.from_folder(self.path)

@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 # bytes per element of each safetensors dtype edge-llm reads
 DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
@@ -51,3 +53,21 @@ class StoredTensor:
     @property
     def size(self) -> int:
         return math.prod(self.shape)
+
+
+# safetensors dtype -> the numpy type of its bytes; BF16 travels as its uint16 bit pattern and F8 as uint8 codes
+# (what ``mx.load`` hands over for them too)
+_NUMPY_OF = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F8_E4M3": np.uint8,
+    "F8_E5M2": np.uint8, "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U64": np.uint64,
+    "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
+}  # fmt: skip
+
+
+def safetensors_array(data: np.ndarray, dtype: str, shape: tuple[int, ...]):
+    """Raw little-endian bytes of a safetensors tensor (or of a slice along its outermost axis) as the MLX
+    array ``mx.load`` gives for it."""
+    import mlx.core as mx
+
+    array = mx.array(np.frombuffer(data, dtype=_NUMPY_OF[dtype]).reshape(shape))
+    return array.view(mx.bfloat16) if dtype == "BF16" else array

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from ...errors import CheckpointError
 from ...generation.sampling_defaults import sampling_from_gguf
 from ...models import supported_model_types
 from ...tokenizer import Tokenizer
-from ..checkpoint import Checkpoint, PackedTensor
+from ..checkpoint import Checkpoint, PackedTensor, commonest_bits, lazy_zeros
 from ..tensors import StoredTensor, TensorInfo
 from ..validate import check_checkpoint
 from . import quants
@@ -59,6 +60,8 @@ _DROPPED = ("rope_freqs.weight",)
 @dataclass
 class GGUFCheckpoint(Checkpoint):
     """A ``.gguf`` file as a checkpoint; ``path`` is the file."""
+
+    format_name = "GGUF"
 
     gguf: GGUFFile | None = field(default=None, repr=False)
     names: dict[str, str] = field(default_factory=dict, repr=False)  # GGUF tensor -> HF module path
@@ -92,6 +95,11 @@ class GGUFCheckpoint(Checkpoint):
     @property
     def quantized(self) -> bool:
         return any(t not in quants.FLOATS for t in self.gguf_types)
+
+    @property
+    def quantized_group_size(self) -> int | None:
+        """llama.cpp's blocks of 32, K-quants included (those MLX cannot run quantized are dequantized)."""
+        return quants.GROUP_SIZE if self.quantized else None
 
     def module_bits(self) -> dict[str, int | None]:
         """The bits each matrix holds in the file, by HF module path: 4/5/8 for types kept quantized, the
@@ -141,9 +149,12 @@ class GGUFCheckpoint(Checkpoint):
             float_infos[name] = info
         return _DequantizedGGUF(self.path, self.hf_config(), float_infos, gguf=self.gguf, names=self.names)
 
-    def load_weights(self) -> dict[str, mx.array]:
-        """HF-named arrays, q/k rows un-permuted; quantized tensors as ``weight``/``scales``/``biases``."""
-        raw = self._load_native() if self._all_native() else self._load_numpy()
+    def load_weights(self, skip: Callable[[str], bool] | None = None) -> dict[str, mx.array]:
+        """HF-named arrays, q/k rows un-permuted; quantized tensors as ``weight``/``scales``/``biases``.
+        Tensors ``skip`` accepts are never read (lazy zeros): the file then goes through the numpy path,
+        tensor by tensor, since ``mx.load`` reads a GGUF file whole."""
+        skipped = {name for name, hf in self._hf_names().items() if skip is not None and skip(hf)}
+        raw = self._load_native() if self._all_native() and not skipped else self._load_numpy(skipped)
         spec = ARCHITECTURES[self.gguf.get("general.architecture")]
         weights: dict[str, mx.array] = {}
         for name, array in raw.items():
@@ -153,9 +164,37 @@ class GGUFCheckpoint(Checkpoint):
             module = self.names[base]
             array = array.reshape(_hf_shape(module, tuple(array.shape))) if suffix in ("weight", "bias") else array
             weights[spec.rename(f"{module}.{suffix}")] = self._unpermute(module, array)
+        for name in skipped:
+            for hf in self._decoded_names(name):
+                weights[hf] = lazy_zeros(self.tensors[hf])
         if spec.split_modules:
             _join_kv_b(weights, self.config)
         return weights
+
+    def _hf_names(self) -> dict[str, str]:
+        """GGUF tensor name -> the HF name ``load_weights`` gives it (dropped tensors left out)."""
+        spec = ARCHITECTURES[self.gguf.get("general.architecture")]
+        out = {}
+        for name in self.gguf.tensors:
+            base, suffix = name.rsplit(".", 1)
+            if name not in _DROPPED and base in self.names:
+                out[name] = spec.rename(f"{self.names[base]}.{suffix}")
+        return out
+
+    def _decoded_names(self, gguf_name: str) -> list[str]:
+        """The HF names of the arrays one GGUF tensor becomes (a quantized one: weight, scales, biases)."""
+        hf = self._hf_names()[gguf_name]
+        if self.gguf.tensors[gguf_name].type_name in quants.MLX_QUANTIZED:
+            base = hf.rsplit(".", 1)[0]
+            return [hf, f"{base}.scales", f"{base}.biases"]
+        return [hf]
+
+    def decode_stored(self, name: str, stored: StoredTensor, data: np.ndarray,
+                      shape: tuple[int, ...]) -> dict[str, mx.array]:
+        # q/k rows stay in llama.cpp's order here: only experts are read this way, and they are not permuted
+        module = name.rsplit(".", 1)[0]
+        decoded = _decode_tensor(name, data, stored.dtype, shape)
+        return {k: v.reshape(_hf_shape(module, tuple(v.shape))) if k == name else v for k, v in decoded.items()}
 
     def _all_native(self) -> bool:
         # MLX's GGUF reader (0.32) crashes the process on float64 metadata values (type 12) and refuses
@@ -174,24 +213,15 @@ class GGUFCheckpoint(Checkpoint):
         except (RuntimeError, ValueError) as e:
             raise CheckpointError(f"{self.path}: cannot read weights ({e}); re-download it") from None
 
-    def _load_numpy(self) -> dict[str, mx.array]:
+    def _load_numpy(self, skipped: set[str] = frozenset()) -> dict[str, mx.array]:
         out: dict[str, mx.array] = {}
         data = np.memmap(self.path, dtype=np.uint8, mode="r")
         # A corrupt block's scale can overflow float16: numpy's warning would be noise on stderr; the value
         # becomes inf, which the loader's finite check then names with its tensor.
         with np.errstate(over="ignore", invalid="ignore"):
             for name, t in self.gguf.tensors.items():
-                raw = data[t.offset : t.offset + t.nbytes]
-                if t.type_name in quants.MLX_QUANTIZED:
-                    base = name.rsplit(".", 1)[0]
-                    w, s, b = quants.to_mlx_quantized(raw, t.type_name, t.shape)
-                    out[name], out[f"{base}.scales"], out[f"{base}.biases"] = mx.array(w), mx.array(s), mx.array(b)
-                elif t.type_name in quants.DEQUANTIZED:
-                    out[name] = mx.array(quants.dequantize(raw, t.type_name, t.shape))
-                elif t.type_name == "BF16":
-                    out[name] = mx.array(quants.floats(raw, "BF16", t.shape)).view(mx.bfloat16)
-                else:
-                    out[name] = mx.array(quants.floats(raw, t.type_name, t.shape))
+                if name not in skipped:
+                    out.update(_decode_tensor(name, data[t.offset : t.offset + t.nbytes], t.type_name, t.shape))
         del data
         kinds = sorted({t.type_name for t in self.gguf.tensors.values() if t.type_name in quants.DEQUANTIZED})
         if kinds:
@@ -231,7 +261,9 @@ class _DequantizedGGUF(GGUFCheckpoint):
     def dequantized(self) -> GGUFCheckpoint:
         return self
 
-    def load_weights(self) -> dict[str, mx.array]:
+    def load_weights(self, skip: Callable[[str], bool] | None = None) -> dict[str, mx.array]:
+        if skip is not None:
+            raise NotImplementedError("a dequantized GGUF view is read whole (it is a converter's input)")
         return self.load_float_weights()[0]
 
     def load_float_weights(self) -> tuple[dict[str, mx.array], dict[str, PackedTensor]]:
@@ -264,6 +296,20 @@ def _hf_name(gguf_base: str, table: Names) -> str | None:
         if re.fullmatch(pattern, gguf_base):
             return re.sub(pattern, repl, gguf_base)
     return None
+
+
+def _decode_tensor(name: str, raw: np.ndarray, type_name: str, shape: tuple[int, ...]) -> dict[str, mx.array]:
+    """One GGUF tensor's bytes as MLX arrays (numpy path): a type MLX keeps quantized as ``name`` (packed) plus
+    its ``.scales``/``.biases``; a K-quant MLX cannot hold as float16; floats as they are."""
+    if type_name in quants.MLX_QUANTIZED:
+        base = name.rsplit(".", 1)[0]
+        w, s, b = quants.to_mlx_quantized(raw, type_name, shape)
+        return {name: mx.array(w), f"{base}.scales": mx.array(s), f"{base}.biases": mx.array(b)}
+    if type_name in quants.DEQUANTIZED:
+        return {name: mx.array(quants.dequantize(raw, type_name, shape))}
+    if type_name == "BF16":
+        return {name: mx.array(quants.floats(raw, "BF16", shape)).view(mx.bfloat16)}
+    return {name: mx.array(quants.floats(raw, type_name, shape))}
 
 
 def _hf_shape(module: str, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -336,12 +382,6 @@ def _matrices(g: GGUFFile, names: dict[str, str], spec: Arch) -> list[tuple[str,
         if len(t.shape) >= 2 and module is not None and not module.endswith(spec.split_modules):
             found.append((module, t.type_name))
     return found
-
-
-def commonest_bits(bits_of: dict[str, int | None]) -> int | None:
-    """The bits most matrices have (ties: the first seen); None when none is quantized."""
-    counts = Counter(b for b in bits_of.values() if b is not None)
-    return counts.most_common(1)[0][0] if counts else None
 
 
 def _quantization(g: GGUFFile, names: dict[str, str], spec: Arch) -> dict[str, Any] | None:
@@ -420,4 +460,4 @@ def is_gguf(path: str | Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
-__all__ = ["GGUFCheckpoint", "SUPPORTED_TYPES", "commonest_bits", "is_gguf", "read_gguf_checkpoint"]
+__all__ = ["GGUFCheckpoint", "SUPPORTED_TYPES", "is_gguf", "read_gguf_checkpoint"]
