@@ -95,23 +95,33 @@ def remembered_bandwidth() -> float | None:
     return _stored().get(_device_key())
 
 
-def machine_bandwidth(refresh: bool = False) -> float:
-    """The remembered bandwidth, measuring (and storing) it first when needed."""
-    if not refresh and (known := remembered_bandwidth()) is not None:
-        return known
-    value = measure_bandwidth()
+def stored_figures() -> dict[str, float]:
+    """Every remembered figure by key: memory bandwidth per device, disk bandwidth per filesystem (disk.py)."""
+    return _stored()
+
+
+def remember_figures(figures: dict[str, float]) -> None:
+    """Adds ``figures`` to the store, keeping the others; a read-only home only costs a re-measurement."""
     path = _store()
     data = _stored()
-    data[_device_key()] = value
-    try:  # a read-only home only costs a re-measurement next time
+    data.update(figures)
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".bandwidth-", dir=path.parent)  # a new file: no link followed
     except OSError:
-        return value
+        return
     try:
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps(data, indent=2))
         os.replace(tmp, path)
     except OSError:
         Path(tmp).unlink(missing_ok=True)
+
+
+def machine_bandwidth(refresh: bool = False) -> float:
+    """The remembered bandwidth, measuring (and storing) it first when needed."""
+    if not refresh and (known := remembered_bandwidth()) is not None:
+        return known
+    value = measure_bandwidth()
+    remember_figures({_device_key(): value})
     return value
