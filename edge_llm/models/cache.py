@@ -8,7 +8,7 @@ scale and an offset per group of 64 features) and dequantized when fetched: on t
 ``mx.quantized_matmul`` attention for decoding and 5x faster for prefill (it keeps the BLAS path), and
 it leaves every architecture's attention untouched. Each token's groups are quantized on their own, so
 trimming and rewriting the tail (chat's prefix reuse) stays exact. Every cache reports ``nbytes`` (what
-it really holds), which ``quant.memory.kv_cache_bytes`` predicts.
+it really holds), which ``row_nbytes`` predicts (``CausalLM.kv_bytes_per_token``).
 """
 
 from __future__ import annotations
@@ -24,6 +24,15 @@ KV_BITS = (8, 4)
 def kv_group_size(features: int) -> int | None:
     """The quantization group for rows of ``features`` values: 64, or 32 where 64 does not divide them."""
     return next((g for g in (64, 32) if features % g == 0), None)
+
+
+def row_nbytes(width: int, itemsize: int, bits: int | None = None) -> int:
+    """Bytes one cached row of ``width`` values takes: ``itemsize`` floats, or with ``bits`` the packed codes
+    plus a scale and an offset (floats too) per group. A width no group divides is refused when written;
+    it is counted here in groups of 64."""
+    if bits is None:
+        return width * itemsize
+    return width * bits // 8 + width // (kv_group_size(width) or 64) * 2 * itemsize
 
 
 def _grow(buffer: mx.array | None, used: int, new: mx.array, axis: int) -> mx.array:
@@ -158,7 +167,3 @@ def truncate_cache(cache: list[Cache], length: int) -> None:
     for c in cache:
         if c.offset > length:
             c.trim(c.offset - length)
-
-
-def cache_offset(cache: list[Cache]) -> int:
-    return cache[0].offset if cache else 0

@@ -2,7 +2,7 @@
 
 Reference: transformers ``models/deepseek_v2/modeling_deepseek_v2.py`` (transformers 5). Differences:
 - the experts are stacked (``mlp.switch_mlp.{gate,up,down}_proj``, mlx-lm's layout) and run with gather
-  matmuls; ``sanitize`` stacks the per-expert checkpoint tensors;
+  matmuls; ``sanitize`` stacks the per-expert checkpoint tensors (``DecoderLM.sanitize``, as every MoE here);
 - the cache holds only MLA's latent, and decoding attends over it directly (see ``mla.py``);
 - ``moe_layer_freq`` and V2's ``norm_topk_prob`` follow DeepSeek's own modeling code (and mlx-lm):
   transformers 5 ignores both. Every published V2 config has moe_layer_freq 1 and norm_topk_prob false,
@@ -18,14 +18,11 @@ import re
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import BaseModelArgs, DecoderLM, check_widths, require
+from .base import BaseModelArgs, DecoderLayer, DecoderLM, ExpertCounts, PrefillWidths, check_widths, require
 from .cache import LatentCache
 from .deepseek_gate import SOFTMAX_METHODS, DeepseekMoE, MoEGate
 from .layers import MLP
 from .mla import MLAttention
-from .switch import stack_experts
-
-EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclasses.dataclass
@@ -91,34 +88,41 @@ class ModelArgs(BaseModelArgs):
         return bool(self.n_routed_experts) and index >= self.first_k_dense_replace \
             and index % self.moe_layer_freq == 0
 
+    def expert_counts(self) -> ExpertCounts | None:
+        return ExpertCounts.of(self.n_routed_experts, self.num_experts_per_tok, self.n_shared_experts or 0,
+                               self.moe_intermediate_size, filter(self.is_moe_layer, range(self.num_hidden_layers)))
+
+    def cache_rows(self) -> tuple[int, int]:
+        """MLA caches one latent per token and layer, shared by all heads (``mla.py``)."""
+        return self.num_hidden_layers, self.kv_lora_rank + self.qk_rope_head_dim
+
+    def attention_parameters(self) -> int:
+        h, heads, qk = self.hidden_size, self.num_attention_heads, self.qk_nope_head_dim + self.qk_rope_head_dim
+        q = h * heads * qk if self.q_lora_rank is None else self.q_lora_rank * (h + heads * qk)
+        kv = h * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank * heads * (
+            self.qk_nope_head_dim + self.v_head_dim)
+        return q + kv + heads * self.v_head_dim * h
+
+    def prefill_widths(self) -> PrefillWidths:
+        # a prefill that expands the latent holds every head's keys and values for each key
+        expanded = self.num_attention_heads * (self.qk_nope_head_dim + self.qk_rope_head_dim + self.v_head_dim)
+        return dataclasses.replace(super().prefill_widths(), expanded_kv=expanded)
+
 
 def make_gate(args: ModelArgs) -> MoEGate:
     return MoEGate(args.hidden_size, args.n_routed_experts, args.num_experts_per_tok, args.topk_method,
                    args.n_group, args.topk_group, args.norm_topk_prob, args.routed_scaling_factor)
 
 
-class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, index: int, gate: MoEGate | None, traditional_rope: bool = True):
-        super().__init__()
-        self.self_attn = MLAttention(args, traditional_rope)
-        if gate is not None:
-            self.mlp = DeepseekMoE(args.hidden_size, args.moe_intermediate_size, args.n_routed_experts,
-                                   args.n_shared_experts, gate, act=args.hidden_act, shared_bias=args.mlp_bias)
-        else:
-            self.mlp = MLP(args.hidden_size, args.intermediate_size, bias=args.mlp_bias, act=args.hidden_act)
-        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-
-    def __call__(self, x: mx.array, cache: LatentCache | None) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
-
-
 def decoder_layers(args: ModelArgs, make_gate=make_gate, traditional_rope: bool = True) -> list[DecoderLayer]:
-    return [
-        DecoderLayer(args, i, make_gate(args) if args.is_moe_layer(i) else None, traditional_rope)
-        for i in range(args.num_hidden_layers)
-    ]
+    def feed_forward(layer: int) -> nn.Module:
+        if args.is_moe_layer(layer):
+            return DeepseekMoE(args.hidden_size, args.moe_intermediate_size, args.n_routed_experts,
+                               args.n_shared_experts, make_gate(args), act=args.hidden_act, shared_bias=args.mlp_bias)
+        return MLP(args.hidden_size, args.intermediate_size, bias=args.mlp_bias, act=args.hidden_act)
+
+    return [DecoderLayer(args, MLAttention(args, traditional_rope), feed_forward(i))
+            for i in range(args.num_hidden_layers)]
 
 
 class Model(DecoderLM):
@@ -144,23 +148,4 @@ class Model(DecoderLM):
             m = layer_index.match(name)
             return not (m and int(m.group(1)) >= n_layers)
 
-        weights = super().sanitize({k: v for k, v in weights.items() if keep(k)})
-        for i in range(n_layers):
-            if self.args.is_moe_layer(i):
-                stack_layer_experts(weights, f"model.layers.{i}.mlp", self.args.n_routed_experts)
-        return weights
-
-
-def stack_layer_experts(weights: dict[str, mx.array], mlp: str, num_experts: int) -> None:
-    """Per-expert ``{mlp}.experts.{e}.*_proj`` (Hub files) or transformers' fused in-memory layout
-    (``experts.gate_up_proj [E, 2I, D]``, ``experts.down_proj [E, D, I]``) -> ``{mlp}.switch_mlp.*``."""
-    stack_experts(weights, f"{mlp}.experts", num_experts,
-                  {p: f"{mlp}.switch_mlp.{p}" for p in EXPERT_PROJECTIONS})
-    fused = weights.pop(f"{mlp}.experts.gate_up_proj", None)
-    if fused is not None:
-        gate, up = mx.split(fused, 2, axis=1)
-        weights[f"{mlp}.switch_mlp.gate_proj.weight"] = gate
-        weights[f"{mlp}.switch_mlp.up_proj.weight"] = up
-    down = weights.pop(f"{mlp}.experts.down_proj", None)
-    if down is not None:
-        weights[f"{mlp}.switch_mlp.down_proj.weight"] = down
+        return super().sanitize({k: v for k, v in weights.items() if keep(k)})

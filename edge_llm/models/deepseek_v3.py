@@ -19,6 +19,7 @@ import mlx.core as mx
 
 from . import deepseek_v2
 from .deepseek_gate import MoEGate
+from .mla import join_kv_b
 
 
 @dataclasses.dataclass
@@ -60,9 +61,9 @@ class Model(deepseek_v2.Model):
 
 
 def join_kv_b_proj(weights: dict[str, mx.array], prefix: str, args: ModelArgs) -> None:
-    """mlx-lm (>= 0.30) saves V3's ``kv_b_proj`` split per head: ``embed_q [H, r, nope]`` (= W_uk^T) and
-    ``unembed_out [H, v, r]`` (= W_uv), possibly quantized. Rebuild ``kv_b_proj [H*(nope+v), r]`` in float
-    (dequantizing once with the settings the quantization block gives those modules)."""
+    """mlx-lm (>= 0.30) saves V3's ``kv_b_proj`` split per head (``embed_q``, ``unembed_out``), possibly
+    quantized: rebuild it in float (``mla.join_kv_b``), dequantizing once with the settings the quantization
+    block gives those modules."""
     if f"{prefix}.embed_q.weight" not in weights:
         return
     parts = []
@@ -77,6 +78,4 @@ def join_kv_b_proj(weights: dict[str, mx.array], prefix: str, args: ModelArgs) -
             w = mx.dequantize(w, scales, biases, group_size=settings.get("group_size", 64),
                               bits=settings.get("bits", 4), mode=settings.get("mode", "affine"))
         parts.append(w)
-    wk, wv = parts  # [H, r, nope], [H, v, r]
-    kv_b = mx.concatenate([wk.swapaxes(-1, -2), wv], axis=1)  # [H, nope + v, r]
-    weights[f"{prefix}.kv_b_proj.weight"] = kv_b.reshape(-1, args.kv_lora_rank)
+    weights[f"{prefix}.kv_b_proj.weight"] = join_kv_b(*parts)

@@ -1,21 +1,19 @@
 """Llama family: Llama 2/3, Mistral, DeepSeek LLM 7B/67B, deepseek-coder, SmolLM2.
 
-Reference: transformers ``models/llama/modeling_llama.py`` and ``models/mistral``. Differences: the
-rotary embedding is applied with ``mx.fast.rope`` (non-traditional, i.e. rotate-half, as HF); Mistral's
-sliding window becomes an explicit mask only once the keys outgrow the window.
+Reference: transformers ``models/llama/modeling_llama.py`` and ``models/mistral``. Grouped-query attention
+(``attention.py``; ``attention_bias`` on all four projections, Mistral's ``sliding_window``), a SwiGLU MLP
+(``mlp_bias``), pre-norm residual layers (``base.DecoderLayer``). Differences: the rotary embedding is
+applied with ``mx.fast.rope`` (rotate-half, as HF); Mistral's sliding window becomes an explicit mask only
+once the keys outgrow the window.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-import mlx.core as mx
-import mlx.nn as nn
-
-from .base import BaseModelArgs, DecoderLM, attention, check_heads, check_window
-from .cache import Cache
-from .layers import MLP, sliding_window_mask
-from .rope import RoPE
+from .attention import Attention
+from .base import BaseModelArgs, DecoderLayer, DecoderLM, check_heads, check_window
+from .layers import MLP
 
 
 @dataclasses.dataclass
@@ -38,52 +36,17 @@ class ModelArgs(BaseModelArgs):
     sliding_window: int | None = None
 
     def __post_init__(self) -> None:
-        self.head_dim = check_heads(self)
+        self.head_dim = check_heads(self, self.head_dim)
         check_window(self)
 
 
-class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = (
-            args.num_attention_heads, args.num_key_value_heads, args.head_dim,
-        )
-        self.scale = self.head_dim**-0.5
-        self.sliding_window = args.sliding_window
-        bias = args.attention_bias
-        self.q_proj = nn.Linear(args.hidden_size, self.n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(args.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(args.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, args.hidden_size, bias=bias)
-        self.rope = RoPE(self.head_dim, args.rope_theta, args.rope_scaling, args.max_position_embeddings)
-
-    def __call__(self, x: mx.array, cache: Cache | None) -> mx.array:
-        B, L, _ = x.shape
-        q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)  # [B, H, L, D]
-        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        offset = cache.offset if cache is not None else 0
-        q, k = self.rope(q, offset), self.rope(k, offset)
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
-        mask = sliding_window_mask(L, k.shape[2], self.sliding_window)
-        out = attention(q, k, v, self.scale, mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
-
-
-class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs):
-        super().__init__()
-        self.self_attn = Attention(args)
-        self.mlp = MLP(args.hidden_size, args.intermediate_size, bias=args.mlp_bias, act=args.hidden_act)
-        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-
-    def __call__(self, x: mx.array, cache: Cache | None) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+def decoder_layer(args: ModelArgs) -> DecoderLayer:
+    bias = args.attention_bias
+    attention = Attention(args, qkv_bias=bias, o_bias=bias, sliding_window=args.sliding_window)
+    return DecoderLayer(args, attention, MLP(args.hidden_size, args.intermediate_size, bias=args.mlp_bias,
+                                             act=args.hidden_act))
 
 
 class Model(DecoderLM):
     def __init__(self, args: ModelArgs):
-        super().__init__(args, [DecoderLayer(args) for _ in range(args.num_hidden_layers)])
+        super().__init__(args, [decoder_layer(args) for _ in range(args.num_hidden_layers)])

@@ -180,3 +180,11 @@ class MLAttention(nn.Module):
             weight = self._dense
         wk, wv = per_head(weight)  # [H, n, r], [H, v, r]
         return (lambda q: q @ wk), (lambda o: o @ wv.swapaxes(-1, -2))
+
+
+def join_kv_b(embed_q: mx.array, unembed_out: mx.array) -> mx.array:
+    """``kv_b_proj`` ``[H * (nope + v), r]`` from its per-head halves, the split ``_absorbed_maps`` uses:
+    ``embed_q [H, r, nope]`` (W_uk transposed) and ``unembed_out [H, v, r]`` (W_uv). mlx-lm (>= 0.30) saves
+    DeepSeek-V3 so, and llama.cpp's GGUF files hold the same halves as ``attn_k_b``/``attn_v_b``."""
+    kv_b = mx.concatenate([embed_q.swapaxes(-1, -2), unembed_out.astype(embed_q.dtype)], axis=1)  # [H, nope + v, r]
+    return kv_b.reshape(-1, embed_q.shape[1])

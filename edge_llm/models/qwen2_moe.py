@@ -2,11 +2,11 @@
 
 Reference: transformers ``models/qwen2_moe/modeling_qwen2_moe.py``; module layout from mlx-lm
 ``models/qwen2_moe.py`` (``mlp.gate``, ``mlp.switch_mlp.*``, ``mlp.shared_expert.*``,
-``mlp.shared_expert_gate``). Differences from Mixtral: q/k/v carry a bias (``qkv_bias``, o_proj none);
-top-k weights are renormalized only with ``norm_topk_prob``; a layer is sparse when it is not in
-``mlp_only_layers`` and ``(i + 1) % decoder_sparse_step == 0``, else a dense MLP of
-``intermediate_size``; sliding windows apply per layer (``layer_types``, derived as transformers does
-when absent).
+``mlp.shared_expert_gate``). Differences from Mixtral: q/k/v carry a bias (``qkv_bias``, o_proj none) and
+the head size is always hidden / heads (the shared ``attention.py`` with those flags); top-k weights are
+renormalized only with ``norm_topk_prob``; a layer is sparse when it is not in ``mlp_only_layers`` and
+``(i + 1) % decoder_sparse_step == 0``, else a dense MLP of ``intermediate_size``; sliding windows apply
+per layer (``layer_types``, derived as transformers does when absent).
 """
 
 from __future__ import annotations
@@ -16,11 +16,19 @@ import dataclasses
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import BaseModelArgs, DecoderLM, attention, check_experts, check_heads, check_window, require
-from .cache import Cache
-from .layers import MLP, sliding_window_mask
-from .moe import GLU_NAMES, SparseMoeBlock, stack_moe_experts
-from .rope import RoPE
+from .attention import Attention
+from .base import (
+    BaseModelArgs,
+    DecoderLayer,
+    DecoderLM,
+    ExpertCounts,
+    check_experts,
+    check_heads,
+    check_window,
+    require,
+)
+from .layers import MLP
+from .moe import SparseMoeBlock
 
 
 @dataclasses.dataclass
@@ -33,8 +41,7 @@ class ModelArgs(BaseModelArgs):
     num_key_value_heads: int | None = None
     moe_intermediate_size: int = 1408
     shared_expert_intermediate_size: int = 5632
-    num_experts: int | None = None
-    num_local_experts: int | None = None  # the other spelling of num_experts
+    num_experts: int | None = 60  # edge_llm.formats.folder.normalize_config fills it from num_local_experts
     num_experts_per_tok: int = 4
     norm_topk_prob: bool = False
     decoder_sparse_step: int = 1
@@ -50,14 +57,13 @@ class ModelArgs(BaseModelArgs):
     sliding_window: int | None = 4096
     max_window_layers: int = 28
     layer_types: list[str] | None = None
+    head_dim: int = dataclasses.field(init=False)  # hidden / heads: transformers reads no head_dim here
 
     def __post_init__(self) -> None:
-        self.num_experts = self.num_experts if self.num_experts is not None else self.num_local_experts
         if self.num_experts is None:
             self.num_experts = 60
-        self.num_local_experts = self.num_experts
         self.mlp_only_layers = list(self.mlp_only_layers or [])
-        check_heads(self)
+        self.head_dim = check_heads(self, None)
         check_experts(self, self.num_experts)
         check_window(self, used=self.use_sliding_window)
         require(self.decoder_sparse_step >= 1, "decoder_sparse_step", f"{self.decoder_sparse_step} must be >= 1")
@@ -81,32 +87,9 @@ class ModelArgs(BaseModelArgs):
         sliding = self.use_sliding_window and self.layer_types[layer] == "sliding_attention"
         return self.sliding_window if sliding and self.sliding_window else None
 
-
-class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, layer: int):
-        super().__init__()
-        self.n_heads, self.n_kv_heads = args.num_attention_heads, args.num_key_value_heads
-        self.head_dim = args.hidden_size // args.num_attention_heads
-        self.scale = self.head_dim**-0.5
-        self.sliding_window = args.window(layer)
-        self.q_proj = nn.Linear(args.hidden_size, self.n_heads * self.head_dim, bias=args.qkv_bias)
-        self.k_proj = nn.Linear(args.hidden_size, self.n_kv_heads * self.head_dim, bias=args.qkv_bias)
-        self.v_proj = nn.Linear(args.hidden_size, self.n_kv_heads * self.head_dim, bias=args.qkv_bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, args.hidden_size, bias=False)
-        self.rope = RoPE(self.head_dim, args.rope_theta, args.rope_scaling, args.max_position_embeddings)
-
-    def __call__(self, x: mx.array, cache: Cache | None) -> mx.array:
-        B, L, _ = x.shape
-        q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)  # [B, H, L, D]
-        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        offset = cache.offset if cache is not None else 0
-        q, k = self.rope(q, offset), self.rope(k, offset)
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
-        mask = sliding_window_mask(L, k.shape[2], self.sliding_window)
-        out = attention(q, k, v, self.scale, mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+    def expert_counts(self) -> ExpertCounts | None:
+        return ExpertCounts.of(self.num_experts, self.num_experts_per_tok, 1, self.moe_intermediate_size,
+                               filter(self.is_sparse, range(self.num_hidden_layers)))
 
 
 class Qwen2MoeSparseMoeBlock(SparseMoeBlock):
@@ -123,30 +106,13 @@ class Qwen2MoeSparseMoeBlock(SparseMoeBlock):
         return super().__call__(x) + shared
 
 
-class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, layer: int):
-        super().__init__()
-        self.self_attn = Attention(args, layer)
-        if args.is_sparse(layer):
-            self.mlp = Qwen2MoeSparseMoeBlock(args)
-        else:
-            self.mlp = MLP(args.hidden_size, args.intermediate_size, act=args.hidden_act)
-        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-
-    def __call__(self, x: mx.array, cache: Cache | None) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+def decoder_layer(args: ModelArgs, layer: int) -> DecoderLayer:
+    attention = Attention(args, qkv_bias=args.qkv_bias, sliding_window=args.window(layer))
+    if args.is_sparse(layer):
+        return DecoderLayer(args, attention, Qwen2MoeSparseMoeBlock(args))
+    return DecoderLayer(args, attention, MLP(args.hidden_size, args.intermediate_size, act=args.hidden_act))
 
 
 class Model(DecoderLM):
     def __init__(self, args: ModelArgs):
-        super().__init__(args, [DecoderLayer(args, i) for i in range(args.num_hidden_layers)])
-
-    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        weights = super().sanitize(weights)
-        for i in range(self.args.num_hidden_layers):
-            if self.args.is_sparse(i):
-                prefix = f"model.layers.{i}.mlp"
-                stack_moe_experts(weights, prefix, prefix, self.args.num_experts, GLU_NAMES)
-        return weights
+        super().__init__(args, [decoder_layer(args, i) for i in range(args.num_hidden_layers)])

@@ -39,6 +39,7 @@ import numpy as np
 from ...errors import CheckpointError
 from ...generation.sampling_defaults import sampling_from_gguf
 from ...models import supported_model_types
+from ...models.mla import join_kv_b
 from ...tokenizer import Tokenizer
 from ..checkpoint import Checkpoint, PackedTensor, commonest_bits, lazy_zeros
 from ..tensors import StoredTensor, TensorInfo
@@ -333,10 +334,9 @@ def _join_kv_b(weights: dict[str, mx.array], config: dict[str, Any]) -> None:
     heads, rank = config["num_attention_heads"], config["kv_lora_rank"]
     for key in [k for k in weights if k.endswith(".self_attn.k_b_proj.weight")]:
         prefix = key[: -len("k_b_proj.weight")]
-        k_b = _dense(weights, f"{prefix}k_b_proj").reshape(heads, rank, -1)
-        v_b = _dense(weights, f"{prefix}v_b_proj").reshape(heads, -1, rank)
-        kv_b = mx.concatenate([k_b.swapaxes(1, 2), v_b.astype(k_b.dtype)], axis=1)  # [H, nope + v, r]
-        weights[f"{prefix}kv_b_proj.weight"] = kv_b.reshape(-1, rank)
+        k_b = _dense(weights, f"{prefix}k_b_proj").reshape(heads, rank, -1)  # [H, r, nope]
+        v_b = _dense(weights, f"{prefix}v_b_proj").reshape(heads, -1, rank)  # [H, v, r]
+        weights[f"{prefix}kv_b_proj.weight"] = join_kv_b(k_b, v_b)
 
 
 def _tensor_infos(g: GGUFFile, names: dict[str, str], spec: Arch, config: dict[str, Any]) -> dict[str, TensorInfo]:

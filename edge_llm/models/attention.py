@@ -1,0 +1,78 @@
+"""Grouped-query attention, one module for the Llama, Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE files.
+
+Reference: transformers ``LlamaAttention`` and the variants of ``modeling_qwen2_moe``, ``modeling_qwen3_moe``
+and ``modeling_olmoe``. What those architectures differ by is a flag here:
+- biases: on q/k/v (``qkv_bias``: Qwen2-MoE) and on o_proj (``o_bias``; Llama's ``attention_bias`` sets both);
+- RMS norms of queries and keys (``qk_norm``): per head, before rope (``"head"``: Qwen3's ``q_norm``/``k_norm``
+  of width ``head_dim``), or over the whole projection (``"full"``: OLMoE's, ``heads * head_dim`` wide);
+- ``clip_qkv`` (OLMoE): q, k and v clamped to ``[-clip_qkv, clip_qkv]`` after the norms;
+- a sliding window (Mistral, Mixtral, Qwen's per-layer windows): an explicit mask only once the keys
+  outgrow it.
+MQA is GQA with one key/value head. The rotary embedding is ``mx.fast.rope`` in the rotate-half layout, as
+transformers'. Module names are the checkpoints' (``q_proj`` ... ``o_proj``), so loading needs no table.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Protocol
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .base import attention
+from .cache import KVCache
+from .layers import sliding_window_mask
+from .rope import RoPE
+
+
+class AttentionArgs(Protocol):
+    """The config fields grouped-query attention reads (each architecture's ``ModelArgs`` has them)."""
+
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    max_position_embeddings: int
+
+
+class Attention(nn.Module):
+    def __init__(self, args: AttentionArgs, *, qkv_bias: bool = False, o_bias: bool = False,
+                 qk_norm: Literal["head", "full"] | None = None, clip_qkv: float | None = None,
+                 sliding_window: int | None = None):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            args.num_attention_heads, args.num_key_value_heads, args.head_dim,
+        )
+        self.scale = self.head_dim**-0.5
+        self.qk_norm, self.clip_qkv, self.sliding_window = qk_norm, clip_qkv, sliding_window
+        q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(args.hidden_size, q_width, bias=qkv_bias)
+        self.k_proj = nn.Linear(args.hidden_size, kv_width, bias=qkv_bias)
+        self.v_proj = nn.Linear(args.hidden_size, kv_width, bias=qkv_bias)
+        self.o_proj = nn.Linear(q_width, args.hidden_size, bias=o_bias)
+        if qk_norm is not None:
+            per_head = qk_norm == "head"
+            self.q_norm = nn.RMSNorm(self.head_dim if per_head else q_width, eps=args.rms_norm_eps)
+            self.k_norm = nn.RMSNorm(self.head_dim if per_head else kv_width, eps=args.rms_norm_eps)
+        self.rope = RoPE(self.head_dim, args.rope_theta, args.rope_scaling, args.max_position_embeddings)
+
+    def __call__(self, x: mx.array, cache: KVCache | None) -> mx.array:
+        B, L, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, L, H*D]
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (mx.clip(t, -self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q, k, v = (t.reshape(B, L, n, -1) for t, n in ((q, self.n_heads), (k, self.n_kv_heads), (v, self.n_kv_heads)))
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # [B, H, L, D]
+        offset = cache.offset if cache is not None else 0
+        q, k = self.rope(q, offset), self.rope(k, offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        out = attention(q, k, v, self.scale, sliding_window_mask(L, k.shape[2], self.sliding_window))
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
