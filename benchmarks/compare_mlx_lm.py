@@ -34,11 +34,11 @@ from benchmarks.harness import (
     Case,
     alternate,
     machine_load,
-    measure,
     old_style_copy,
     table,
     write_section,
 )
+from tests.peak_rss import measure
 
 PARAGRAPH = (
     "The history of computing is a story of abstraction. Early machines were programmed by rewiring "

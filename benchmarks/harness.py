@@ -1,20 +1,17 @@
-"""Shared benchmark plumbing: run a command in a fresh process, measure it, alternate tools, summarise.
+"""Shared benchmark plumbing: alternate tools, summarise, record.
 
-Every measurement runs in its own process so peak memory (``ru_maxrss`` from ``wait4``) belongs to one
-run. Tools alternate (A B A B ...) so drift on a noisy machine hits both alike; we report medians.
+Every measurement runs in its own process (``tests.peak_rss.measure``) so peak memory (``ru_maxrss`` from
+``wait4``) belongs to one run. Tools alternate (A B A B ...) so drift on a noisy machine hits both alike;
+we report medians.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import statistics
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,46 +21,6 @@ from edge_llm.machine.blas import find_openblas
 RESULTS = Path(__file__).with_name("RESULTS.md")
 # mlx-lm given the OpenBLAS edge-llm loads by default (the informational like-for-like column)
 OPENBLAS_ENV = {"LD_PRELOAD": find_openblas() or ""}
-
-
-@dataclass
-class Run:
-    stdout: str
-    stderr: str
-    wall_s: float
-    max_rss_bytes: int
-
-
-def measure(cmd: Sequence[str], env: dict[str, str] | None = None, timeout: float = 1800) -> Run:
-    """Runs ``cmd`` in a fresh process; returns its output, wall time and its own peak resident memory."""
-    start = time.perf_counter()
-    proc = subprocess.run(_with_rss(cmd), capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
-    return Run(proc.stdout, proc.stderr, wall, _parse_rss(proc.stderr))
-
-
-# A parent that waits for exactly one child, so ru_maxrss is that child's peak alone.
-RSS_WRAPPER = (
-    "import os, sys\n"
-    "pid = os.fork()\n"
-    "if pid == 0:\n"
-    "    os.execvp(sys.argv[1], sys.argv[1:])\n"
-    "_, status, usage = os.wait4(pid, 0)\n"
-    "sys.stderr.write(f'\\n@@max_rss_kb={usage.ru_maxrss}\\n')\n"
-    "sys.exit(os.waitstatus_to_exitcode(status))\n"
-)
-
-
-def _with_rss(cmd: Sequence[str]) -> list[str]:
-    return [sys.executable, "-c", RSS_WRAPPER, *cmd]
-
-
-def _parse_rss(stderr: str) -> int:
-    m = re.search(r"@@max_rss_kb=(\d+)", stderr)
-    return int(m.group(1)) * 1024 if m else 0
 
 
 @dataclass

@@ -29,7 +29,8 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.harness import OPENBLAS_ENV, Case, alternate, measure, table, write_section
+from benchmarks.harness import OPENBLAS_ENV, Case, alternate, table, write_section
+from tests.peak_rss import measure
 
 SHAPE = dict(
     model_type="deepseek_v2", architectures=["DeepseekV2ForCausalLM"], vocab_size=102400, hidden_size=1024,

@@ -21,10 +21,11 @@ from pathlib import Path
 import mlx.core as mx
 
 from benchmarks.estimate_calibration import MOE_SHAPES, WORK, build_random_checkpoint
-from benchmarks.harness import measure, write_section
+from benchmarks.harness import write_section
 from edge_llm.loader import load_model
 from quant import affine
 from quant.quality import compare_log_probs, log_probs, sample_tokens
+from tests.peak_rss import measure
 
 
 def reconstruction(source: Path, bits: int, group_size: int) -> tuple[float, float]:

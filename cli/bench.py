@@ -7,10 +7,10 @@ import json
 import typer
 
 from edge_llm.bench import PROMPT_LENGTHS, run_bench
+from edge_llm.units import human_bytes
 
 from .common import (
     err,
-    human_bytes,
     model_argument,
     model_or_default,
     parse_dtype,

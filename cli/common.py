@@ -1,5 +1,5 @@
 """What every command shares: the stderr console, one-line errors, the MODEL argument, option values that
-are checked as they are parsed (so a bad one is a usage error), human-readable figures."""
+are checked as they are parsed (so a bad one is a usage error), human-readable counts."""
 
 from __future__ import annotations
 
@@ -112,14 +112,6 @@ def user_errors(command):
             raise typer.Exit(130) from None
 
     return wrapper
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}" if n < 10 else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"
 
 
 def human_count(n: float) -> str:

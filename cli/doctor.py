@@ -10,8 +10,9 @@ import typer
 
 from edge_llm.machine.backend import available_ram_bytes, blas_library, detect
 from edge_llm.machine.bandwidth import machine_bandwidth
+from edge_llm.units import human_bytes
 
-from .common import human_bytes, user_errors
+from .common import user_errors
 
 
 @user_errors

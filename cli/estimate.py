@@ -9,12 +9,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from edge_llm.units import human_bytes
 from quant.estimate import Estimate, Row, estimate
 
 from .common import (
     DEFAULT_NAME,
     MODEL_HELP,
-    human_bytes,
     human_count,
     model_argument,
     model_or_default,

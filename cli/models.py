@@ -13,8 +13,9 @@ from edge_llm.errors import EdgeLLMError
 from edge_llm.formats.open import open_checkpoint
 from edge_llm.hub.cache import CachedModel, hub_cache_dir, list_models, plan_removal
 from edge_llm.modelinfo import describe
+from edge_llm.units import human_bytes
 
-from .common import err, human_bytes, human_count, user_errors
+from .common import err, human_count, user_errors
 
 
 def _age(modified: float) -> str:

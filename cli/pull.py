@@ -15,8 +15,9 @@ from rich.text import Text
 
 from edge_llm.hub.pull import PullObserver, PullPlan, RemoteFile
 from edge_llm.hub.pull import pull as pull_repo
+from edge_llm.units import human_bytes
 
-from .common import err, human_bytes, user_errors
+from .common import err, user_errors
 
 
 class AverageSpeedColumn(ProgressColumn):

@@ -10,10 +10,11 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from edge_llm.formats.open import open_checkpoint
+from edge_llm.units import human_bytes
 from quant.quality import Quality, Verdict, evaluate, judge
 from quant.quantize import QuantizeJob, QuantizeResult, quantize
 
-from .common import err, human_bytes, parse_half_dtype, parse_model_ref, user_errors
+from .common import err, parse_half_dtype, parse_model_ref, user_errors
 from .signals import Stopped, exit_code, stop_signals_interrupt
 
 

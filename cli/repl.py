@@ -11,8 +11,9 @@ from dataclasses import dataclass, replace
 from edge_llm.errors import ContextError, EdgeLLMError
 from edge_llm.generation.chat import ChatSession
 from edge_llm.generation.sampling_defaults import SamplingSettings
+from edge_llm.units import human_bytes
 
-from .common import err, human_bytes
+from .common import err
 
 try:  # line editing and history where the platform has it
     import readline  # noqa: F401

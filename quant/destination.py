@@ -1,4 +1,5 @@
-"""Where a converted checkpoint may go: refused up front, before any work, when OUT cannot be a new folder.
+"""Where a converted checkpoint may go: refused up front, before any work, when OUT cannot be a new folder
+or its disk cannot take it; and the one line a failed write becomes.
 
 The output is built beside OUT and renamed onto it (``writer.AtomicFolder``), and ``--force`` moves an
 existing OUT aside first. So OUT must name a folder of its own: not ``""``, ``.`` or ``..`` (the kernel
@@ -9,8 +10,17 @@ the source, a folder inside it or above it.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 from pathlib import Path
+
+from edge_llm.errors import EdgeLLMError
+from edge_llm.units import human_bytes
+
+
+class QuantizeError(EdgeLLMError):
+    """A conversion that cannot be done: bad options, an existing output, a full disk."""
 
 
 def _inside_or_above(a: Path, b: Path) -> bool:
@@ -44,3 +54,38 @@ def refusal(source: Path | None, out: str | Path, force: bool) -> str | None:
     if (path.exists() or path.is_symlink()) and not force:
         return f"{text}: already exists; choose another -o or pass --force to replace it"
     return None
+
+
+def check_destination(source: Path | None, out: str | Path, force: bool) -> None:
+    """Raises QuantizeError with ``refusal``'s line."""
+    if why := refusal(source, out, force):
+        raise QuantizeError(why)
+
+
+def check_space(out: Path, needed: int) -> None:
+    """Refuses up front a destination that is read-only or lacks the space the plan needs."""
+    probe = out.parent
+    while not probe.exists():
+        probe = probe.parent
+    if probe.is_dir() and not os.access(probe, os.W_OK):
+        raise QuantizeError(f"{out}: cannot write there ({probe} is not writable); choose another -o")
+    free = shutil.disk_usage(probe).free
+    if needed > free:
+        raise QuantizeError(f"{out}: needs {human_bytes(needed)} but only {human_bytes(free)} is free on that disk; "
+                            "free some space or choose another -o")
+
+
+def disk_error(out: Path, e: OSError) -> EdgeLLMError | OSError:
+    """The line a failed write of ``out`` deserves, naming OUT (not the temporary folder beside it)."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return QuantizeError(f"{out}: {e.strerror.lower()} while writing; nothing was written (free some space or "
+                             "choose another -o)")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return QuantizeError(f"{out}: cannot write there ({e.strerror.lower()}); choose another -o")
+    temporary = Path(e.filename or "").name.startswith((f".{out.name}.partial-", f".{out.name}.old-"))
+    if e.errno == errno.ENAMETOOLONG and temporary:
+        return QuantizeError(f"{out}: name too long for the temporary folder written beside it first "
+                             f"(.{out.name}.partial-XXXXXXXX); choose a shorter -o")
+    if temporary or f"/.{out.name}.partial-" in str(e.filename or ""):  # name the user's OUT, not our scratch copy
+        return QuantizeError(f"{out}: {(e.strerror or str(e)).lower()} while writing; nothing was written")
+    return e

@@ -96,10 +96,6 @@ class Estimate:
     def requested(self) -> Row:
         return next(r for r in self.rows if r.requested)
 
-    def smallest_fitting(self) -> Row | None:
-        fitting = [r for r in self.rows if r.fits]
-        return min(fitting, key=lambda r: r.bits) if fitting else None
-
     def as_dict(self) -> dict[str, Any]:
         r = self.requested
         return {
@@ -179,7 +175,7 @@ def estimate_checkpoint(checkpoint: Checkpoint, bits: int | None = None, group_s
     rows: list[Row] = []
     for b in variants:
         float_dtype = "F32" if b == 32 else half
-        plan = plan_quantized(model, checkpoint.config, make_recipe(b, group_size), float_dtype, source_dtype)
+        plan = plan_quantized(model, make_recipe(b, group_size), float_dtype, source_dtype)
         rows.append(ctx.row(plan, _label(b, float_dtype), b, group_size if b < 16 else None, plan.nbytes))
     q = checkpoint.quantization
     stored_plan = plan_stored(build_model(checkpoint), checkpoint)  # quantizes its own tree as stored
@@ -231,7 +227,7 @@ def estimate_rough(params: int, arch: str, bits: int | None, group_size: int, co
     sizes = {}
     for name, config in shapes.items():
         checkpoint = config_only(config, name)
-        plan = plan_quantized(build_model(checkpoint), checkpoint.config, make_recipe(32), "F32",
+        plan = plan_quantized(build_model(checkpoint), make_recipe(32), "F32",
                               source_dtype_of(checkpoint))
         sizes[name] = plan.params_total
     ref = reference.nearest(sizes, params)

@@ -12,28 +12,27 @@ from edge_llm.errors import MemoryBudgetError
 from edge_llm.generation.context import context_window, model_context_limit
 from edge_llm.hub.resolve import read_model_headers
 from edge_llm.models.cache import check_kv_bits
+from edge_llm.units import human_bytes
 
 from .estimate import Estimate, Machine, estimate_checkpoint
-
-
-def _gb(n: float) -> str:
-    return f"{n / 1e9:.1f} GB" if abs(n) >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def refusal(est: Estimate, ref: str) -> str:
     """One line: what the model needs, how much is missing, what would fit."""
     r, m = est.requested, est.machine
     kind = {"ram": "RAM", "unified": "GPU working set", "vram": "VRAM"}.get(m.memory_kind, m.memory_kind)
-    need = (f"{ref}: needs about {_gb(r.total_bytes)} ({_gb(r.weights_bytes)} weights + "
-            f"{_gb(r.kv_cache_bytes)} KV cache at {est.context} tokens + {_gb(r.overhead_bytes)} runtime) but this "
-            f"machine has {_gb(m.memory_bytes)} of {kind}, {_gb(r.total_bytes - m.memory_bytes)} short")
+    need = (f"{ref}: needs about {human_bytes(r.total_bytes)} ({human_bytes(r.weights_bytes)} weights + "
+            f"{human_bytes(r.kv_cache_bytes)} KV cache at {est.context} tokens + "
+            f"{human_bytes(r.overhead_bytes)} runtime) but this machine has {human_bytes(m.memory_bytes)} of {kind}, "
+            f"{human_bytes(r.total_bytes - m.memory_bytes)} short")
     smaller = [row for row in est.rows if row.fits and not row.stored and row.bits < r.bits]
     if not smaller:
         return f"{need}; no smaller precision fits either (try a shorter context); pass --force to try anyway"
     best = max(smaller, key=lambda row: row.bits)
     out = f"{ref.rstrip('/').split('/')[-1]}-{best.bits}bit"
     cmd = f"edge-llm quantize {shlex.quote(ref)} -o {shlex.quote(out)} --bits {best.bits}"
-    return f"{need}; at {best.label} it needs {_gb(best.total_bytes)} and fits: `{cmd}`; or pass --force to try anyway"
+    return (f"{need}; at {best.label} it needs {human_bytes(best.total_bytes)} and fits: `{cmd}`; "
+            "or pass --force to try anyway")
 
 
 def check_fits(ref: str, context: int | None = None, kv_bits: int | None = None,

@@ -1,68 +1,59 @@
 """The exact tensors a (quantized) checkpoint holds, from its config alone: shared by quantize and estimate.
 
-``plan_checkpoint`` builds the model's module tree (``edge_llm.loader.build_model``: random weights that
+``plan_quantized`` walks the model's module tree (``edge_llm.loader.build_model``: random weights that
 are never evaluated, so even DeepSeek-V3 costs nothing), asks the recipe about every quantizable module
 and lists each output tensor with its name, shape and dtype, in the post-``sanitize`` names the loader
 (and mlx-lm) expect. ``quantize`` writes exactly this list (it checks every tensor against it), and the
-estimator sums it, so the estimated weight bytes are the bytes on disk.
+estimator sums it, so the estimated weight bytes are the bytes on disk; ``plan_stored`` lists what an
+existing checkpoint loads into.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from mlx.utils import tree_flatten
 
 from edge_llm.formats.checkpoint import Checkpoint
 from edge_llm.formats.tensors import DTYPE_BYTES
-from edge_llm.loader import build_model, quantize_modules
+from edge_llm.loader import quantize_modules
 from edge_llm.models.base import CausalLM
 from edge_llm.models.switch import QuantizedSwitchLinear, SwitchLinear
 
-from .recipes import QuantSpec, Recipe, layer_of
+from .recipes import QuantSpec, Recipe
 
 # MLX dtype names <-> safetensors spellings
 ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "uint32": "U32"}
 MX_NAMES = {v: k for k, v in ST_DTYPES.items()}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PlannedTensor:
     name: str
     shape: tuple[int, ...]
     dtype: str  # safetensors spelling: U32 (packed codes), F16, BF16, F32
     kind: str  # "float", "packed", "scales" or "biases"
     param: str  # the float parameter it is made from (``X.weight`` for packed/scales/biases)
-    spec: QuantSpec | None
-    expert: bool  # stacked routed experts [E, ...]: a token reads only k of the E slices
-    keep_float: bool  # the model keeps it in the file's float dtype (never cast, never quantized)
-    params: int  # logical parameters it holds (0 for scales/biases)
-
-    @property
-    def group(self) -> int | None:
-        return layer_of(self.name)
+    spec: QuantSpec | None = None
+    expert: bool = False  # stacked routed experts [E, ...]: a token reads only k of the E slices
+    keep_float: bool = False  # the model keeps it in the file's float dtype (never cast, never quantized)
+    params: int = 0  # logical parameters it holds (0 for scales/biases)
 
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * DTYPE_BYTES[self.dtype]
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class Plan:
     tensors: list[PlannedTensor]
-    recipe: Recipe | None  # None: the checkpoint as stored (already quantized or not)
     float_dtype: str  # safetensors spelling of the float tensors
     quantization: dict[str, Any] | None  # the config block in MLX community format
     experts: tuple[int, int] | None = None  # (routed per token, experts per layer)
     tied_embeddings: bool = False
-    by_name: dict[str, PlannedTensor] = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self.by_name = {t.name: t for t in self.tensors}
-
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
@@ -111,13 +102,28 @@ def quantizable_paths(model: CausalLM) -> list[str]:
     return [path for path, module in model.named_modules() if _quantizable(module)]
 
 
-def _experts(config: dict[str, Any]) -> tuple[int, int] | None:
-    k = config.get("num_experts_per_tok")
-    e = config.get("n_routed_experts") or config.get("num_local_experts") or config.get("num_experts")
-    return (int(k), int(e)) if k and e else None
+def _experts(model: CausalLM) -> tuple[int, int] | None:
+    experts = model.experts
+    return (experts.active, experts.routed) if experts else None
 
 
-def plan_quantized(model: CausalLM, config: dict[str, Any], recipe: Recipe, float_dtype: str,
+def _float_tensor(name: str, shape: tuple[int, ...], dtype: str, expert: bool, keep_float: bool) -> PlannedTensor:
+    return PlannedTensor(name=name, shape=shape, dtype=dtype, kind="float", param=name, expert=expert,
+                         keep_float=keep_float, params=math.prod(shape))
+
+
+def _quantized_tensors(weight: str, shape: tuple[int, ...], spec: QuantSpec, scales_dtype: str,
+                       expert: bool) -> list[PlannedTensor]:
+    """What ``spec`` makes of the float parameter ``weight``: packed codes, then scales and biases."""
+    module = weight.rpartition(".")[0]
+    packed, grouped = _quantized_shapes(shape, spec)
+    return [PlannedTensor(name=weight, shape=packed, dtype="U32", kind="packed", param=weight, spec=spec,
+                          expert=expert, params=math.prod(shape)),
+            *(PlannedTensor(name=f"{module}.{kind}", shape=grouped, dtype=scales_dtype, kind=kind, param=weight,
+                            spec=spec, expert=expert) for kind in ("scales", "biases"))]
+
+
+def plan_quantized(model: CausalLM, recipe: Recipe, float_dtype: str,
                    source_dtype: Callable[[str], str]) -> Plan:
     """What ``recipe`` makes of the (unquantized) module tree ``model``; ``source_dtype(name)`` is the
     stored dtype of a parameter (parameters the model keeps in float keep it)."""
@@ -141,20 +147,17 @@ def plan_quantized(model: CausalLM, config: dict[str, Any], recipe: Recipe, floa
         expert = module in experts
         spec = specs.get(module) if leaf == "weight" else None
         if spec is None:
-            tensors.append(PlannedTensor(name, shape, dtype, "float", name, None, expert, keep, math.prod(shape)))
-            continue
-        packed, grouped = _quantized_shapes(shape, spec)
-        tensors.append(PlannedTensor(name, packed, "U32", "packed", name, spec, expert, False, math.prod(shape)))
-        for kind in ("scales", "biases"):
-            tensors.append(PlannedTensor(f"{module}.{kind}", grouped, float_dtype, kind, name, spec, expert, False, 0))
+            tensors.append(_float_tensor(name, shape, dtype, expert, keep))
+        else:
+            tensors += _quantized_tensors(name, shape, spec, float_dtype, expert)
     block = None
     if recipe.quantizes:
         block = {"group_size": recipe.group_size, "bits": recipe.bits, "mode": "affine"}
         for path, spec in sorted(specs.items()):
             if (spec.bits, spec.group_size) != (recipe.bits, recipe.group_size):
                 block[path] = {"group_size": spec.group_size, "bits": spec.bits}
-    tied = bool(getattr(model.args, "tie_word_embeddings", False))
-    return Plan(tensors, recipe, float_dtype, block, _experts(config), tied)
+    return Plan(tensors=tensors, float_dtype=float_dtype, quantization=block, experts=_experts(model),
+                tied_embeddings=model.tied_embeddings)
 
 
 def plan_stored(model: CausalLM, checkpoint: Checkpoint) -> Plan:
@@ -168,24 +171,23 @@ def plan_stored(model: CausalLM, checkpoint: Checkpoint) -> Plan:
     tensors = []
     for name, param in tree_flatten(model.parameters()):
         module, _, leaf = name.rpartition(".")
-        shape = tuple(param.shape)
-        quantized = q is not None and f"{module}.scales" in stored and leaf in ("weight", "scales", "biases")
+        shape, expert = tuple(param.shape), module in experts
+        quantized = q is not None and f"{module}.scales" in stored
         info = stored.get(name)
         dtype = info.dtype if info is not None and info.dtype in MX_NAMES else checkpoint.dtype
         if quantized and leaf == "weight":
             owner = modules[module]
-            params = math.prod(shape) * 32 // owner.bits
-            tensors.append(PlannedTensor(name, shape, "U32", "packed", name, QuantSpec(owner.bits, owner.group_size),
-                                         module in experts, False, params))
-        elif quantized:
-            tensors.append(PlannedTensor(name, shape, dtype, leaf, f"{module}.weight", None, module in experts,
-                                         False, 0))
+            tensors.append(PlannedTensor(name=name, shape=shape, dtype="U32", kind="packed", param=name,
+                                         spec=QuantSpec(owner.bits, owner.group_size), expert=expert,
+                                         params=math.prod(shape) * 32 // owner.bits))
+        elif quantized and leaf in ("scales", "biases"):
+            tensors.append(PlannedTensor(name=name, shape=shape, dtype=dtype, kind=leaf, param=f"{module}.weight",
+                                         expert=expert))
         else:
-            keep = _keeps_float(model, name)
-            tensors.append(PlannedTensor(name, shape, dtype if dtype in MX_NAMES else "BF16", "float", name, None,
-                                         module in experts, keep, math.prod(shape)))
-    tied = bool(getattr(model.args, "tie_word_embeddings", False))
-    return Plan(tensors, None, checkpoint.dtype, q, _experts(checkpoint.config), tied)
+            tensors.append(_float_tensor(name, shape, dtype if dtype in MX_NAMES else "BF16", expert,
+                                         _keeps_float(model, name)))
+    return Plan(tensors=tensors, float_dtype=checkpoint.dtype, quantization=q, experts=_experts(model),
+                tied_embeddings=model.tied_embeddings)
 
 
 def source_dtype_of(checkpoint: Checkpoint) -> Callable[[str], str]:
@@ -201,7 +203,3 @@ def source_dtype_of(checkpoint: Checkpoint) -> Callable[[str], str]:
 
     return lookup
 
-
-def model_for(checkpoint: Checkpoint) -> CausalLM:
-    """The module tree, never evaluated (its random weights cost nothing until evaluated)."""
-    return build_model(checkpoint)

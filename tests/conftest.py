@@ -27,14 +27,6 @@ def smollm2_folder(request) -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2_copy(smollm2_folder, tmp_path_factory) -> Path:
-    """A writable copy of the SmolLM2 folder for tests that modify or add files."""
-    dst = tmp_path_factory.mktemp("smollm2") / "model"
-    shutil.copytree(smollm2_folder, dst, ignore=shutil.ignore_patterns("done"))
-    return dst
-
-
-@pytest.fixture(scope="session")
 def smollm2_gguf():
     """(model, tokenizer) of the embedded default model, the SmolLM2 Q4_1 GGUF, loaded once."""
     from edge_llm.default_model import default_model_path

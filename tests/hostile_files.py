@@ -8,7 +8,7 @@ integer dtype, arrays nested 50,000 deep) and to do it thousands of times, fast.
   tiny random llama, the weights taken from edge-llm's own module tree.
 - ``safetensors_bytes`` / ``read_safetensors``: a safetensors file as (header object, data bytes).
 - ``Meta`` + ``gguf_bytes``: a GGUF file from typed metadata and tensors, values written as given.
-- ``tiny_gguf``: the same tiny llama as a GGUF file (F32 tensors, byte-level BPE tokenizer metadata).
+- ``tiny_gguf_parts``: the same tiny llama as a GGUF file (F32 tensors, byte-level BPE tokenizer metadata).
 """
 
 from __future__ import annotations
@@ -235,12 +235,6 @@ def tiny_tokenizer_meta() -> list[Meta]:
         Meta("tokenizer.ggml.padding_token_id", U32, tokens.index("<|endoftext|>")),
         Meta("tokenizer.chat_template", STRING, CHATML),
     ]  # fmt: skip
-
-
-def tiny_gguf(path: Path, config: dict[str, Any] | None = None) -> Path:
-    meta, tensors = tiny_gguf_parts(config)
-    path.write_bytes(gguf_bytes(meta, tensors))
-    return path
 
 
 def replace_meta(meta: list[Meta], key: str, kind: int, value: Any, item: int | None = None,

@@ -19,7 +19,6 @@ from edge_llm.errors import ContextError
 from edge_llm.generation.chat import ChatSession
 from edge_llm.generation.context import DEFAULT_CONTEXT, context_window, model_context_limit
 from edge_llm.generation.sampling import SamplingParams
-from edge_llm.models.cache import cache_offset
 from quant.fit import check_fits
 
 SMOLLM2_LIMIT = 8192  # the GGUF's llama.context_length
@@ -86,10 +85,10 @@ def test_session_refuses_a_message_that_cannot_fit_and_stays_as_it_was(smollm2_g
     model, tokenizer = smollm2_gguf
     chat = ChatSession(model, tokenizer, params=SamplingParams(temperature=0), max_tokens=6, context=96)
     list(chat.ask("Hi!"))
-    messages, cached, offset = list(chat.messages), list(chat.cache_tokens), cache_offset(chat.cache)
+    messages, cached, offset = list(chat.messages), list(chat.cache_tokens), chat.cache[0].offset
     with pytest.raises(ContextError, match=r"the prompt is \d+ tokens but the context holds 96: .*up to 8192"):
         next(chat.ask("Tell me everything about " + "the history of Paris and " * 40))
-    assert (chat.messages, chat.cache_tokens, cache_offset(chat.cache)) == (messages, cached, offset)
+    assert (chat.messages, chat.cache_tokens, chat.cache[0].offset) == (messages, cached, offset)
     list(chat.ask("Thanks!"))  # and the chat goes on, from its cache
     assert chat.last.reused_tokens > 0 and chat.last.dropped_turns == 0
 
@@ -101,7 +100,7 @@ def test_outgrown_context_drops_old_turns_and_says_so(smollm2_gguf):
     for question in ("Hi!", "What is the capital of France?", "And of Italy?", "And of Spain?"):
         list(chat.ask(question))
         dropped.append(chat.last.dropped_turns)
-        assert cache_offset(chat.cache) < 80 and chat.last.context_tokens <= 80
+        assert chat.cache[0].offset < 80 and chat.last.context_tokens <= 80
     assert dropped[0] == 0 and sum(dropped) >= 1 and chat.dropped_turns == sum(dropped)
     assert chat.messages[0]["content"] != "Hi!"  # the oldest turn is gone
     assert chat.messages[-2]["content"] == "And of Spain?"

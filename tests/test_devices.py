@@ -144,7 +144,7 @@ def test_footprint_of_the_planned_mixtral_matches_the_hand_figures():
     from edge_llm.loader import build_model
 
     model = build_model(ck)
-    plan = plan_quantized(model, ck.config, make_recipe(4, 64), "BF16", source_dtype_of(ck))
+    plan = plan_quantized(model, make_recipe(4, 64), "BF16", source_dtype_of(ck))
     itemsize = policy_for("metal", plan).itemsize
     f = footprint_from_plan(plan, itemsize, MIXTRAL_KV, 400_000_000, plan.bytes_per_token(itemsize) + MIXTRAL_KV)
     assert f == mixtral()
@@ -155,7 +155,7 @@ def test_footprint_of_the_planned_deepseek_v3_splits_58_moe_layers():
     ck = config_only(DEEPSEEK_V3, "deepseek_v3")
     from edge_llm.loader import build_model
 
-    plan = plan_quantized(build_model(ck), ck.config, make_recipe(4, 64), "BF16", source_dtype_of(ck))
+    plan = plan_quantized(build_model(ck), make_recipe(4, 64), "BF16", source_dtype_of(ck))
     itemsize = policy_for("metal", plan).itemsize
     f = footprint_from_plan(plan, itemsize, V3_KV, 0, plan.bytes_per_token(itemsize))
     assert (f.expert_bytes, f.moe_layers, f.experts, f.experts_per_token) == (V3_EXPERT, 58, 256, 8)

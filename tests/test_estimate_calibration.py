@@ -4,17 +4,19 @@ Each run is a fresh ``edge-llm run MODEL --prompt P --json`` process; its peak R
 high-water mark of that process alone (``wait4``, benchmarks/harness.py). The estimate is asked for the
 same model at the context the run reached. Models: SmolLM2-135M quantized to 4-bit by ``quantize``, and
 a 0.45B MoE (DeepSeek-V2-Lite shape: MLA, 32 routed experts + a shared one) in the same 4-bit format.
-benchmarks/estimate_calibration.py measures more models and contexts and records the errors.
+benchmarks/estimate_calibration.py measures more models and contexts and records the errors; both build
+their models and runs with tests/memory_runs.py.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from benchmarks.estimate_calibration import MOE_SHAPES, build_random_quantized, run_and_estimate
 from quant.quantize import quantize
+from tests.backend import cpu_only
+from tests.memory_runs import MOE_SHAPES, build_random_quantized, run_and_estimate
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, cpu_only("the runtime overhead is calibrated against peak RSS on the CPU")]
 TOLERANCE = 0.10
 
 

@@ -19,8 +19,9 @@ from edge_llm.errors import CheckpointError
 from edge_llm.formats.open import open_checkpoint
 from edge_llm.loader import build_model, load_model
 from quant import affine
-from quant.quantize import _schedule, quantize
+from quant.quantize import quantize
 from quant.recipes import ROUTER_SUFFIXES
+from quant.schedule import schedule
 from tests.hf_oracle import build_tiny_checkpoint, random_tokens, reference_logits
 from tests.tiny_configs import TINY_CONFIGS
 
@@ -92,9 +93,9 @@ def test_every_architecture_quantizes_streams_and_runs(arch, tiny, tmp_path):
     from quant.plan import plan_quantized, source_dtype_of
     from quant.recipes import make_recipe
 
-    plan = plan_quantized(model, checkpoint.config, make_recipe(4, 32), "F16", source_dtype_of(checkpoint))
-    schedule = _schedule(model, checkpoint, checkpoint.load_weights(), plan)
-    assert len(schedule) == TINY_CONFIGS[arch]["num_hidden_layers"] + 1
+    plan = plan_quantized(model, make_recipe(4, 32), "F16", source_dtype_of(checkpoint))
+    groups = schedule(model, checkpoint, checkpoint.load_weights(), plan)
+    assert len(groups) == TINY_CONFIGS[arch]["num_hidden_layers"] + 1
 
     out = tmp_path / "q4"
     result = quantize(src, out, bits=4, group_size=32)

@@ -49,11 +49,6 @@ def not_own(folder: Path, path: Path) -> str | None:
     return None
 
 
-def own_file(folder: Path, path: Path) -> Path | None:
-    """The real path of ``path`` when it is the folder's own regular file (see the module doc), else None."""
-    return None if not_own(folder, path) else path.resolve()
-
-
 def copy_own_file(real: Path, dest: Path) -> None:
     """Copies the regular file ``real`` (a resolved path) to ``dest``, refusing to follow a link swapped in since
     it was checked, or anything but a regular file; keeps its permission bits (set-id bits dropped) and times."""

@@ -59,12 +59,3 @@ def hub_errors(repo_id: str, revision: str, endpoint: str) -> Iterator[None]:
         if "Consistency check failed" in str(e):
             raise HubError(f"a download of {repo_id} was cut short by the network; pull again") from None
         raise
-
-
-def human_size(n: float) -> str:
-    """Decimal units, as the Hub shows sizes."""
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"

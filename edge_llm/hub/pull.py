@@ -32,9 +32,9 @@ from pathlib import Path
 
 from ..errors import HubError
 from ..models import supported_model_types
+from ..units import human_bytes
 from .cache import COMMIT, cached_snapshot, hub_cache_dir, repo_folder
 from .errors import hub_errors
-from .errors import human_size as _size
 from .repo_id import check_repo_id
 
 log = logging.getLogger(__name__)
@@ -308,8 +308,8 @@ def check_disk_space(plan: PullPlan, cache: Path) -> None:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if needed > free:
-        raise HubError(f"not enough disk space for {plan.repo_id}: it needs {_size(needed)} in {cache}, "
-                       f"{_size(free)} is free; free some space or set HF_HUB_CACHE to a larger disk")
+        raise HubError(f"not enough disk space for {plan.repo_id}: it needs {human_bytes(needed)} in {cache}, "
+                       f"{human_bytes(free)} is free; free some space or set HF_HUB_CACHE to a larger disk")
 
 
 def remove_stale_partials(folder: Path) -> None:
@@ -343,7 +343,7 @@ def verify_files(api, result: PullResult, tree: dict[str, RemoteFile], fetch, ob
     """Re-hashes the pulled files against the Hub's checksums; re-downloads any that differ, once."""
     wanted = set(result.files)
     size = sum(tree[p].size for p in wanted)
-    observer.message(f"verifying {len(wanted)} files ({_size(size)}) against the Hub's checksums")
+    observer.message(f"verifying {len(wanted)} files ({human_bytes(size)}) against the Hub's checksums")
     repaired: list[str] = []
     for attempt in range(2):
         check = api.verify_repo_checksums(result.repo_id, revision=result.commit, cache_dir=cache)
