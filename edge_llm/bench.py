@@ -16,7 +16,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .formats.open import open_checkpoint
-from .generation.context import context_window, model_context_limit
+from .generation.context import context_window
 from .generation.generate import generate_tokens, prefill
 from .generation.sampling import Sampler, SamplingParams
 from .hub.resolve import resolve_model
@@ -50,28 +50,13 @@ class BenchResult:
         return d
 
 
-def _is_routed_expert(name: str) -> bool:
-    return ".switch_mlp." in name
-
-
 def active_weight_bytes(model: CausalLM) -> int:
-    """Bytes one decode step reads: every weight once, routed experts only k of E, embeddings one row.
-
-    A tied embedding doubles as the output projection, so then it is read in full.
-    """
-    args = model.args
-    k = getattr(args, "num_experts_per_tok", None)
-    n = (getattr(args, "n_routed_experts", None) or getattr(args, "num_local_experts", None)
-         or getattr(args, "num_experts", None))
-    tied = getattr(args, "tie_word_embeddings", False)
+    """Bytes one decode step reads: every weight once, routed experts only k of E, embeddings one row
+    (``CausalLM.token_share``; a tied embedding doubles as the output projection, so then it is read in full)."""
     total = 0
     for name, p in tree_flatten(model.parameters()):
-        if "embed_tokens" in name and not tied:
-            total += p.nbytes // p.shape[0]  # one row per token
-        elif _is_routed_expert(name) and k and n:
-            total += p.nbytes * k // n
-        else:
-            total += p.nbytes
+        share = model.token_share(name)
+        total += p.nbytes * share.numerator // share.denominator
     return total
 
 
@@ -98,7 +83,7 @@ def run_bench(ref: str | Path, prompt_lengths: tuple[int, ...] = PROMPT_LENGTHS,
     model = load_checkpoint(checkpoint, dtype)
     load_s = time.perf_counter() - start
     vocab = model.args.vocab_size
-    model_limit = model_context_limit(model.args)
+    model_limit = model.context_length
     limit = context_window(model_limit, context) if context is not None else model_limit or max(prompt_lengths)
     lengths = [n for n in prompt_lengths if n + decode_tokens <= limit]
     if not lengths:  # never a prompt past the context: its KV cache alone could exhaust memory

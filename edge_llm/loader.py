@@ -25,7 +25,7 @@ from .formats.fp8 import dequantize_fp8
 from .formats.open import open_checkpoint
 from .hub.resolve import resolve_model
 from .machine.backend import DtypePolicy, dtype_policy
-from .models import get_architecture
+from .models import build
 from .models.base import CausalLM
 from .models.layers import QuantizedLinear
 from .tokenizer import Tokenizer
@@ -35,10 +35,8 @@ log = logging.getLogger(__name__)
 
 def build_model(checkpoint: Checkpoint) -> CausalLM:
     """The module tree for a checkpoint's config, with random (unloaded) weights."""
-    arch = get_architecture(checkpoint.model_type)
     try:
-        args = arch.ModelArgs.from_dict(checkpoint.config)
-        return arch.Model(args)
+        return build(checkpoint.model_type, checkpoint.config)
     except (ValueError, TypeError, KeyError) as e:
         raise CheckpointError(f"{checkpoint.config_path}: {e}") from None
 
@@ -121,7 +119,7 @@ def load_checkpoint(checkpoint: Checkpoint, dtype: str | None = None, expert_slo
     except ValueError as e:  # tensors that do not fit the config's shapes, settings MLX cannot quantize with
         raise CheckpointError(f"{checkpoint.config_path}: {' '.join(str(e).split())[:300]}") from None
     policy = dtype_policy(checkpoint.dtype, dtype)
-    caster = Caster(policy, getattr(model, "keep_float32", ()), bool(getattr(model.args, "tie_word_embeddings", False)))
+    caster = Caster(policy, model.keep_float32, model.tied_embeddings)
     streamed: frozenset[str] = frozenset()
     if expert_slots:
         streamed = stream_experts(checkpoint, model, weights, provenance, caster, expert_slots).parameters

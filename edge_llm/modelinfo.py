@@ -1,11 +1,14 @@
-"""What a checkpoint is, from its config and tensor headers alone (no weights read)."""
+"""What a checkpoint is, from its config and tensor headers alone (no weights read): the parameters the files
+hold, and the model's shape as the model interface (``models.base.CausalLM``) gives it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import CheckpointError
 from .formats.checkpoint import Checkpoint
+from .models import build
 
 
 @dataclass(frozen=True)
@@ -43,19 +46,22 @@ def is_expert_tensor(name: str) -> bool:
 
 def describe(checkpoint: Checkpoint) -> ModelInfo:
     cfg = checkpoint.config
+    try:
+        model = build(checkpoint.model_type, cfg)  # its shape only: the weights are never evaluated
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{checkpoint.config_path}: {e}") from None
+    counts = model.experts
     total = active = experts = 0
-    routed = cfg.get("num_experts_per_tok")
-    n_experts = cfg.get("n_routed_experts") or cfg.get("num_local_experts") or cfg.get("num_experts")
     for name in checkpoint.tensors:
         n = tensor_parameters(checkpoint, name)
         total += n
-        if routed and n_experts and is_expert_tensor(name) and "shared_expert" not in name:
+        if counts and is_expert_tensor(name) and "shared_expert" not in name:
             experts += n
         else:
             active += n
-    # Routed experts: only ``routed`` of ``n_experts`` run for each token. Scaled once over the sum, not per
+    # Routed experts: only ``active`` of ``routed`` run for each token. Scaled once over the sum, not per
     # tensor: a per-expert tensor's share (e.g. 4/60 of it) is rarely a whole number.
-    active += experts * routed // n_experts if experts else 0
+    active += experts * counts.active // counts.routed if experts else 0
     quant = checkpoint.describe_quantization()  # a GGUF file also says what it holds, in llama.cpp's names
     architectures = cfg.get("architectures") or [checkpoint.model_type]
     return ModelInfo(
@@ -66,8 +72,8 @@ def describe(checkpoint: Checkpoint) -> ModelInfo:
         params_active=active,
         dtype=checkpoint.dtype,
         quantization=quant,
-        context_length=cfg.get("max_position_embeddings"),
+        context_length=model.context_length,
         size_bytes=checkpoint.nbytes,
-        num_layers=cfg.get("num_hidden_layers"),
-        experts=(routed, n_experts) if routed and n_experts else None,
+        num_layers=len(model.layers),
+        experts=(counts.active, counts.routed) if counts else None,
     )

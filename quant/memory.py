@@ -3,9 +3,9 @@
 - In-memory dtypes follow the runtime's policy (``edge_llm.machine.backend.DtypePolicy``): on a GPU every float
   tensor in the checkpoint's dtype; on the CPU activations and the KV cache in float32 (MLX's
   half-precision CPU kernels are slow) over half-precision weights, see ``MemoryPolicy``.
-- KV cache: what ``edge_llm.models.cache`` allocates for ``context`` tokens (buffers grow in steps of 256):
-  ``2 · layers · kv_heads · head_dim`` values per token for GQA (the config's head_dim), and
-  ``layers · (kv_lora_rank + qk_rope_head_dim)`` for DeepSeek's MLA latent.
+- KV cache: what ``edge_llm.models.cache`` allocates for ``context`` tokens (buffers grow in steps of 256),
+  as the model says per token (``CausalLM.kv_bytes_per_token``): ``2 · layers · kv_heads · head_dim`` values
+  for GQA (the config's head_dim), ``layers · (kv_lora_rank + qk_rope_head_dim)`` for DeepSeek's MLA latent.
 - runtime: the process itself (interpreter, libraries, tokenizer), the activations of the largest
   prefill chunk and the freed buffers MLX's cache and the C allocator keep (``RuntimeTerms``). Their
   weights are measured: ``benchmarks/estimate_calibration.py --fit`` fits ``Calibration`` to the peak
@@ -17,14 +17,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import mlx.core as mx
 
 from edge_llm.formats.tensors import DTYPE_BYTES
 from edge_llm.generation.generate import PREFILL_CHUNK
 from edge_llm.machine.backend import MX_DTYPES, DtypePolicy
-from edge_llm.models.cache import STEP, LatentCache, kv_group_size
+from edge_llm.models.base import CausalLM
+from edge_llm.models.cache import STEP
 
 from .plan import Plan, PlannedTensor
 
@@ -89,24 +89,15 @@ def policy_for(backend: str, plan: Plan) -> MemoryPolicy:
     return MemoryPolicy(DtypePolicy(main, main), plan.tied_embeddings)
 
 
-def kv_cache_bytes(model: Any, context: int, batch: int, itemsize: int, kv_bits: int | None = None,
+def kv_cache_bytes(model: CausalLM, context: int, batch: int, itemsize: int, kv_bits: int | None = None,
                    round_up: bool = True) -> int:
-    """What the runtime's caches hold after ``context`` tokens (buffers grow in steps of ``STEP``)."""
-    args = model.args
+    """What the runtime's caches hold after ``context`` tokens (buffers grow in steps of ``STEP``), rows of
+    ``itemsize`` floats, or quantized to ``kv_bits`` (8, 4; 16: a half-precision cache, what ``run`` would
+    keep in that dtype)."""
     tokens = math.ceil(context / STEP) * STEP if round_up else context
-    layers = len(model.layers)
-    if isinstance(model.make_cache()[0], LatentCache):
-        per_token = row = args.kv_lora_rank + args.qk_rope_head_dim  # MLA: one latent per token, all heads
-    else:
-        heads = getattr(args, "num_key_value_heads", None) or args.num_attention_heads
-        row = getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
-        per_token = 2 * heads * row
-    elements = layers * per_token * tokens * batch
-    if kv_bits is None or kv_bits >= 16:
-        return elements * (itemsize if kv_bits is None else kv_bits // 8)
-    # edge_llm.models.cache's quantized rows (mlx-lm's QuantizedKVCache layout): packed codes + a scale and an
-    # offset per group of each row
-    return elements * kv_bits // 8 + elements // (kv_group_size(row) or 64) * 2 * itemsize
+    if kv_bits is not None and kv_bits >= 16:
+        itemsize, kv_bits = kv_bits // 8, None
+    return model.kv_bytes_per_token(itemsize, kv_bits) * tokens * batch
 
 
 def _largest_chunk(context: int, chunk: int = PREFILL_CHUNK) -> tuple[int, int]:
@@ -130,21 +121,16 @@ class RuntimeTerms:
     tokenizer: int
 
 
-def runtime_terms(model: Any, plan: Plan, policy: MemoryPolicy, context: int, batch: int, kv: int, tokenizer: int,
-                  cpu: bool) -> RuntimeTerms:
-    args = model.args
+def runtime_terms(model: CausalLM, plan: Plan, policy: MemoryPolicy, context: int, batch: int, kv: int,
+                  tokenizer: int, cpu: bool) -> RuntimeTerms:
     queries, keys = _largest_chunk(context)
     chunk = min(context, PREFILL_CHUNK)
-    k = getattr(args, "num_experts_per_tok", None) or 0
-    moe = (getattr(args, "moe_intermediate_size", None) or args.intermediate_size) if k else 0
-    mla = 0
-    if getattr(args, "kv_lora_rank", None):
-        mla = args.num_attention_heads * (args.qk_nope_head_dim + args.qk_rope_head_dim + args.v_head_dim) * keys
+    widths = model.prefill_widths
     values = policy.compute * batch
     return RuntimeTerms(
-        scores=values * args.num_attention_heads * queries * keys,
-        intermediate=values * chunk * max(args.intermediate_size, k * moe),
-        mla=values * mla,
+        scores=values * widths.scores * queries * keys,
+        intermediate=values * chunk * widths.feed_forward,
+        mla=values * widths.expanded_kv * keys,
         dequant=cpu and context > 1 and any(_prefill_dequantized(plan)),
         cast=sum(t.nbytes for t in plan.tensors if policy.itemsize(t) != DTYPE_BYTES[t.dtype]),
         kv=kv, tokenizer=tokenizer,

@@ -22,6 +22,7 @@ from ..models.fields import Rule, checked
 from .tensors import DTYPE_BYTES
 
 if TYPE_CHECKING:
+    from ..models.base import BaseModelArgs
     from .checkpoint import Checkpoint
 
 QUANT_BITS = (1, 2, 3, 4, 5, 6, 8)
@@ -113,20 +114,14 @@ def _check_settings(name: str, settings: dict[str, Any]) -> None:
         raise ValueError(f"config field '{name}.mode': {mode!r:.40} is not one of {', '.join(QUANT_MODES)}")
 
 
-def min_parameters(args: Any) -> int:
+def min_parameters(args: BaseModelArgs) -> int:
     """A lower bound of the parameters every architecture builds for ``args``: the embedding (and output
-    head when untied) plus, per layer, the attention projections every variant has and the smallest
-    feed-forward block any layer kind has (a dense MLP, or one expert of a sparse one)."""
-    h, heads = args.hidden_size, args.num_attention_heads
-    if hasattr(args, "kv_lora_rank"):  # multi-head latent attention: its o_proj
-        attention = h * heads * args.v_head_dim
-    else:  # q, k, v, o of multi-head / grouped-query attention
-        head_dim = getattr(args, "head_dim", None) or h // heads
-        attention = h * head_dim * (2 * heads + 2 * args.num_key_value_heads)
-    widths = [w for w in (args.intermediate_size, getattr(args, "moe_intermediate_size", None)) if w]
-    ffn = 3 * h * min(widths)
+    head when untied) plus, per layer, its attention projections and the smallest feed-forward block any
+    layer kind has (a dense MLP, or one routed expert)."""
+    h, experts = args.hidden_size, args.expert_counts()
+    ffn = 3 * h * min(args.intermediate_size, experts.intermediate_size if experts else args.intermediate_size)
     embeddings = args.vocab_size * h * (1 if args.tie_word_embeddings else 2)
-    return embeddings + args.num_hidden_layers * (attention + ffn + 2 * h) + h
+    return embeddings + args.num_hidden_layers * (args.attention_parameters() + ffn + 2 * h) + h
 
 
 def _least_bits(checkpoint: Checkpoint) -> int:
@@ -138,15 +133,16 @@ def _least_bits(checkpoint: Checkpoint) -> int:
     return max(1, min(bits, default=1))
 
 
-def check_size(checkpoint: Checkpoint, args: Any) -> None:
+def check_size(checkpoint: Checkpoint, args: BaseModelArgs) -> None:
     """Refuses a config describing a model larger than its weight files can hold. Only a gross mismatch
     (twice the bytes) is refused here: a missing tensor or two is the loader's to name exactly."""
     params = min_parameters(args)
     bits = _least_bits(checkpoint)
     needed, present = params * bits // 8, checkpoint.nbytes
     if needed > 2 * present:
-        fields = ", ".join(f"{k} {getattr(args, k)}" for k in ("vocab_size", "hidden_size", "intermediate_size",
-                                                               "num_hidden_layers", "num_attention_heads"))
+        fields = (f"vocab_size {args.vocab_size}, hidden_size {args.hidden_size}, intermediate_size "
+                  f"{args.intermediate_size}, num_hidden_layers {args.num_hidden_layers}, num_attention_heads "
+                  f"{args.num_attention_heads}")
         raise CheckpointError(
             f"{checkpoint.config_path}: the config describes at least {params:.3g} parameters ({fields}), "
             f"{needed:,} bytes at {bits} bits each, but the weights hold {present:,} bytes; "

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from ..errors import ContextError
 from ..models.base import CausalLM
 from ..models.cache import truncate_cache
-from .context import context_window, model_context_limit
+from .context import context_window
 from .generate import GenerationChunk, GenerationStats, stream_generate
 from .sampling import SamplingParams
 
@@ -52,7 +52,7 @@ class ChatSession:
     kv_bits: int | None = None  # 8 or 4: a quantized KV cache
 
     def __post_init__(self) -> None:
-        self.model_limit = model_context_limit(self.model.args)
+        self.model_limit = self.model.context_length
         self.context = context_window(self.model_limit, self.context)
         self.cache = self.model.make_cache(self.kv_bits)
         self.cache_tokens: list[int] = []
