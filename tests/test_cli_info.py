@@ -7,6 +7,7 @@ import json
 from typer.testing import CliRunner
 
 from cli.main import app
+from tests.backend import BACKEND
 
 
 def test_info_smollm2(smollm2_folder):
@@ -28,5 +29,5 @@ def test_doctor():
     result = CliRunner().invoke(app, ["doctor", "--json"])
     assert result.exit_code == 0, result.output
     facts = json.loads(result.stdout)
-    assert facts["backend"] == "cpu" and facts["memory_bytes"] > 1e9
+    assert facts["backend"] == BACKEND and facts["memory_bytes"] > 1e9
     assert facts["mlx_version"] and facts["blas"]

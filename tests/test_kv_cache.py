@@ -8,8 +8,10 @@ import pytest
 
 from edge_llm.default_model import default_model_path
 from edge_llm.errors import ContextError
+from edge_llm.formats.open import open_checkpoint
 from edge_llm.generation.chat import ChatSession
 from edge_llm.generation.sampling import SamplingParams
+from edge_llm.machine.backend import dtype_policy
 from edge_llm.models.cache import KVCache, LatentCache, cache_nbytes, truncate_cache
 from edge_llm.models.deepseek_v2 import Model as DeepSeekV2
 from edge_llm.models.deepseek_v2 import ModelArgs as DeepSeekV2Args
@@ -98,19 +100,22 @@ def test_attention_equals_mlx_lm_quantized_cache():
 
 @pytest.mark.parametrize("context", [1, 300, 513])
 def test_nbytes_equal_the_estimate(smollm2_gguf, context):
-    """What the caches hold after ``context`` tokens is what ``estimate --kv-bits`` says, to the byte:
-    float32 on the CPU, 8 bits + a float32 scale and offset per 64 values (9/32), 4 bits (5/32)."""
+    """What the caches hold after ``context`` tokens is what ``estimate --kv-bits`` says, to the byte: keys
+    and values in the compute dtype (float32 on the CPU), 8 bits + a scale and offset per 64 values in it
+    (float32: 9/32), 4 bits (5/32)."""
     model, _ = smollm2_gguf
     args = model.args
+    compute = dtype_policy(open_checkpoint(default_model_path()).dtype).compute  # what the runtime computes in
     held = {}
     for kv_bits in (None, 8, 4):
         cache = model.make_cache(kv_bits)
-        kv = mx.random.normal((1, args.num_key_value_heads, context, args.head_dim))
+        kv = mx.random.normal((1, args.num_key_value_heads, context, args.head_dim)).astype(compute)
         for c in cache:
             c.update_and_fetch(kv, kv)
         held[kv_bits] = cache_nbytes(cache)
-        assert held[kv_bits] == kv_cache_bytes(model, context, 1, 4, kv_bits)
-    assert held[8] * 32 == held[None] * 9 and held[4] * 32 == held[None] * 5
+        assert held[kv_bits] == kv_cache_bytes(model, context, 1, compute.size, kv_bits)
+    values, scales = held[None] // compute.size, held[None] // compute.size // 64 * 2 * compute.size
+    assert held[8] == values + scales and held[4] == values // 2 + scales  # float32: 9/32 and 5/32 of held[None]
     est = estimate(str(default_model_path()), context=context, kv_bits=8)
     assert est.requested.kv_cache_bytes == held[8]
 

@@ -48,7 +48,7 @@ def test_mlx_lm_loads_our_output_with_the_same_logits(bits, converted, smollm2_f
     tokens = sample_tokens(smollm2_folder, max_tokens=64)
     assert tokenizer.encode("The capital of France") == sample_tokens(ours[bits], "The capital of France")
     theirs = np.array(model(mx.array(tokens)[None]))
-    mine = np.array(load_model(ours[bits])(mx.array(tokens)[None]))
+    mine = np.array(load_model(ours[bits], dtype="float32")(mx.array(tokens)[None]))
     np.testing.assert_allclose(mine, theirs, atol=2e-3, rtol=0)
     assert (mine.argmax(-1) == theirs.argmax(-1)).all()
 
