@@ -14,32 +14,37 @@ transformers'. Module names are the checkpoints' (``q_proj`` ... ``o_proj``), so
 
 from __future__ import annotations
 
-from typing import Any, Literal, Protocol
+import dataclasses
+from typing import Literal
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import attention
+from .base import BaseModelArgs, attention
 from .cache import KVCache
 from .layers import sliding_window_mask
 from .rope import RoPE
 
 
-class AttentionArgs(Protocol):
-    """The config fields grouped-query attention reads (each architecture's ``ModelArgs`` has them)."""
+@dataclasses.dataclass
+class GQAArgs(BaseModelArgs):
+    """The config fields grouped-query attention reads beyond every architecture's: key/value heads (default:
+    as many as query heads) and the head size (default: hidden / heads), filled in by ``base.check_heads``."""
 
-    hidden_size: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope_theta: float
-    rope_scaling: dict[str, Any] | None
-    max_position_embeddings: int
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+
+    def cache_rows(self) -> tuple[int, int]:
+        """A key and a value per key/value head and layer."""
+        return 2 * self.num_hidden_layers * self.num_key_value_heads, self.head_dim
+
+    def attention_parameters(self) -> int:
+        """q, k, v and o."""
+        return self.hidden_size * self.head_dim * 2 * (self.num_attention_heads + self.num_key_value_heads)
 
 
 class Attention(nn.Module):
-    def __init__(self, args: AttentionArgs, *, qkv_bias: bool = False, o_bias: bool = False,
+    def __init__(self, args: GQAArgs, *, qkv_bias: bool = False, o_bias: bool = False,
                  qk_norm: Literal["head", "full"] | None = None, clip_qkv: float | None = None,
                  sliding_window: int | None = None):
         super().__init__()

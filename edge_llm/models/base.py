@@ -2,8 +2,8 @@
 
 The model interface (``CausalLM``) answers what callers need to know about a model's shape: its experts,
 tied embeddings, context length, KV cache bytes per token, the parameters a token uses. Each answer comes
-from the architecture's ``ModelArgs`` (``BaseModelArgs`` has the grouped-query defaults, MoE and MLA
-architectures override them), so a config can be asked before any module exists (``formats.validate``).
+from the architecture's ``ModelArgs`` (MoE architectures name their experts, the attention its cache rows),
+so a config can be asked before any module exists (``formats.validate``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import dataclasses
 import inspect
 from collections.abc import Iterable
 from fractions import Fraction
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -57,23 +57,24 @@ class PrefillWidths:
 
 @dataclasses.dataclass
 class BaseModelArgs:
-    """Hugging Face config fields; ``from_dict`` ignores keys the dataclass does not name.
+    """The Hugging Face config fields every architecture reads, with transformers' LlamaConfig defaults (an
+    architecture redeclares a field whose default differs); ``from_dict`` ignores keys no field names.
 
-    The methods answer the model interface from the config alone, with grouped-query attention and a
-    dense feed-forward as the defaults.
+    The methods answer the model interface from the config alone; each architecture's ``ModelArgs``
+    implements the attention's (``attention.GQAArgs`` for grouped-query attention, DeepSeek's for MLA).
     """
 
-    if TYPE_CHECKING:  # fields every architecture has (declared by each, with its own defaults)
-        vocab_size: int
-        hidden_size: int
-        intermediate_size: int
-        num_hidden_layers: int
-        num_attention_heads: int
-        num_key_value_heads: int
-        head_dim: int
-        rms_norm_eps: float
-        max_position_embeddings: int
-        tie_word_embeddings: bool
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    tie_word_embeddings: bool = False
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]):
@@ -85,13 +86,12 @@ class BaseModelArgs:
         return None
 
     def cache_rows(self) -> tuple[int, int]:
-        """(rows one token adds to the caches of all layers, values per row): a key and a value per
-        key/value head and layer."""
-        return 2 * self.num_hidden_layers * self.num_key_value_heads, self.head_dim
+        """(rows one token adds to the caches of all layers, values per row)."""
+        raise NotImplementedError
 
     def attention_parameters(self) -> int:
-        """The weights of one layer's attention projections (q, k, v, o)."""
-        return self.hidden_size * self.head_dim * 2 * (self.num_attention_heads + self.num_key_value_heads)
+        """The weights of one layer's attention projections."""
+        raise NotImplementedError
 
     def prefill_widths(self) -> PrefillWidths:
         experts = self.expert_counts()
@@ -105,7 +105,7 @@ def require(condition: bool, field: str, message: str) -> None:
         raise ValueError(f"config field {field!r}: {message}")
 
 
-def check_heads(args: BaseModelArgs, head_dim: int | None) -> int:
+def check_heads(args: Any, head_dim: int | None) -> int:
     """Fills in grouped-query attention's defaults (key/value heads = heads) and checks the head counts:
     heads divide the hidden size when no ``head_dim`` is given, key/value heads divide heads, and the head
     size is even (rotary embeddings rotate pairs). Returns the head size."""

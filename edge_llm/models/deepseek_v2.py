@@ -27,11 +27,7 @@ from .mla import MLAttention
 
 @dataclasses.dataclass
 class ModelArgs(BaseModelArgs):
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
+    # beyond the fields of base.BaseModelArgs
     moe_intermediate_size: int = 1407
     n_routed_experts: int | None = 64
     n_shared_experts: int | None = 2
@@ -48,14 +44,8 @@ class ModelArgs(BaseModelArgs):
     qk_nope_head_dim: int = 128
     qk_rope_head_dim: int = 64
     v_head_dim: int = 128
-    hidden_act: str = "silu"
-    rms_norm_eps: float = 1e-6
-    max_position_embeddings: int = 2048
-    rope_theta: float = 10000.0
-    rope_scaling: dict | None = None
     attention_bias: bool = False
     mlp_bias: bool = False
-    tie_word_embeddings: bool = False
     quantization: dict | None = None  # the MLX quantization block, when the checkpoint has one
 
     def __post_init__(self) -> None:

@@ -11,28 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 
-from .attention import Attention
-from .base import BaseModelArgs, DecoderLayer, DecoderLM, check_heads, check_window
+from .attention import Attention, GQAArgs
+from .base import DecoderLayer, DecoderLM, check_heads, check_window
 from .layers import MLP
 
 
 @dataclasses.dataclass
-class ModelArgs(BaseModelArgs):
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int | None = None
-    head_dim: int | None = None
-    hidden_act: str = "silu"
-    rms_norm_eps: float = 1e-6
-    max_position_embeddings: int = 2048
-    rope_theta: float = 10000.0
-    rope_scaling: dict | None = None
+class ModelArgs(GQAArgs):
+    # beyond the fields of base.BaseModelArgs and attention.GQAArgs
     attention_bias: bool = False
     mlp_bias: bool = False
-    tie_word_embeddings: bool = False
     sliding_window: int | None = None
 
     def __post_init__(self) -> None:

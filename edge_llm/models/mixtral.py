@@ -15,8 +15,8 @@ import re
 
 import mlx.core as mx
 
-from .attention import Attention
-from .base import BaseModelArgs, DecoderLayer, DecoderLM, ExpertCounts, check_experts, check_heads, check_window
+from .attention import Attention, GQAArgs
+from .base import DecoderLayer, DecoderLM, ExpertCounts, check_experts, check_heads, check_window
 from .moe import SparseMoeBlock
 
 FFN = "block_sparse_moe"
@@ -24,22 +24,13 @@ LAYER_MLP = re.compile(r"^(model\.layers\.\d+)\.mlp\.")
 
 
 @dataclasses.dataclass
-class ModelArgs(BaseModelArgs):
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int  # each expert's
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int | None = None
-    head_dim: int | None = None
+class ModelArgs(GQAArgs):
+    # beyond the fields of base.BaseModelArgs and attention.GQAArgs  (intermediate_size: each expert's width)
     num_local_experts: int | None = 8  # edge_llm.formats.folder.normalize_config fills it from num_experts
     num_experts_per_tok: int = 2
-    hidden_act: str = "silu"
     rms_norm_eps: float = 1e-5
     max_position_embeddings: int = 4096 * 32
     rope_theta: float = 1e6
-    rope_scaling: dict | None = None
-    tie_word_embeddings: bool = False
     sliding_window: int | None = None
 
     def __post_init__(self) -> None:

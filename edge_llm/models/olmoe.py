@@ -12,31 +12,21 @@ from __future__ import annotations
 
 import dataclasses
 
-from .attention import Attention
-from .base import BaseModelArgs, DecoderLayer, DecoderLM, ExpertCounts, check_experts, check_heads, require
+from .attention import Attention, GQAArgs
+from .base import DecoderLayer, DecoderLM, ExpertCounts, check_experts, check_heads, require
 from .moe import SparseMoeBlock
 
 
 @dataclasses.dataclass
-class ModelArgs(BaseModelArgs):
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int  # each expert's
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int | None = None
-    head_dim: int | None = None
+class ModelArgs(GQAArgs):
+    # beyond the fields of base.BaseModelArgs and attention.GQAArgs  (intermediate_size: each expert's width)
     num_experts: int | None = 64  # edge_llm.formats.folder.normalize_config fills it from num_local_experts
     num_experts_per_tok: int = 8
     norm_topk_prob: bool = False
     attention_bias: bool = False
     clip_qkv: float | None = None
-    hidden_act: str = "silu"
     rms_norm_eps: float = 1e-5
     max_position_embeddings: int = 4096
-    rope_theta: float = 10000.0
-    rope_scaling: dict | None = None
-    tie_word_embeddings: bool = False
 
     def __post_init__(self) -> None:
         if self.num_experts is None:

@@ -16,9 +16,8 @@ import dataclasses
 import mlx.core as mx
 import mlx.nn as nn
 
-from .attention import Attention
+from .attention import Attention, GQAArgs
 from .base import (
-    BaseModelArgs,
     DecoderLayer,
     DecoderLM,
     ExpertCounts,
@@ -32,13 +31,8 @@ from .moe import SparseMoeBlock
 
 
 @dataclasses.dataclass
-class ModelArgs(BaseModelArgs):
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int | None = None
+class ModelArgs(GQAArgs):
+    # beyond the fields of base.BaseModelArgs and attention.GQAArgs
     moe_intermediate_size: int = 1408
     shared_expert_intermediate_size: int = 5632
     num_experts: int | None = 60  # edge_llm.formats.folder.normalize_config fills it from num_local_experts
@@ -47,12 +41,7 @@ class ModelArgs(BaseModelArgs):
     decoder_sparse_step: int = 1
     mlp_only_layers: list[int] | None = None
     qkv_bias: bool = True
-    hidden_act: str = "silu"
-    rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 32768
-    rope_theta: float = 10000.0
-    rope_scaling: dict | None = None
-    tie_word_embeddings: bool = False
     use_sliding_window: bool = False
     sliding_window: int | None = 4096
     max_window_layers: int = 28
@@ -66,7 +55,6 @@ class ModelArgs(BaseModelArgs):
         self.head_dim = check_heads(self, None)
         check_experts(self, self.num_experts)
         check_window(self, used=self.use_sliding_window)
-        require(self.decoder_sparse_step >= 1, "decoder_sparse_step", f"{self.decoder_sparse_step} must be >= 1")
         if self.layer_types is None:
             # transformers' rule: layers 0, 2, 4, ... below max_window_layers slide.
             self.layer_types = [

@@ -11,30 +11,22 @@ from __future__ import annotations
 
 import dataclasses
 
-from .attention import Attention
+from .attention import Attention, GQAArgs
 from .base import (
-    BaseModelArgs,
     DecoderLayer,
     DecoderLM,
     ExpertCounts,
     check_experts,
     check_heads,
     check_window,
-    require,
 )
 from .layers import MLP
 from .moe import SparseMoeBlock
 
 
 @dataclasses.dataclass
-class ModelArgs(BaseModelArgs):
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int | None = None
-    head_dim: int | None = None
+class ModelArgs(GQAArgs):
+    # beyond the fields of base.BaseModelArgs and attention.GQAArgs
     moe_intermediate_size: int = 768
     num_experts: int | None = 128  # edge_llm.formats.folder.normalize_config fills it from num_local_experts
     num_experts_per_tok: int = 8
@@ -42,12 +34,7 @@ class ModelArgs(BaseModelArgs):
     decoder_sparse_step: int = 1
     mlp_only_layers: list[int] | None = None
     attention_bias: bool = False
-    hidden_act: str = "silu"
-    rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 32768
-    rope_theta: float = 10000.0
-    rope_scaling: dict | None = None
-    tie_word_embeddings: bool = False
     use_sliding_window: bool = False
     sliding_window: int | None = None
 
@@ -57,7 +44,6 @@ class ModelArgs(BaseModelArgs):
         self.mlp_only_layers = list(self.mlp_only_layers or [])
         self.head_dim = check_heads(self, self.head_dim)
         check_experts(self, self.num_experts)
-        require(self.decoder_sparse_step >= 1, "decoder_sparse_step", f"{self.decoder_sparse_step} must be >= 1")
         check_window(self, used=self.use_sliding_window)
         if not self.use_sliding_window:
             self.sliding_window = None  # transformers ignores the window unless use_sliding_window
