@@ -20,7 +20,7 @@ from typing import Literal
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import BaseModelArgs, attention
+from .base import BaseModelArgs, attention, check_widths, require
 from .cache import KVCache
 from .layers import sliding_window_mask
 from .rope import RoPE
@@ -29,7 +29,7 @@ from .rope import RoPE
 @dataclasses.dataclass
 class GQAArgs(BaseModelArgs):
     """The config fields grouped-query attention reads beyond every architecture's: key/value heads (default:
-    as many as query heads) and the head size (default: hidden / heads), filled in by ``base.check_heads``."""
+    as many as query heads) and the head size (default: hidden / heads), filled in by ``check_heads``."""
 
     num_key_value_heads: int | None = None
     head_dim: int | None = None
@@ -41,6 +41,24 @@ class GQAArgs(BaseModelArgs):
     def attention_parameters(self) -> int:
         """q, k, v and o."""
         return self.hidden_size * self.head_dim * 2 * (self.num_attention_heads + self.num_key_value_heads)
+
+
+def check_heads(args: GQAArgs, head_dim: int | None) -> int:
+    """Fills in grouped-query attention's defaults (key/value heads = heads) and checks the head counts:
+    heads divide the hidden size when no ``head_dim`` is given, key/value heads divide heads, and the head
+    size is even (rotary embeddings rotate pairs). Returns the head size."""
+    if args.num_key_value_heads is None:
+        args.num_key_value_heads = args.num_attention_heads
+    if head_dim is None:
+        require(args.hidden_size % args.num_attention_heads == 0, "num_attention_heads",
+                f"{args.num_attention_heads} does not divide hidden_size {args.hidden_size}")
+        head_dim = args.hidden_size // args.num_attention_heads
+    require(args.num_attention_heads % args.num_key_value_heads == 0, "num_key_value_heads",
+            f"{args.num_key_value_heads} does not divide num_attention_heads {args.num_attention_heads}")
+    require(head_dim % 2 == 0, "num_attention_heads", f"gives an odd head size {head_dim} (hidden_size "
+            f"{args.hidden_size} / {args.num_attention_heads} heads); rotary embeddings rotate pairs")
+    check_widths(num_attention_heads=args.num_attention_heads * head_dim)
+    return head_dim
 
 
 class Attention(nn.Module):

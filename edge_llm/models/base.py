@@ -105,24 +105,6 @@ def require(condition: bool, field: str, message: str) -> None:
         raise ValueError(f"config field {field!r}: {message}")
 
 
-def check_heads(args: Any, head_dim: int | None) -> int:
-    """Fills in grouped-query attention's defaults (key/value heads = heads) and checks the head counts:
-    heads divide the hidden size when no ``head_dim`` is given, key/value heads divide heads, and the head
-    size is even (rotary embeddings rotate pairs). Returns the head size."""
-    if args.num_key_value_heads is None:
-        args.num_key_value_heads = args.num_attention_heads
-    if head_dim is None:
-        require(args.hidden_size % args.num_attention_heads == 0, "num_attention_heads",
-                f"{args.num_attention_heads} does not divide hidden_size {args.hidden_size}")
-        head_dim = args.hidden_size // args.num_attention_heads
-    require(args.num_attention_heads % args.num_key_value_heads == 0, "num_key_value_heads",
-            f"{args.num_key_value_heads} does not divide num_attention_heads {args.num_attention_heads}")
-    require(head_dim % 2 == 0, "num_attention_heads", f"gives an odd head size {head_dim} (hidden_size "
-            f"{args.hidden_size} / {args.num_attention_heads} heads); rotary embeddings rotate pairs")
-    check_widths(num_attention_heads=args.num_attention_heads * head_dim)
-    return head_dim
-
-
 def check_widths(**widths: int) -> None:
     """Layer widths that are products of config fields (heads x head size, shared experts x their size)
     must fit MLX's 32-bit shapes; each field alone is bounded by its rule."""

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from .attention import Attention, GQAArgs
-from .base import DecoderLayer, DecoderLM, check_heads, check_window
+from .attention import Attention, GQAArgs, check_heads
+from .base import DecoderLayer, DecoderLM, check_window
 from .layers import MLP
 
 

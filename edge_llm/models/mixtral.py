@@ -15,8 +15,8 @@ import re
 
 import mlx.core as mx
 
-from .attention import Attention, GQAArgs
-from .base import DecoderLayer, DecoderLM, ExpertCounts, check_experts, check_heads, check_window
+from .attention import Attention, GQAArgs, check_heads
+from .base import DecoderLayer, DecoderLM, ExpertCounts, check_experts, check_window
 from .moe import SparseMoeBlock
 
 FFN = "block_sparse_moe"
@@ -25,7 +25,7 @@ LAYER_MLP = re.compile(r"^(model\.layers\.\d+)\.mlp\.")
 
 @dataclasses.dataclass
 class ModelArgs(GQAArgs):
-    # beyond the fields of base.BaseModelArgs and attention.GQAArgs  (intermediate_size: each expert's width)
+    # beyond the fields of base.BaseModelArgs and attention.GQAArgs; intermediate_size is each expert's width
     num_local_experts: int | None = 8  # edge_llm.formats.folder.normalize_config fills it from num_experts
     num_experts_per_tok: int = 2
     rms_norm_eps: float = 1e-5

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 
-from .attention import Attention, GQAArgs
-from .base import DecoderLayer, DecoderLM, ExpertCounts, check_experts, check_heads, require
+from .attention import Attention, GQAArgs, check_heads
+from .base import DecoderLayer, DecoderLM, ExpertCounts, check_experts, require
 from .moe import SparseMoeBlock
 
 
 @dataclasses.dataclass
 class ModelArgs(GQAArgs):
-    # beyond the fields of base.BaseModelArgs and attention.GQAArgs  (intermediate_size: each expert's width)
+    # beyond the fields of base.BaseModelArgs and attention.GQAArgs; intermediate_size is each expert's width
     num_experts: int | None = 64  # edge_llm.formats.folder.normalize_config fills it from num_local_experts
     num_experts_per_tok: int = 8
     norm_topk_prob: bool = False

@@ -16,16 +16,8 @@ import dataclasses
 import mlx.core as mx
 import mlx.nn as nn
 
-from .attention import Attention, GQAArgs
-from .base import (
-    DecoderLayer,
-    DecoderLM,
-    ExpertCounts,
-    check_experts,
-    check_heads,
-    check_window,
-    require,
-)
+from .attention import Attention, GQAArgs, check_heads
+from .base import DecoderLayer, DecoderLM, ExpertCounts, check_experts, check_window, require
 from .layers import MLP
 from .moe import SparseMoeBlock
 

@@ -11,15 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from .attention import Attention, GQAArgs
-from .base import (
-    DecoderLayer,
-    DecoderLM,
-    ExpertCounts,
-    check_experts,
-    check_heads,
-    check_window,
-)
+from .attention import Attention, GQAArgs, check_heads
+from .base import DecoderLayer, DecoderLM, ExpertCounts, check_experts, check_window
 from .layers import MLP
 from .moe import SparseMoeBlock
 
