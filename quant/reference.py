@@ -51,78 +51,58 @@ class Reference:
     config: dict[str, Any]
 
 
+def _shape(base: dict[str, Any], hidden: int, intermediate: int, layers: int, heads: int,
+           **fields: Any) -> dict[str, Any]:
+    """A config of the family ``base``: hidden size, feed-forward size, layers and attention heads, then the
+    fields it sets otherwise."""
+    return dict(base, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                num_attention_heads=heads, **fields)
+
+
 def _refs(family: str, shapes: dict[str, dict[str, Any]]) -> list[Reference]:
     return [Reference(name, family, config) for name, config in shapes.items()]
 
 
+# dense shapes: _shape(family base, hidden size, intermediate size, layers, attention heads, other fields)
 REFERENCES: list[Reference] = [
     *_refs("llama", {  # Llama 3.x
-        "Llama-3.2-1B": dict(_LLAMA3, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-            num_attention_heads=32, head_dim=64, tie_word_embeddings=True),
-        "Llama-3.2-3B": dict(_LLAMA3, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
-            num_attention_heads=24, head_dim=128, tie_word_embeddings=True),
-        "Llama-3.1-8B": dict(_LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-            num_attention_heads=32),
-        "Llama-3.1-70B": dict(_LLAMA3, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-            num_attention_heads=64),
-        "Llama-3.1-405B": dict(_LLAMA3, hidden_size=16384, intermediate_size=53248, num_hidden_layers=126,
-            num_attention_heads=128)}),
+        "Llama-3.2-1B": _shape(_LLAMA3, 2048, 8192, 16, 32, head_dim=64, tie_word_embeddings=True),
+        "Llama-3.2-3B": _shape(_LLAMA3, 3072, 8192, 28, 24, head_dim=128, tie_word_embeddings=True),
+        "Llama-3.1-8B": _shape(_LLAMA3, 4096, 14336, 32, 32),
+        "Llama-3.1-70B": _shape(_LLAMA3, 8192, 28672, 80, 64),
+        "Llama-3.1-405B": _shape(_LLAMA3, 16384, 53248, 126, 128)}),
     *_refs("llama2", {
-        "Llama-2-7B": dict(_LLAMA2, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-            num_attention_heads=32, num_key_value_heads=32),
-        "Llama-2-13B": dict(_LLAMA2, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
-            num_attention_heads=40, num_key_value_heads=40),
-        "Llama-2-70B": dict(_LLAMA2, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-            num_attention_heads=64, num_key_value_heads=8)}),
+        "Llama-2-7B": _shape(_LLAMA2, 4096, 11008, 32, 32, num_key_value_heads=32),
+        "Llama-2-13B": _shape(_LLAMA2, 5120, 13824, 40, 40, num_key_value_heads=40),
+        "Llama-2-70B": _shape(_LLAMA2, 8192, 28672, 80, 64, num_key_value_heads=8)}),
     *_refs("qwen2", {  # Qwen2.5
-        "Qwen2.5-0.5B": dict(_QWEN2_SMALL, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-            num_attention_heads=14, num_key_value_heads=2),
-        "Qwen2.5-1.5B": dict(_QWEN2_SMALL, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-            num_attention_heads=12, num_key_value_heads=2),
-        "Qwen2.5-3B": dict(_QWEN2_SMALL, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-            num_attention_heads=16, num_key_value_heads=2),
-        "Qwen2.5-7B": dict(_QWEN2, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-            num_attention_heads=28, num_key_value_heads=4),
-        "Qwen2.5-14B": dict(_QWEN2, hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
-            num_attention_heads=40, num_key_value_heads=8),
-        "Qwen2.5-32B": dict(_QWEN2, hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
-            num_attention_heads=40, num_key_value_heads=8),
-        "Qwen2.5-72B": dict(_QWEN2, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
-            num_attention_heads=64, num_key_value_heads=8)}),
+        "Qwen2.5-0.5B": _shape(_QWEN2_SMALL, 896, 4864, 24, 14, num_key_value_heads=2),
+        "Qwen2.5-1.5B": _shape(_QWEN2_SMALL, 1536, 8960, 28, 12, num_key_value_heads=2),
+        "Qwen2.5-3B": _shape(_QWEN2_SMALL, 2048, 11008, 36, 16, num_key_value_heads=2),
+        "Qwen2.5-7B": _shape(_QWEN2, 3584, 18944, 28, 28, num_key_value_heads=4),
+        "Qwen2.5-14B": _shape(_QWEN2, 5120, 13824, 48, 40, num_key_value_heads=8),
+        "Qwen2.5-32B": _shape(_QWEN2, 5120, 27648, 64, 40, num_key_value_heads=8),
+        "Qwen2.5-72B": _shape(_QWEN2, 8192, 29568, 80, 64, num_key_value_heads=8)}),
     *_refs("qwen3", {  # dense; the MoE models are qwen3_moe
-        "Qwen3-0.6B": dict(_QWEN3, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-            num_attention_heads=16, tie_word_embeddings=True),
-        "Qwen3-1.7B": dict(_QWEN3, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
-            num_attention_heads=16, tie_word_embeddings=True),
-        "Qwen3-4B": dict(_QWEN3, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-            num_attention_heads=32, tie_word_embeddings=True),
-        "Qwen3-8B": dict(_QWEN3, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-            num_attention_heads=32),
-        "Qwen3-14B": dict(_QWEN3, hidden_size=5120, intermediate_size=17408, num_hidden_layers=40,
-            num_attention_heads=40),
-        "Qwen3-32B": dict(_QWEN3, hidden_size=5120, intermediate_size=25600, num_hidden_layers=64,
-            num_attention_heads=64)}),
+        "Qwen3-0.6B": _shape(_QWEN3, 1024, 3072, 28, 16, tie_word_embeddings=True),
+        "Qwen3-1.7B": _shape(_QWEN3, 2048, 6144, 28, 16, tie_word_embeddings=True),
+        "Qwen3-4B": _shape(_QWEN3, 2560, 9728, 36, 32, tie_word_embeddings=True),
+        "Qwen3-8B": _shape(_QWEN3, 4096, 12288, 36, 32),
+        "Qwen3-14B": _shape(_QWEN3, 5120, 17408, 40, 40),
+        "Qwen3-32B": _shape(_QWEN3, 5120, 25600, 64, 64)}),
     *_refs("mistral", {
-        "Mistral-7B-v0.3": dict(_MISTRAL, vocab_size=32768, hidden_size=4096, intermediate_size=14336,
-            num_hidden_layers=32, num_attention_heads=32, max_position_embeddings=32768),
-        "Mistral-Nemo-12B": dict(_MISTRAL, vocab_size=131072, hidden_size=5120, intermediate_size=14336,
-            num_hidden_layers=40, num_attention_heads=32, head_dim=128,
-            max_position_embeddings=131072),
-        "Mistral-Small-24B": dict(_MISTRAL, vocab_size=131072, hidden_size=5120, intermediate_size=32768,
-            num_hidden_layers=40, num_attention_heads=32, head_dim=128,
-            max_position_embeddings=32768, rope_theta=1e8)}),
+        "Mistral-7B-v0.3": _shape(_MISTRAL, 4096, 14336, 32, 32, vocab_size=32768, max_position_embeddings=32768),
+        "Mistral-Nemo-12B": _shape(_MISTRAL, 5120, 14336, 40, 32, vocab_size=131072, head_dim=128,
+                                   max_position_embeddings=131072),
+        "Mistral-Small-24B": _shape(_MISTRAL, 5120, 32768, 40, 32, vocab_size=131072, head_dim=128,
+                                    max_position_embeddings=32768, rope_theta=1e8)}),
     *_refs("gemma2", {
-        "Gemma-2-2B": dict(_GEMMA2, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
-            num_attention_heads=8, num_key_value_heads=4),
-        "Gemma-2-9B": dict(_GEMMA2, hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
-            num_attention_heads=16, num_key_value_heads=8),
-        "Gemma-2-27B": dict(_GEMMA2, hidden_size=4608, intermediate_size=36864, num_hidden_layers=46,
-            num_attention_heads=32, num_key_value_heads=16, head_dim=128)}),
+        "Gemma-2-2B": _shape(_GEMMA2, 2304, 9216, 26, 8, num_key_value_heads=4),
+        "Gemma-2-9B": _shape(_GEMMA2, 3584, 14336, 42, 16, num_key_value_heads=8),
+        "Gemma-2-27B": _shape(_GEMMA2, 4608, 36864, 46, 32, num_key_value_heads=16, head_dim=128)}),
     *_refs("mixtral", {
-        "Mixtral-8x7B": dict(_MIXTRAL, vocab_size=32000, hidden_size=4096, intermediate_size=14336,
-            num_hidden_layers=32, num_attention_heads=32, max_position_embeddings=32768),
-        "Mixtral-8x22B": dict(_MIXTRAL, vocab_size=32768, hidden_size=6144, intermediate_size=16384,
-            num_hidden_layers=56, num_attention_heads=48, max_position_embeddings=65536)}),
+        "Mixtral-8x7B": _shape(_MIXTRAL, 4096, 14336, 32, 32, vocab_size=32000, max_position_embeddings=32768),
+        "Mixtral-8x22B": _shape(_MIXTRAL, 6144, 16384, 56, 48, vocab_size=32768, max_position_embeddings=65536)}),
     *_refs("qwen2_moe", {
         "Qwen1.5-MoE-A2.7B": dict(model_type="qwen2_moe", vocab_size=151936, hidden_size=2048,
             intermediate_size=5632, moe_intermediate_size=1408,

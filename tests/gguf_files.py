@@ -20,20 +20,21 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q
 
+
+def _layer_names(modules: dict[str, str]) -> list[tuple[str, str]]:
+    """(HF name pattern, GGUF name): ``model.layers.N.<HF module>.<leaf>`` -> ``blk.N.<GGUF name>.<leaf>``."""
+    return [(rf"model\.layers\.(\d+)\.{re.escape(hf)}\.(\w+)", rf"blk.\1.{gg}.\2") for hf, gg in modules.items()]
+
+
 # (HF name pattern, GGUF name) for llama.cpp's llama-family names
 LLAMA_NAMES = [
     (r"model\.embed_tokens\.(\w+)", r"token_embd.\1"),
     (r"model\.norm\.(\w+)", r"output_norm.\1"),
     (r"lm_head\.(\w+)", r"output.\1"),
-    (r"model\.layers\.(\d+)\.input_layernorm\.(\w+)", r"blk.\1.attn_norm.\2"),
-    (r"model\.layers\.(\d+)\.post_attention_layernorm\.(\w+)", r"blk.\1.ffn_norm.\2"),
-    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.(\w+)", r"blk.\1.attn_q.\2"),
-    (r"model\.layers\.(\d+)\.self_attn\.k_proj\.(\w+)", r"blk.\1.attn_k.\2"),
-    (r"model\.layers\.(\d+)\.self_attn\.v_proj\.(\w+)", r"blk.\1.attn_v.\2"),
-    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.(\w+)", r"blk.\1.attn_output.\2"),
-    (r"model\.layers\.(\d+)\.mlp\.gate_proj\.(\w+)", r"blk.\1.ffn_gate.\2"),
-    (r"model\.layers\.(\d+)\.mlp\.up_proj\.(\w+)", r"blk.\1.ffn_up.\2"),
-    (r"model\.layers\.(\d+)\.mlp\.down_proj\.(\w+)", r"blk.\1.ffn_down.\2"),
+    *_layer_names({"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+                   "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                   "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                   "mlp.down_proj": "ffn_down"}),
 ]
 
 # Mixture-of-Experts tensors; transformers 5 fuses each layer's experts into gate_up_proj [E, 2I, D]
@@ -51,15 +52,11 @@ PER_EXPERT_NAMES = [
 ]
 # DeepSeek-V2/V3 (llama.cpp's deepseek2): MLA projections, dense first layers, shared experts
 DEEPSEEK_NAMES = [
-    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.weight", r"blk.\1.attn_q.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.q_a_proj\.weight", r"blk.\1.attn_q_a.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.q_a_layernorm\.weight", r"blk.\1.attn_q_a_norm.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.q_b_proj\.weight", r"blk.\1.attn_q_b.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.kv_a_proj_with_mqa\.weight", r"blk.\1.attn_kv_a_mqa.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.kv_a_layernorm\.weight", r"blk.\1.attn_kv_a_norm.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.kv_b_proj\.weight", r"blk.\1.attn_kv_b.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.k_b_proj\.weight", r"blk.\1.attn_k_b.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.v_b_proj\.weight", r"blk.\1.attn_v_b.weight"),
+    *_layer_names({"self_attn.q_proj": "attn_q", "self_attn.q_a_proj": "attn_q_a",
+                   "self_attn.q_a_layernorm": "attn_q_a_norm", "self_attn.q_b_proj": "attn_q_b",
+                   "self_attn.kv_a_proj_with_mqa": "attn_kv_a_mqa", "self_attn.kv_a_layernorm": "attn_kv_a_norm",
+                   "self_attn.kv_b_proj": "attn_kv_b", "self_attn.k_b_proj": "attn_k_b",
+                   "self_attn.v_b_proj": "attn_v_b"}),
     (r"model\.layers\.(\d+)\.mlp\.gate\.e_score_correction_bias", r"blk.\1.exp_probs_b.bias"),
     (r"model\.layers\.(\d+)\.mlp\.shared_experts\.(gate|up|down)_proj\.weight", r"blk.\1.ffn_\2_shexp.weight"),
 ]

@@ -12,6 +12,15 @@ import json
 from pathlib import Path
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# what the greedy comparisons with transformers ask (on the GGUF and on the converted folder), and how far
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three primary colors.",
+    "def fibonacci(n):",
+    "Translate 'good morning' into Spanish.",
+]
+NEW_TOKENS = 16
 
 
 def gguf_path() -> Path | None:

@@ -14,16 +14,20 @@ import pytest
 import torch
 from mlx.utils import tree_flatten, tree_map
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
-from typer.testing import CliRunner
 
-from cli.main import app
 from edge_llm import load_model
 from edge_llm.models.deepseek_gate import MoEGate
 from edge_llm.models.deepseek_v2 import Model as V2Model
 from edge_llm.models.deepseek_v2 import ModelArgs as V2Args
 from edge_llm.tokenizer import Tokenizer
-from tests.hf_oracle import TOLERANCE, build_tiny_checkpoint, random_tokens, reference_logits
+from tests.hf_oracle import (
+    TOLERANCE,
+    build_tiny_checkpoint,
+    greedy_tokens,
+    random_tokens,
+    reference_logits,
+    run_answer,
+)
 from tests.tiny_configs import TINY_CONFIGS
 
 VOCAB = 128
@@ -229,19 +233,10 @@ def test_reads_mlx_lm_quantized_conversion(model_type, tmp_path):
 def test_edge_llm_run_chats_with_tiny_checkpoint(model_type, tmp_path):
     """The command a user types works, and its greedy answer is transformers' greedy answer."""
     folder = build_tiny_checkpoint(tmp_path / model_type, with_tokenizer=True, **TINY_CONFIGS[model_type])
-    args = ["run", str(folder), "--prompt", "hi", "--temp", "0", "--max-tokens", "8"]
-    plain = CliRunner().invoke(app, args)
-    assert plain.exit_code == 0, plain.output
-    result = CliRunner().invoke(app, [*args, "--json"])
-    assert result.exit_code == 0, result.output
-    data = json.loads(result.stdout)
-    assert plain.stdout.rstrip("\n") == data["text"]
+    data = run_answer(["run", str(folder), "--prompt", "hi", "--temp", "0", "--max-tokens", "8"])
     tokenizer = Tokenizer.from_folder(folder)
     ids = tokenizer.encode_chat([{"role": "user", "content": "hi"}], add_generation_prompt=True)
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    with torch.no_grad():
-        out = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
-    theirs = out[0, len(ids):].tolist()
+    theirs = greedy_tokens(folder, ids, 8)
     assert data["tokens"] and data["tokens"] == theirs[: len(data["tokens"])]
     if data["finish_reason"] == "stop":
         assert theirs[len(data["tokens"])] in tokenizer.eos_token_ids

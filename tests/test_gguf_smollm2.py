@@ -21,18 +21,9 @@ from transformers import AutoModelForCausalLM
 from edge_llm import load
 from edge_llm.generation.generate import generate_tokens
 from edge_llm.generation.sampling import Sampler, SamplingParams
-from tests.smollm2 import gguf_path
+from tests.smollm2 import NEW_TOKENS, PROMPTS, gguf_path
 
 pytestmark = pytest.mark.slow
-
-PROMPTS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "List three primary colors.",
-    "def fibonacci(n):",
-    "Translate 'good morning' into Spanish.",
-]
-NEW_TOKENS = 16
 
 
 @pytest.fixture(scope="module")

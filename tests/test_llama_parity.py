@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import mlx.core as mx
-import numpy as np
 import pytest
 
 from edge_llm import load_model
-from tests.hf_oracle import TOLERANCE, build_tiny_checkpoint, random_tokens, reference_logits
+from tests.hf_oracle import build_tiny_checkpoint, check_cached_decoding, check_logits_match, random_tokens
 
 BASE = dict(
     vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -46,11 +45,7 @@ def checkpoint(request, tmp_path_factory):
 
 def test_logits_match_transformers(checkpoint):
     _, folder = checkpoint
-    tokens = random_tokens(128, 24, batch=2)
-    ours = np.array(load_model(folder)(mx.array(tokens)))
-    theirs = reference_logits(folder, tokens)
-    assert ours.shape == theirs.shape
-    np.testing.assert_allclose(ours, theirs, atol=TOLERANCE, rtol=0)
+    check_logits_match(folder, BASE["vocab_size"])
 
 
 def test_cached_decoding_equals_full_forward(checkpoint):
@@ -59,14 +54,5 @@ def test_cached_decoding_equals_full_forward(checkpoint):
     # Dynamic NTK changes its frequencies with total length; past the trained length a cache built
     # at shorter lengths legitimately differs from a full forward, so stay inside it there.
     length = 14 if name == "dynamic-rope" else 20
-    tokens = mx.array(random_tokens(128, length, seed=1))
-    full = model(tokens)
-    cache = model.make_cache()
-    prefix = 5
-    steps = [model(tokens[:, :prefix], cache=cache)]
-    for i in range(prefix, length):
-        steps.append(model(tokens[:, i : i + 1], cache=cache))
-    stepped = mx.concatenate(steps, axis=1)
-    np.testing.assert_allclose(np.array(stepped), np.array(full), atol=TOLERANCE, rtol=0)
-    assert cache[0].offset == length
+    cache = check_cached_decoding(model, mx.array(random_tokens(BASE["vocab_size"], length, seed=1)), prefix=5)
     assert cache[0].nbytes > 0

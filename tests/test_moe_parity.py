@@ -20,7 +20,14 @@ from edge_llm import load_model
 from edge_llm.models import get_architecture
 from edge_llm.models.moe import SparseMoeBlock, softmax_topk
 from edge_llm.models.switch import SORT_THRESHOLD
-from tests.hf_oracle import TOLERANCE, build_tiny_checkpoint, random_tokens, reference_logits
+from tests.hf_oracle import (
+    TOLERANCE,
+    build_tiny_checkpoint,
+    check_cached_decoding,
+    check_logits_match,
+    random_tokens,
+    reference_logits,
+)
 
 VOCAB = 128
 BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -80,11 +87,7 @@ def checkpoint(request, tmp_path_factory):
 
 def test_logits_match_transformers(checkpoint):
     _, folder = checkpoint
-    tokens = random_tokens(VOCAB, 24, batch=2)
-    ours = np.array(load_model(folder)(mx.array(tokens)))
-    theirs = reference_logits(folder, tokens)
-    assert ours.shape == theirs.shape
-    np.testing.assert_allclose(ours, theirs, atol=TOLERANCE, rtol=0)
+    check_logits_match(folder, VOCAB)
 
 
 def test_cached_decoding_equals_full_forward(checkpoint):
@@ -92,15 +95,7 @@ def test_cached_decoding_equals_full_forward(checkpoint):
     model = load_model(folder)
     length, prefix = 40, 33  # 33 tokens x top-k >= SORT_THRESHOLD pairs: the prefill sorts by expert
     assert prefix * 2 >= SORT_THRESHOLD
-    tokens = mx.array(random_tokens(VOCAB, length, seed=1))
-    full = model(tokens)
-    cache = model.make_cache()
-    steps = [model(tokens[:, :prefix], cache=cache)]
-    for i in range(prefix, length):
-        steps.append(model(tokens[:, i : i + 1], cache=cache))
-    stepped = mx.concatenate(steps, axis=1)
-    np.testing.assert_allclose(np.array(stepped), np.array(full), atol=TOLERANCE, rtol=0)
-    assert cache[0].offset == length
+    check_cached_decoding(model, mx.array(random_tokens(VOCAB, length, seed=1)), prefix)
 
 
 def router_choices(model, tokens: mx.array) -> list[mx.array]:

@@ -10,13 +10,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from cli.main import app
 from edge_llm.tokenizer import Tokenizer
-from tests.hf_oracle import build_tiny_checkpoint
+from tests.hf_oracle import build_tiny_checkpoint, greedy_tokens, run_answer
 from tests.tiny_configs import TINY_CONFIGS
 
 ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
@@ -82,23 +80,13 @@ def test_info_active_count_is_exact_for_uneven_ratios(tmp_path):
 
 def test_run_answers_like_transformers(tiny):
     config, folder = tiny
-    args = ["run", str(folder), "--prompt", PROMPT, "--temp", "0", "--max-tokens", str(MAX_TOKENS)]
-    plain = CliRunner().invoke(app, args)
-    assert plain.exit_code == 0, plain.output
-    result = CliRunner().invoke(app, [*args, "--json"])
-    assert result.exit_code == 0, result.output
-    data = json.loads(result.stdout)
-    assert plain.stdout.rstrip("\n") == data["text"]
+    data = run_answer(["run", str(folder), "--prompt", PROMPT, "--temp", "0", "--max-tokens", str(MAX_TOKENS)])
     assert data["generation_tokens"] == len(data["tokens"]) > 0 and data["text"]
 
     tokenizer = Tokenizer.from_folder(folder)
     ids = tokenizer.encode_chat([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
     assert data["prompt_tokens"] == len(ids)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=MAX_TOKENS, do_sample=False,
-                             eos_token_id=None, pad_token_id=0)
-    theirs = out[0, len(ids):].tolist()
+    theirs = greedy_tokens(folder, ids, MAX_TOKENS)
     assert data["tokens"] == theirs[: len(data["tokens"])]
     if data["finish_reason"] == "stop":
         assert theirs[len(data["tokens"])] in tokenizer.eos_token_ids

@@ -14,17 +14,9 @@ from edge_llm import load
 from edge_llm.generation.generate import generate_tokens
 from edge_llm.generation.sampling import Sampler, SamplingParams
 from tests.backend import BACKEND
+from tests.smollm2 import NEW_TOKENS, PROMPTS
 
 pytestmark = pytest.mark.slow
-
-PROMPTS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "List three primary colors.",
-    "def fibonacci(n):",
-    "Translate 'good morning' into Spanish.",
-]
-NEW_TOKENS = 16
 
 
 @pytest.fixture(scope="module")

@@ -33,75 +33,56 @@ from .reader import GGUFFile
 
 Names = list[tuple[str, str]]
 
-# GGUF tensor name (without .weight/.bias) -> HF module path, for llama.cpp's dense decoder names.
-DENSE_NAMES: Names = [
+
+def _layer(modules: dict[str, str]) -> Names:
+    """``blk.N.<GGUF name>`` -> ``model.layers.N.<HF module path>`` for each pair."""
+    return [(rf"blk\.(\d+)\.{gguf}", rf"model.layers.\1.{hf}") for gguf, hf in modules.items()]
+
+
+# GGUF tensor name (without .weight/.bias) -> HF module path, for what every llama.cpp decoder names alike
+# (names are matched whole, so the order of a table does not matter).
+DECODER_NAMES: Names = [
     (r"token_embd", "model.embed_tokens"),
     (r"output_norm", "model.norm"),
     (r"output", "lm_head"),
-    (r"blk\.(\d+)\.attn_norm", r"model.layers.\1.input_layernorm"),
-    (r"blk\.(\d+)\.ffn_norm", r"model.layers.\1.post_attention_layernorm"),
-    (r"blk\.(\d+)\.attn_q", r"model.layers.\1.self_attn.q_proj"),
-    (r"blk\.(\d+)\.attn_k", r"model.layers.\1.self_attn.k_proj"),
-    (r"blk\.(\d+)\.attn_v", r"model.layers.\1.self_attn.v_proj"),
-    (r"blk\.(\d+)\.attn_output", r"model.layers.\1.self_attn.o_proj"),
-    (r"blk\.(\d+)\.ffn_gate", r"model.layers.\1.mlp.gate_proj"),
-    (r"blk\.(\d+)\.ffn_up", r"model.layers.\1.mlp.up_proj"),
-    (r"blk\.(\d+)\.ffn_down", r"model.layers.\1.mlp.down_proj"),
+    *_layer({"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
+             "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+             "ffn_down": "mlp.down_proj"}),
 ]
-QK_NORM_NAMES: Names = [
-    (r"blk\.(\d+)\.attn_q_norm", r"model.layers.\1.self_attn.q_norm"),
-    (r"blk\.(\d+)\.attn_k_norm", r"model.layers.\1.self_attn.k_norm"),
-]
+# the dense decoders' grouped-query attention: its own key and value projections
+DENSE_NAMES: Names = [*DECODER_NAMES, *_layer({"attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj"})]
+QK_NORM_NAMES: Names = _layer({"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"})
 
 
 def moe_names(block: str) -> Names:
     """Router and stacked experts of a sparse block at ``model.layers.N.{block}``."""
-    return [
-        (r"blk\.(\d+)\.ffn_gate_inp", rf"model.layers.\1.{block}.gate"),
-        (r"blk\.(\d+)\.ffn_gate_exps", rf"model.layers.\1.{block}.switch_mlp.gate_proj"),
-        (r"blk\.(\d+)\.ffn_up_exps", rf"model.layers.\1.{block}.switch_mlp.up_proj"),
-        (r"blk\.(\d+)\.ffn_down_exps", rf"model.layers.\1.{block}.switch_mlp.down_proj"),
-    ]
+    return _layer({"ffn_gate_inp": f"{block}.gate", "ffn_gate_exps": f"{block}.switch_mlp.gate_proj",
+                   "ffn_up_exps": f"{block}.switch_mlp.up_proj", "ffn_down_exps": f"{block}.switch_mlp.down_proj"})
 
 
 # Mixtral files from before llama.cpp stacked experts (2024): one tensor per expert, Hub names w1/w3/w2.
 PER_EXPERT_NAMES: Names = [
-    (r"blk\.(\d+)\.ffn_gate\.(\d+)", r"model.layers.\1.block_sparse_moe.experts.\2.w1"),
-    (r"blk\.(\d+)\.ffn_up\.(\d+)", r"model.layers.\1.block_sparse_moe.experts.\2.w3"),
-    (r"blk\.(\d+)\.ffn_down\.(\d+)", r"model.layers.\1.block_sparse_moe.experts.\2.w2"),
+    (rf"blk\.(\d+)\.ffn_{part}\.(\d+)", rf"model.layers.\1.block_sparse_moe.experts.\2.{hub}")
+    for part, hub in (("gate", "w1"), ("up", "w3"), ("down", "w2"))
 ]
-SHARED_EXPERT_NAMES: Names = [
-    (r"blk\.(\d+)\.ffn_gate_inp_shexp", r"model.layers.\1.mlp.shared_expert_gate"),
-    (r"blk\.(\d+)\.ffn_gate_shexp", r"model.layers.\1.mlp.shared_expert.gate_proj"),
-    (r"blk\.(\d+)\.ffn_up_shexp", r"model.layers.\1.mlp.shared_expert.up_proj"),
-    (r"blk\.(\d+)\.ffn_down_shexp", r"model.layers.\1.mlp.shared_expert.down_proj"),
-]
+SHARED_EXPERT_NAMES: Names = _layer({
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate", "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj", "ffn_down_shexp": "mlp.shared_expert.down_proj",
+})
 
 
 DEEPSEEK_NAMES: Names = [
-    (r"token_embd", "model.embed_tokens"),
-    (r"output_norm", "model.norm"),
-    (r"output", "lm_head"),
-    (r"blk\.(\d+)\.attn_norm", r"model.layers.\1.input_layernorm"),
-    (r"blk\.(\d+)\.ffn_norm", r"model.layers.\1.post_attention_layernorm"),
-    (r"blk\.(\d+)\.attn_q", r"model.layers.\1.self_attn.q_proj"),
-    (r"blk\.(\d+)\.attn_q_a", r"model.layers.\1.self_attn.q_a_proj"),
-    (r"blk\.(\d+)\.attn_q_a_norm", r"model.layers.\1.self_attn.q_a_layernorm"),
-    (r"blk\.(\d+)\.attn_q_b", r"model.layers.\1.self_attn.q_b_proj"),
-    (r"blk\.(\d+)\.attn_kv_a_mqa", r"model.layers.\1.self_attn.kv_a_proj_with_mqa"),
-    (r"blk\.(\d+)\.attn_kv_a_norm", r"model.layers.\1.self_attn.kv_a_layernorm"),
-    (r"blk\.(\d+)\.attn_kv_b", r"model.layers.\1.self_attn.kv_b_proj"),
-    # since 2025 llama.cpp splits kv_b_proj per head into k_b (transposed) and v_b: joined back on load
-    (r"blk\.(\d+)\.attn_k_b", r"model.layers.\1.self_attn.k_b_proj"),
-    (r"blk\.(\d+)\.attn_v_b", r"model.layers.\1.self_attn.v_b_proj"),
-    (r"blk\.(\d+)\.attn_output", r"model.layers.\1.self_attn.o_proj"),
-    (r"blk\.(\d+)\.ffn_gate", r"model.layers.\1.mlp.gate_proj"),
-    (r"blk\.(\d+)\.ffn_up", r"model.layers.\1.mlp.up_proj"),
-    (r"blk\.(\d+)\.ffn_down", r"model.layers.\1.mlp.down_proj"),
-    (r"blk\.(\d+)\.exp_probs_b", r"model.layers.\1.mlp.gate"),  # .bias: e_score_correction_bias
-    (r"blk\.(\d+)\.ffn_gate_shexp", r"model.layers.\1.mlp.shared_experts.gate_proj"),
-    (r"blk\.(\d+)\.ffn_up_shexp", r"model.layers.\1.mlp.shared_experts.up_proj"),
-    (r"blk\.(\d+)\.ffn_down_shexp", r"model.layers.\1.mlp.shared_experts.down_proj"),
+    *DECODER_NAMES,
+    *_layer({
+        "attn_q_a": "self_attn.q_a_proj", "attn_q_a_norm": "self_attn.q_a_layernorm",
+        "attn_q_b": "self_attn.q_b_proj", "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa",
+        "attn_kv_a_norm": "self_attn.kv_a_layernorm", "attn_kv_b": "self_attn.kv_b_proj",
+        # since 2025 llama.cpp splits kv_b_proj per head into k_b (transposed) and v_b: joined back on load
+        "attn_k_b": "self_attn.k_b_proj", "attn_v_b": "self_attn.v_b_proj",
+        "exp_probs_b": "mlp.gate",  # .bias: e_score_correction_bias
+        "ffn_gate_shexp": "mlp.shared_experts.gate_proj", "ffn_up_shexp": "mlp.shared_experts.up_proj",
+        "ffn_down_shexp": "mlp.shared_experts.down_proj",
+    }),
     *moe_names("mlp"),
 ]
 
@@ -271,22 +252,26 @@ def _llama(g: GGUFFile) -> dict[str, Any]:
     return config
 
 
-def _qwen2moe(g: GGUFFile) -> dict[str, Any]:
-    config = _experts(g, base_config(g, "qwen2_moe", "Qwen2MoeForCausalLM"))
+def _qwen_moe(g: GGUFFile, model_type: str, architecture: str) -> dict[str, Any]:
+    """What Qwen's MoE generations share: routed experts whose width the dense feed-forward defaults to."""
+    config = _experts(g, base_config(g, model_type, architecture))
     config["moe_intermediate_size"] = _expert_ffn(g)
+    config["intermediate_size"] = config["intermediate_size"] or config["moe_intermediate_size"]
+    return config
+
+
+def _qwen2moe(g: GGUFFile) -> dict[str, Any]:
+    config = _qwen_moe(g, "qwen2_moe", "Qwen2MoeForCausalLM")
     shared = meta_int(g, "expert_shared_feed_forward_length")
     gate = g.tensors.get("blk.0.ffn_gate_shexp.weight")
     config["shared_expert_intermediate_size"] = shared or (gate.shape[0] if gate else 0)
-    config["intermediate_size"] = config["intermediate_size"] or config["moe_intermediate_size"]
     config["qkv_bias"] = "blk.0.attn_q.bias" in g.tensors
     config["norm_topk_prob"] = meta_flag(g, "expert_weights_norm", False)
     return config
 
 
 def _qwen3moe(g: GGUFFile) -> dict[str, Any]:
-    config = _experts(g, base_config(g, "qwen3_moe", "Qwen3MoeForCausalLM"))
-    config["moe_intermediate_size"] = _expert_ffn(g)
-    config["intermediate_size"] = config["intermediate_size"] or config["moe_intermediate_size"]
+    config = _qwen_moe(g, "qwen3_moe", "Qwen3MoeForCausalLM")
     config["attention_bias"] = "blk.0.attn_q.bias" in g.tensors
     # llama.cpp always renormalises Qwen3-MoE's top-k weights (transformers' GGUF reader says so too)
     config["norm_topk_prob"] = meta_flag(g, "expert_weights_norm", True)
