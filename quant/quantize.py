@@ -48,7 +48,7 @@ from .writer import MAX_SHARD_BYTES, AtomicFolder, ShardWriter, assign_shards
 __all__ = ["Progress", "QuantizeError", "QuantizeJob", "QuantizeResult", "output_config", "quantize"]
 
 log = logging.getLogger(__name__)
-HEADROOM = 64 << 10  # bytes beyond the tensors' a converted folder takes: headers, index and config
+HEADROOM = 64 << 10  # what a converted folder takes besides its tensors: shard headers, index, config.json
 
 
 class Progress(Protocol):
@@ -182,7 +182,6 @@ class Conversion:
 
     folder: Path  # the source as found (a folder or a GGUF file)
     out: Path
-    force: bool
     source: Checkpoint  # its float view, which the tensors are read from
     source_bytes: int  # the source's weight files
     recipe: str
@@ -230,7 +229,7 @@ def plan_conversion(source: str | Path, out: str | Path, bits: int | None = None
     side = float_source.side_files()
     check_space(out, plan.nbytes + side.nbytes + HEADROOM)
     return Conversion(
-        folder=folder, out=out, force=force, source=float_source,
+        folder=folder, out=out, source=float_source,
         source_bytes=sum(t.nbytes for t in checkpoint.tensors.values()), recipe=rec.describe(),
         float_dtype=float_dtype, model=model, plan=plan, weights=weights, packed=packed, groups=groups,
         outputs=outputs, shards=assign_shards(ordered, max_shard_bytes or MAX_SHARD_BYTES), side=side,
