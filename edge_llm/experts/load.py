@@ -70,7 +70,7 @@ def stream_experts(checkpoint: Checkpoint, model: nn.Module, weights: dict[str, 
     stored = checkpoint.stored_tensors()
     streamer = ExpertStreamer({}, ExpertFiles())
     for path, module in switch_modules(model).items():
-        experts = module.gate_proj.num_experts
+        experts = module.gate_proj["weight"].shape[0]
         shapes = dict(tree_flatten(module.parameters()))  # the resident [E, ...] parameters, not yet created
         params, ndim = {}, {}
         for name, value in shapes.items():

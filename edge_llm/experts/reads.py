@@ -62,6 +62,8 @@ class ExpertFiles:
         with self._lock:
             if file not in self._fds:
                 fd = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                if hasattr(os, "posix_fadvise"):  # no read-ahead past an expert: the next one read is elsewhere
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
                 self._fds[file] = (fd, _identity(os.fstat(fd)))
             return self._fds[file][0]
 
