@@ -8,9 +8,12 @@ import typer
 
 from edge_llm.bench import PROMPT_LENGTHS, run_bench
 from edge_llm.units import human_bytes
+from quant.fit import check_fits
 
 from .common import (
     err,
+    expert_line,
+    max_memory_option,
     model_argument,
     model_or_default,
     parse_dtype,
@@ -33,13 +36,21 @@ def bench(
                                        help="Context window: prompt lengths plus decoded tokens beyond it are "
                                             "skipped (default: the model's limit)."),
     kv_bits: int | None = typer.Option(None, "--kv-bits", metavar="8|4", help="Keep the KV cache quantized."),
+    max_memory: int | None = max_memory_option(),
+    force: bool = typer.Option(False, "--force", help="Load even if the memory estimate says it won't fit."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Measure load time, time to first token, prefill and decode tok/s, peak memory and bandwidth use."""
     lengths = parse_prompt_lengths(prompt_lengths)
     model, name = model_or_default(model)
+    slots = None
+    if not force:  # as `run` does: refuse what cannot fit, stream a MoE's experts when only that fits
+        plan = check_fits(model, context=context, kv_bits=kv_bits, max_memory=max_memory)
+        slots = plan.expert_slots
+        if slots or max_memory is not None:
+            err.print(plan.describe(), style="dim", soft_wrap=True)
     with err.status(f"benchmarking {name}", spinner="dots"):
-        r = run_bench(model, lengths, decode_tokens, dtype, context=context, kv_bits=kv_bits)
+        r = run_bench(model, lengths, decode_tokens, dtype, context=context, kv_bits=kv_bits, expert_slots=slots)
     if as_json:
         print(json.dumps(r.to_dict()))
         return
@@ -52,3 +63,5 @@ def bench(
     print(f"peak memory      {human_bytes(r.peak_memory_bytes)}")
     print(f"bandwidth        {human_bytes(r.achieved_bytes_per_s)}/s of {human_bytes(r.bandwidth_bytes_per_s)}/s "
           f"measured = {r.bandwidth_fraction:.0%} ({human_bytes(r.active_weight_bytes)} read per token)")
+    if r.experts:
+        print(f"experts          {expert_line(r.experts)} (decode)")

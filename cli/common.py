@@ -75,6 +75,23 @@ def parse_half_dtype(value: str) -> str:
     return value
 
 
+def parse_memory_size(value: str) -> int:
+    """``--max-memory``: a size such as 8GB or 512MiB (a usage error otherwise)."""
+    from edge_llm.machine.memory import parse_size
+
+    try:
+        return parse_size(value)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+def max_memory_option() -> Any:
+    from edge_llm.machine.memory import SIZE_HELP
+
+    return typer.Option(None, "--max-memory", metavar="SIZE", parser=parse_memory_size, show_default=False,
+                        help=SIZE_HELP + " A MoE that does not fit streams its experts from disk.")
+
+
 def parse_prompt_lengths(value: str) -> tuple[int, ...]:
     """``bench --prompt-lengths 128,512``: whole numbers of tokens, 1 to 2**20 each."""
     parts = [p.strip() for p in value.split(",") if p.strip()]
@@ -123,3 +140,12 @@ def human_count(n: float) -> str:
 
 def stdout_is_terminal() -> bool:
     return sys.stdout.isatty()
+
+
+def expert_line(stats: dict) -> str:
+    """Streamed experts in one line: bank, hit rate, bytes read, read speed, time spent waiting for reads."""
+    from edge_llm.units import human_bytes
+
+    return (f"bank {stats['slots']} slots/layer ({human_bytes(stats['bank_bytes'])}), {stats['hit_rate']:.0%} hits, "
+            f"{human_bytes(stats['bytes_read'])} read at {human_bytes(stats['read_bytes_per_s'])}/s, "
+            f"{stats['read_wait_s']:.2f} s waiting for reads")

@@ -9,18 +9,32 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from edge_llm.hub.resolve import read_model_headers
 from edge_llm.units import human_bytes
 from quant.estimate import Estimate, Row, estimate
+from quant.fit import place_here
+from quant.placement import Placement
+from quant.where import device_placements
 
 from .common import (
     DEFAULT_NAME,
     MODEL_HELP,
     human_count,
+    max_memory_option,
     model_argument,
     model_or_default,
     stdout_is_terminal,
     user_errors,
 )
+from .placement_view import devices_table, streaming_line
+
+
+def placement_dict(est: Estimate, p: Placement) -> dict:
+    """This machine's verdict with the footprint behind it (resident part, one expert, experts, MoE layers)."""
+    f = est.requested.footprint
+    return {**p.as_dict(), "resident_bytes": f.fixed_bytes, "expert_bytes": f.expert_bytes,
+            "experts": f.experts, "experts_per_token": f.experts_per_token, "moe_layers": f.moe_layers}
+
 
 KINDS = {"ram": "RAM", "unified": "GPU working set (unified memory)", "vram": "VRAM"}
 
@@ -82,6 +96,11 @@ def estimate_cmd(
                                     help="Rough mode: the architecture (llama, mixtral, ...)."),
     revision: str | None = typer.Option(None, "--revision", metavar="REV",
                                         help="Hub revision (branch, tag or commit)."),
+    max_memory: int | None = max_memory_option(),
+    devices: bool = typer.Option(False, "--devices", help="Which common machines run it (resident, experts streamed "
+                                                          "from disk, or not) and how fast at best."),
+    only: str | None = typer.Option(None, "--only", metavar="NAMES",
+                                    help="With --devices: families (apple, nvidia, pc) or parts of names (m4, 4090)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """How much memory MODEL needs (weights + KV cache + runtime) at each precision, and whether it fits here."""
@@ -91,9 +110,17 @@ def estimate_cmd(
     if params is None:
         model, name = model_or_default(model)
     est = estimate(model, bits=bits, group_size=group_size, context=context, batch=batch, kv_bits=kv_bits,
-                   params=params, arch=arch, revision=revision)
+                   params=params, arch=arch, revision=revision, max_memory=max_memory)
+    here = place_here(est, est.folder)
+    placements = []
+    if devices:
+        if est.requested.footprint is None:
+            raise ValueError("--devices needs a model's real shapes: give MODEL, not --params")
+        placements = device_placements(read_model_headers(model, revision).named, est, only, est.folder)
     if as_json:
-        print(json.dumps(est.as_dict()))
+        print(json.dumps({**est.as_dict(), "budget_source": est.machine.budget_source,
+                          **({"placement": placement_dict(est, here)} if here else {}),
+                          **({"devices": [p.as_dict() for p in placements]} if devices else {})}))
         return
     out = Console(highlight=False, width=None if stdout_is_terminal() else 120)
     experts = f", {human_count(est.params_active)} active per token" if est.params_active != est.params_total else ""
@@ -104,4 +131,8 @@ def estimate_cmd(
         out.print(f"[dim]{note}[/]", soft_wrap=True)
     out.print(_table(est))
     out.print(_verdict(est), soft_wrap=True)
+    if here is not None and not est.requested.fits and est.requested.footprint.experts:
+        out.print(streaming_line(est, here), soft_wrap=True)
     out.print(_speed(est), soft_wrap=True)
+    if devices:
+        out.print(devices_table(placements))

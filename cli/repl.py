@@ -9,11 +9,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 from edge_llm.errors import ContextError, EdgeLLMError
+from edge_llm.experts.load import expert_stats
 from edge_llm.generation.chat import ChatSession
 from edge_llm.generation.sampling_defaults import SamplingSettings
 from edge_llm.units import human_bytes
 
-from .common import err
+from .common import err, expert_line
 
 try:  # line editing and history where the platform has it
     import readline  # noqa: F401
@@ -110,6 +111,8 @@ def apply_command(session: ChatSession, state: ChatState, line: str) -> bool:
         err.print("system prompt set" if arg else "system prompt cleared")
     elif name == "stats":
         err.print(stats_line(session))
+        if experts := expert_stats(session.model):
+            err.print(f"experts since the start: {expert_line(experts)}", soft_wrap=True)
     elif name == "set":
         set_option(session, state, arg)
     else:

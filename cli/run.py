@@ -9,6 +9,7 @@ from contextlib import nullcontext
 
 import typer
 
+from edge_llm.experts.load import expert_stats
 from edge_llm.formats.open import open_checkpoint
 from edge_llm.generation.chat import ChatSession
 from edge_llm.generation.sampling import SEED_MAX
@@ -19,7 +20,15 @@ from edge_llm.machine.backend import detect
 from edge_llm.modelinfo import describe
 from quant.fit import check_fits
 
-from .common import err, human_count, model_argument, model_or_default, parse_dtype, user_errors
+from .common import (
+    err,
+    human_count,
+    max_memory_option,
+    model_argument,
+    model_or_default,
+    parse_dtype,
+    user_errors,
+)
 from .prompt_input import one_shot_prompt
 from .repl import ChatState, repl, sigint_sets, stats_line
 
@@ -62,6 +71,7 @@ def run(
     kv_bits: int | None = typer.Option(None, "--kv-bits", metavar="8|4",
                                        help="Keep the KV cache quantized to 8 or 4 bits (3.6x or 6.4x smaller "
                                             "on the CPU; 4 bits costs small models accuracy)."),
+    max_memory: int | None = max_memory_option(),
 ) -> None:
     """Chat with MODEL (default: the embedded SmolLM2); with --prompt or piped stdin, answer once and exit."""
     model, name = model_or_default(model)
@@ -71,14 +81,18 @@ def run(
                                  param_hint="--json")
     if one_shot:
         prompt = one_shot_prompt(prompt, None if sys.stdin.isatty() else sys.stdin.buffer)
+    expert_slots = None
     if not force:  # refuse before loading (or pulling) a model that cannot fit; names what would
-        check_fits(model, context=context, kv_bits=kv_bits)
+        plan = check_fits(model, context=context, kv_bits=kv_bits, max_memory=max_memory)
+        expert_slots = plan.expert_slots
+        if expert_slots or max_memory is not None:
+            err.print(plan.describe(), style="dim", soft_wrap=True)
     checkpoint = open_checkpoint(resolve_model(model))
     settings = model_settings(checkpoint).override(
         temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty,
     )
     with err.status(f"loading {name}", spinner="dots") if err.is_terminal else nullcontext():
-        loaded_model, tokenizer = load(model, dtype=dtype)
+        loaded_model, tokenizer = load(model, dtype=dtype, expert_slots=expert_slots)
     session = ChatSession(loaded_model, tokenizer, params=settings.params(seed), max_tokens=max_tokens, system=system,
                           context=context, kv_bits=kv_bits)
     if not one_shot:
@@ -124,6 +138,7 @@ def answer_once(session: ChatSession, prompt: str, model: str, *, as_json: bool,
             "finish_reason": stats.finish_reason,
             "backend": detect().name,
             "model": model,
+            **({"experts": experts} if (experts := expert_stats(session.model)) else {}),
         }))
     else:
         sys.stdout.write("\n")

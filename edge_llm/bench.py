@@ -15,6 +15,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from .experts.load import expert_stats
 from .formats.open import open_checkpoint
 from .generation.context import context_window
 from .generation.generate import generate_tokens, prefill
@@ -43,6 +44,7 @@ class BenchResult:
     achieved_bytes_per_s: float = 0.0
     bandwidth_bytes_per_s: float = 0.0
     bandwidth_fraction: float = 0.0
+    experts: dict | None = None  # streamed experts: what the decode phase hit, missed and read (else None)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -52,12 +54,30 @@ class BenchResult:
 
 def active_weight_bytes(model: CausalLM) -> int:
     """Bytes one decode step reads: every weight once, routed experts only k of E, embeddings one row
-    (``CausalLM.token_share``; a tied embedding doubles as the output projection, so then it is read in full)."""
+    (``CausalLM.token_share``; a tied embedding doubles as the output projection, so then it is read in full).
+    Streamed experts: k of the bank's slots per MoE layer, whatever the bank's size."""
+    streamer = getattr(model, "expert_streamer", None)
+    banked = streamer.parameters if streamer is not None else frozenset()
     total = 0
     for name, p in tree_flatten(model.parameters()):
+        if name in banked:
+            total += p.nbytes * model.experts.active // streamer.slots
+            continue
         share = model.token_share(name)
         total += p.nbytes * share.numerator // share.denominator
     return total
+
+
+def _decode_expert_stats(before: dict | None, after: dict | None) -> dict | None:
+    """The decode phase's share of the streaming statistics (the counters are cumulative)."""
+    if after is None:
+        return None
+    delta = {k: after[k] - before[k] for k in ("hits", "misses", "waves", "bytes_read")}
+    wait = after["read_wait_s"] - before["read_wait_s"]
+    lookups = delta["hits"] + delta["misses"]
+    return {"slots": after["slots"], "bank_bytes": after["bank_bytes"], **delta,
+            "hit_rate": round(delta["hits"] / lookups, 4) if lookups else 0.0, "read_wait_s": round(wait, 4),
+            "read_bytes_per_s": round(delta["bytes_read"] / wait) if wait > 0 else 0}
 
 
 def _random_prompt(vocab: int, length: int, seed: int) -> list[int]:
@@ -74,13 +94,15 @@ def time_prefill(model: CausalLM, tokens: list[int], kv_bits: int | None = None)
 
 
 def run_bench(ref: str | Path, prompt_lengths: tuple[int, ...] = PROMPT_LENGTHS, decode_tokens: int = 64,
-              dtype: str | None = None, context: int | None = None, kv_bits: int | None = None) -> BenchResult:
-    """``context`` bounds the prompt lengths as ``run --context`` bounds a chat; ``kv_bits`` quantizes the cache."""
+              dtype: str | None = None, context: int | None = None, kv_bits: int | None = None,
+              expert_slots: int | None = None) -> BenchResult:
+    """``context`` bounds the prompt lengths as ``run --context`` bounds a chat; ``kv_bits`` quantizes the cache;
+    ``expert_slots`` streams a MoE's experts through banks of that many slots (``quant.fit`` sizes them)."""
     check_kv_bits(kv_bits)
     reset_peak_memory()
     start = time.perf_counter()
     checkpoint = open_checkpoint(resolve_model(ref))
-    model = load_checkpoint(checkpoint, dtype)
+    model = load_checkpoint(checkpoint, dtype, expert_slots)
     load_s = time.perf_counter() - start
     vocab = model.args.vocab_size
     model_limit = model.context_length
@@ -99,9 +121,11 @@ def run_bench(ref: str | Path, prompt_lengths: tuple[int, ...] = PROMPT_LENGTHS,
     cache, sampler = model.make_cache(kv_bits), Sampler(SamplingParams(temperature=0))
     tokens = generate_tokens(model, prompt, cache, sampler, decode_tokens + 1)
     next(tokens)  # the first token comes from the prefill
+    before = expert_stats(model)
     start = time.perf_counter()
     count = sum(1 for _ in tokens)
     decode_tps = count / (time.perf_counter() - start)
+    experts = _decode_expert_stats(before, expert_stats(model))
     peak = peak_memory_bytes()  # before the bandwidth probe allocates its own buffer
     active = active_weight_bytes(model)
     bandwidth = machine_bandwidth()
@@ -111,5 +135,5 @@ def run_bench(ref: str | Path, prompt_lengths: tuple[int, ...] = PROMPT_LENGTHS,
         prefill_tps=prefill_tps, decode_tps=decode_tps, decode_tokens=count,
         peak_memory_bytes=peak, active_weight_bytes=active,
         achieved_bytes_per_s=achieved, bandwidth_bytes_per_s=bandwidth,
-        bandwidth_fraction=achieved / bandwidth if bandwidth else 0.0,
+        bandwidth_fraction=achieved / bandwidth if bandwidth else 0.0, experts=experts,
     )

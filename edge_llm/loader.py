@@ -174,12 +174,13 @@ def load_model(path: str | Path, dtype: str | None = None) -> CausalLM:
     return load_checkpoint(open_checkpoint(path), dtype)
 
 
-def load(ref: str | Path, dtype: str | None = None) -> tuple[CausalLM, Tokenizer]:
-    """Resolves a model reference (folder, GGUF file or Hub repo id) and loads model and tokenizer."""
+def load(ref: str | Path, dtype: str | None = None, expert_slots: int | None = None) -> tuple[CausalLM, Tokenizer]:
+    """Resolves a model reference (folder, GGUF file or Hub repo id) and loads model and tokenizer;
+    ``expert_slots`` streams a MoE's routed experts through banks of that many slots per layer."""
     folder = resolve_model(ref)
     checkpoint = open_checkpoint(folder)
     tokenizer = checkpoint.tokenizer()  # a folder's tokenizer files, or a GGUF file's metadata
-    model = load_checkpoint(checkpoint, dtype)
+    model = load_checkpoint(checkpoint, dtype, expert_slots)
     check_vocabulary(checkpoint, tokenizer)  # after the weights: their problems are the more basic ones
     return model, tokenizer
 

@@ -32,6 +32,7 @@ from edge_llm.machine.backend import detect
 
 from . import reference
 from .memory import RuntimeTerms, kv_cache_bytes, overhead_bytes, policy_for, runtime_terms, tokenizer_bytes
+from .placement import Footprint, footprint_from_plan
 from .plan import ST_DTYPES, Plan, plan_quantized, plan_stored, source_dtype_of
 from .recipes import make_recipe
 
@@ -39,20 +40,20 @@ from .recipes import make_recipe
 @dataclass(frozen=True)
 class Machine:
     backend: str  # "cpu", "metal" or "cuda"
-    memory_bytes: int  # RAM, Apple's GPU working set, or VRAM
+    memory_bytes: int  # what a model may take: the memory budget (available RAM, a cgroup limit, the Metal working
+    # set, VRAM, or --max-memory: edge_llm.machine.memory)
     memory_kind: str
     bandwidth: float | None  # bytes/s, measured by `edge-llm doctor`, None if never measured
+    budget_source: str = "RAM"  # what set memory_bytes
 
     @classmethod
-    def this(cls) -> Machine:
-        info = detect()
-        try:
-            from edge_llm.machine.bandwidth import remembered_bandwidth
+    def this(cls, max_memory: int | None = None) -> Machine:
+        from edge_llm.machine.bandwidth import remembered_bandwidth
+        from edge_llm.machine.memory import process_budget
 
-            bandwidth = remembered_bandwidth()
-        except ImportError:
-            bandwidth = None
-        return cls(info.name, info.memory_bytes, info.memory_kind, bandwidth)
+        info = detect()
+        budget = process_budget(max_memory)
+        return cls(info.name, budget.budget_bytes, info.memory_kind, remembered_bandwidth(), budget.source)
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class Row:
     stored: bool = False  # the checkpoint as it is
     requested: bool = False
     runtime: RuntimeTerms | None = None  # what overhead_bytes was computed from
+    footprint: Footprint | None = None  # the same figures split for placement (resident part, experts); exact rows
 
     @property
     def total_bytes(self) -> int:
@@ -91,6 +93,7 @@ class Estimate:
     shape_of: str | None = None  # rough mode: the reference config used
     assumed_shape: dict[str, Any] | None = None  # rough mode: its numbers (reference.describe_shape)
     notes: list[str] = field(default_factory=list)
+    folder: Path | None = None  # the local folder or file of the weights (None: read from the Hub, or rough)
 
     @property
     def requested(self) -> Row:
@@ -109,8 +112,8 @@ class Estimate:
             "bytes_per_token": r.bytes_per_token, "decode_tokens_per_s_ceiling": r.decode_tps_ceiling,
             "backend": self.machine.backend, "memory_bytes": self.machine.memory_bytes,
             "memory_kind": self.machine.memory_kind, "bandwidth_bytes_per_s": self.machine.bandwidth,
-            "rows": [dict({k: v for k, v in asdict(row).items() if k != "runtime"}, total_bytes=row.total_bytes)
-                     for row in self.rows],
+            "rows": [dict({k: v for k, v in asdict(row).items() if k not in ("runtime", "footprint")},
+                          total_bytes=row.total_bytes) for row in self.rows],
             "notes": self.notes,
         }
 
@@ -151,8 +154,9 @@ class _Context:
         per_token = round(plan.bytes_per_token(policy.itemsize) * self.scale) + kv_read
         total = weights + kv + over
         tps = self.machine.bandwidth / per_token if self.machine.bandwidth and per_token else None
+        footprint = footprint_from_plan(plan, policy.itemsize, kv, over, per_token) if self.scale == 1 else None
         return Row(label, bits, group_size, round(file_bytes * self.scale), weights, kv, over, per_token,
-                   total <= self.machine.memory_bytes, tps, stored=stored, runtime=terms)
+                   total <= self.machine.memory_bytes, tps, stored=stored, runtime=terms, footprint=footprint)
 
 
 def estimate_checkpoint(checkpoint: Checkpoint, bits: int | None = None, group_size: int = 64, context: int = 4096,
@@ -201,14 +205,16 @@ def estimate_checkpoint(checkpoint: Checkpoint, bits: int | None = None, group_s
     return Estimate(
         model=name or str(checkpoint.path), model_type=checkpoint.model_type,
         params_total=round(stored_plan.params_total * scale), params_active=round(stored_plan.params_active * scale),
-        context=context, batch=batch, kv_bits=kv_bits, machine=ctx.machine, rows=rows, notes=notes,
+        context=context, batch=batch, kv_bits=kv_bits, machine=ctx.machine, rows=rows, notes=notes, folder=folder,
     )
 
 
 def estimate(model: str | None = None, bits: int | None = None, group_size: int = 64, context: int = 4096,
              batch: int = 1, kv_bits: int | None = None, params: str | None = None, arch: str | None = None,
-             machine: Machine | None = None, revision: str | None = None) -> Estimate:
-    """Estimates a local folder, a Hub repo id (config + safetensors headers only), or ``params`` + ``arch``."""
+             machine: Machine | None = None, revision: str | None = None, max_memory: int | None = None) -> Estimate:
+    """Estimates a local folder, a Hub repo id (config + safetensors headers only), or ``params`` + ``arch``,
+    against ``machine`` (default: this one, within ``max_memory`` when given)."""
+    machine = machine or Machine.this(max_memory)
     if params is not None:
         return estimate_rough(reference.parse_params(params), arch or "llama", bits, group_size, context, batch,
                               kv_bits, machine)

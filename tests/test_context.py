@@ -60,9 +60,9 @@ def test_run_kv_bits_other_than_8_or_4_is_one_line():
 
 def test_memory_check_uses_the_context_and_kv_bits():
     ref = str(default_model_path())
-    default = check_fits(ref)
+    default = check_fits(ref).estimate
     assert default.context == DEFAULT_CONTEXT
-    est = check_fits(ref, context=1000, kv_bits=4)
+    est = check_fits(ref, context=1000, kv_bits=4).estimate
     assert (est.context, est.kv_bits) == (1000, 4)
     assert est.requested.kv_cache_bytes < default.requested.kv_cache_bytes / 4
     with pytest.raises(ContextError, match="8192"):

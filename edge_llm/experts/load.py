@@ -58,6 +58,19 @@ class ExpertStreamer:
     def slots(self) -> int:
         return next(iter(self.banks.values())).slots
 
+    def stats(self) -> dict[str, float | int]:
+        """What streaming did so far, for `run --json`, the chat's /stats and bench."""
+        b, r = self.bank_stats, self.read_stats
+        return {"slots": self.slots, "bank_bytes": self.bank_bytes, "hits": b.hits, "misses": b.misses,
+                "hit_rate": round(b.hit_rate, 4), "waves": b.waves, "bytes_read": r.bytes,
+                "read_bytes_per_s": round(r.bytes_per_second), "read_wait_s": round(r.wait_seconds, 4)}
+
+
+def expert_stats(model: nn.Module) -> dict[str, float | int] | None:
+    """The streaming statistics of a model loaded with streamed experts; None for a resident one."""
+    streamer = getattr(model, "expert_streamer", None)
+    return streamer.stats() if streamer is not None else None
+
 
 def switch_modules(model: nn.Module) -> dict[str, SwitchGLU]:
     return {path: m for path, m in model.named_modules() if isinstance(m, SwitchGLU)}
