@@ -7,7 +7,7 @@ import json
 import typer
 
 from edge_llm.bench import PROMPT_LENGTHS, run_bench
-from edge_llm.units import human_bytes
+from edge_llm.machine.memory import human_bytes
 from quant.fit import check_fits
 
 from .common import (

@@ -144,7 +144,7 @@ def stdout_is_terminal() -> bool:
 
 def expert_line(stats: dict) -> str:
     """Streamed experts in one line: bank, hit rate, bytes read, read speed, time spent waiting for reads."""
-    from edge_llm.units import human_bytes
+    from edge_llm.machine.memory import human_bytes
 
     return (f"bank {stats['slots']} slots/layer ({human_bytes(stats['bank_bytes'])}), {stats['hit_rate']:.0%} hits, "
             f"{human_bytes(stats['bytes_read'])} read at {human_bytes(stats['read_bytes_per_s'])}/s, "

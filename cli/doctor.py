@@ -10,7 +10,7 @@ import typer
 
 from edge_llm.machine.backend import available_ram_bytes, blas_library, detect
 from edge_llm.machine.bandwidth import machine_bandwidth
-from edge_llm.units import human_bytes
+from edge_llm.machine.memory import human_bytes
 
 from .common import user_errors
 

@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from edge_llm.hub.resolve import read_model_headers
-from edge_llm.units import human_bytes
+from edge_llm.machine.memory import human_bytes
 from quant.estimate import Estimate, Row, estimate
 from quant.fit import place_here
 from quant.placement import Placement

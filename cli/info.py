@@ -8,9 +8,9 @@ import typer
 
 from edge_llm.generation.sampling_defaults import SamplingSettings, model_settings
 from edge_llm.hub.resolve import read_model_headers
+from edge_llm.machine.memory import human_bytes
 from edge_llm.modelinfo import describe
 from edge_llm.tokenizer import describe_tokenizer
-from edge_llm.units import human_bytes
 
 from .common import DEFAULT_NAME, MODEL_HELP, human_count, model_argument, model_or_default, user_errors
 

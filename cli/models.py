@@ -12,8 +12,8 @@ from edge_llm.default_model import default_model_path
 from edge_llm.errors import EdgeLLMError
 from edge_llm.formats.open import open_checkpoint
 from edge_llm.hub.cache import CachedModel, hub_cache_dir, list_models, plan_removal
+from edge_llm.machine.memory import human_bytes
 from edge_llm.modelinfo import describe
-from edge_llm.units import human_bytes
 
 from .common import err, human_count, user_errors
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from edge_llm.units import human_bytes
+from edge_llm.machine.memory import human_bytes
 from quant.estimate import Estimate
 from quant.placement import Placement
 

@@ -15,7 +15,7 @@ from rich.text import Text
 
 from edge_llm.hub.pull import PullObserver, PullPlan, RemoteFile
 from edge_llm.hub.pull import pull as pull_repo
-from edge_llm.units import human_bytes
+from edge_llm.machine.memory import human_bytes
 
 from .common import err, user_errors
 

@@ -10,7 +10,7 @@ import typer
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from edge_llm.formats.open import open_checkpoint
-from edge_llm.units import human_bytes
+from edge_llm.machine.memory import human_bytes
 from quant.quality import Quality, Verdict, evaluate, judge
 from quant.quantize import QuantizeJob, QuantizeResult, quantize
 

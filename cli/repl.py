@@ -12,7 +12,7 @@ from edge_llm.errors import ContextError, EdgeLLMError
 from edge_llm.experts.load import expert_stats
 from edge_llm.generation.chat import ChatSession
 from edge_llm.generation.sampling_defaults import SamplingSettings
-from edge_llm.units import human_bytes
+from edge_llm.machine.memory import human_bytes
 
 from .common import err, expert_line
 

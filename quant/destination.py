@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 from edge_llm.errors import EdgeLLMError
-from edge_llm.units import human_bytes
+from edge_llm.machine.memory import human_bytes
 
 
 class QuantizeError(EdgeLLMError):

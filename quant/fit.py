@@ -13,8 +13,8 @@ from pathlib import Path
 from edge_llm.errors import MemoryBudgetError
 from edge_llm.generation.context import context_window, model_context_limit
 from edge_llm.hub.resolve import read_model_headers
+from edge_llm.machine.memory import human_bytes
 from edge_llm.models.cache import check_kv_bits
-from edge_llm.units import human_bytes
 
 from .devices import Device
 from .estimate import Estimate, Machine, estimate_checkpoint

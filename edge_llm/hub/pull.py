@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import HubError
+from ..machine.memory import human_bytes
 from ..models import supported_model_types
-from ..units import human_bytes
 from .cache import COMMIT, cached_snapshot, hub_cache_dir, repo_folder
 from .errors import hub_errors
 from .repo_id import check_repo_id

@@ -1,4 +1,5 @@
-"""How much memory this process may really use, and ``--max-memory SIZE`` read as bytes.
+"""How much memory this process may really use, ``--max-memory SIZE`` read as bytes, and byte sizes written
+for people (``human_bytes``: the one formatter of sizes, in messages and the CLI's tables alike).
 
 The budget is the tightest of: RAM available now (Linux ``MemAvailable``: free memory plus the page cache
 and slabs the kernel can reclaim; macOS: free, inactive and speculative pages as ``vm_stat`` counts them,
@@ -53,6 +54,16 @@ def parse_size(text: str) -> int:
     if value < 1:
         raise ValueError(f"{text!r} is not a size: it must be at least one byte")
     return value
+
+
+def human_bytes(n: float) -> str:
+    """``512 B``, ``9.87 MB``, ``45.6 GB`` (decimal units, as ``parse_size`` reads them): whole bytes, else two
+    decimals under 10 and one above."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}" if abs(n) < 10 else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable: the last unit returns")
 
 
 def total_ram_bytes() -> int:
