@@ -85,8 +85,9 @@ def estimate_cmd(
                                     help="4, 8, 16 or 32 (default: the model as stored)."),
     group_size: int = typer.Option(64, "--group-size", "-g", metavar="N",
                                    help="Quantization group size: 32, 64 or 128."),
-    context: int = typer.Option(4096, "--context", "-c", min=1, metavar="TOKENS",
-                                help="Tokens of context (prompt + answer)."),
+    context: int | None = typer.Option(None, "--context", "-c", min=1, metavar="TOKENS",
+                                       help="Tokens of context (prompt + answer); default: what `run` keeps, the "
+                                            "model's limit up to 4096."),
     batch: int = typer.Option(1, "--batch", min=1, metavar="N", help="Sequences at once."),
     kv_bits: int | None = typer.Option(None, "--kv-bits", metavar="BITS",
                                        help="16, 8 or 4 (default: the compute dtype)."),

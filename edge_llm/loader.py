@@ -8,7 +8,6 @@ Loading reads the config, never the file name: a ``"quantization"`` block in the
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from .formats.checkpoint import Checkpoint
 from .formats.fp8 import dequantize_fp8
 from .formats.open import open_checkpoint
 from .hub.resolve import resolve_model
-from .machine.backend import DtypePolicy, dtype_policy
+from .machine.backend import Caster, dtype_policy
 from .models import build
 from .models.base import CausalLM
 from .models.layers import QuantizedLinear
@@ -60,28 +59,6 @@ def quantize_modules(model: nn.Module, quantization: dict[str, Any], has_scales)
     swap = {name: QuantizedLinear.of(m) for name, m in model.named_modules() if type(m) is nn.QuantizedLinear}
     if swap:
         model.update_modules(tree_unflatten(list(swap.items())))
-
-
-@dataclass(frozen=True)
-class Caster:
-    """Floats to the dtype ``policy`` stores them in, except parameters whose path contains one of ``keep``
-    (a model's ``keep_float32``, e.g. MoE routers that must stay float32). Casts stay lazy, so each tensor
-    is converted as it is loaded and its source copy is freed right after."""
-
-    policy: DtypePolicy
-    keep: tuple[str, ...] = ()
-    tied: bool = False
-
-    def __call__(self, name: str, value: mx.array, ndim: int | None = None) -> mx.array:
-        """``value`` as parameter ``name`` is held; ``ndim`` is the parameter's own when ``value`` is a row of it
-        (one streamed expert of a stacked parameter)."""
-        if not mx.issubdtype(value.dtype, mx.floating) or any(s in name for s in self.keep):
-            return value
-        dtype = self.policy.stored_dtype(name, value.dtype, value.ndim if ndim is None else ndim, self.tied)
-        return value if value.dtype == dtype else value.astype(dtype)
-
-    def all(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        return {k: self(k, v) for k, v in weights.items()}
 
 
 def check_weights(checkpoint: Checkpoint, model: nn.Module, weights: dict[str, mx.array],

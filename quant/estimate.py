@@ -26,6 +26,7 @@ from typing import Any
 from edge_llm.errors import CheckpointError
 from edge_llm.formats.checkpoint import Checkpoint
 from edge_llm.formats.folder import FolderCheckpoint, normalize_config
+from edge_llm.generation.context import DEFAULT_CONTEXT, context_window, model_context_limit
 from edge_llm.hub.resolve import read_model_headers
 from edge_llm.loader import build_model
 from edge_llm.machine.backend import detect
@@ -154,7 +155,8 @@ class _Context:
         per_token = round(plan.bytes_per_token(policy.itemsize) * self.scale) + kv_read
         total = weights + kv + over
         tps = self.machine.bandwidth / per_token if self.machine.bandwidth and per_token else None
-        footprint = footprint_from_plan(plan, policy.itemsize, kv, over, per_token) if self.scale == 1 else None
+        footprint = (footprint_from_plan(plan, policy.itemsize, kv, over, per_token, policy.compute)
+                     if self.scale == 1 else None)
         return Row(label, bits, group_size, round(file_bytes * self.scale), weights, kv, over, per_token,
                    total <= self.machine.memory_bytes, tps, stored=stored, runtime=terms, footprint=footprint)
 
@@ -209,18 +211,21 @@ def estimate_checkpoint(checkpoint: Checkpoint, bits: int | None = None, group_s
     )
 
 
-def estimate(model: str | None = None, bits: int | None = None, group_size: int = 64, context: int = 4096,
+def estimate(model: str | None = None, bits: int | None = None, group_size: int = 64, context: int | None = None,
              batch: int = 1, kv_bits: int | None = None, params: str | None = None, arch: str | None = None,
              machine: Machine | None = None, revision: str | None = None, max_memory: int | None = None) -> Estimate:
     """Estimates a local folder, a Hub repo id (config + safetensors headers only), or ``params`` + ``arch``,
     against ``machine`` (default: this one, within ``max_memory`` when given)."""
     machine = machine or Machine.this(max_memory)
     if params is not None:
-        return estimate_rough(reference.parse_params(params), arch or "llama", bits, group_size, context, batch,
+        return estimate_rough(reference.parse_params(params), arch or "llama", bits, group_size,
+                              context or DEFAULT_CONTEXT, batch,
                               kv_bits, machine)
     if model is None:
         raise ValueError("give a MODEL (folder or Hub repo id), or --params with --arch for a rough estimate")
     found = read_model_headers(model, revision)
+    if context is None:  # what `edge-llm run` keeps by default: the model's limit, at most DEFAULT_CONTEXT
+        context = context_window(model_context_limit(found.checkpoint.config))
     return estimate_checkpoint(found.named, bits, group_size, context, batch, kv_bits, machine, name=model,
                                folder=found.folder)
 

@@ -26,6 +26,13 @@ from .devices import Device
 from .plan import Plan, PlannedTensor
 from .recipes import layer_of
 
+STREAM_HEADROOM = 0.05  # share of the memory a streamed bank leaves free ...
+STREAM_HEADROOM_CAP = 256 << 20  # ... up to this much (the runtime's transients do not grow with the memory)
+
+
+def headroom(usable_bytes: int) -> int:
+    return min(round(usable_bytes * STREAM_HEADROOM), STREAM_HEADROOM_CAP)
+
 
 @dataclass(frozen=True)
 class Footprint:
@@ -39,6 +46,8 @@ class Footprint:
     kv_bytes: int  # the KV cache at the context
     overhead_bytes: int  # the runtime: process, activations, allocator caches
     bytes_per_token: int  # read from memory per decoded token: resident share, k experts per layer, KV cache
+    routed_bytes: int | None = None  # every routed expert as a resident model holds them (None: experts x slots;
+    # a streamed bank may hold them wider: edge_llm.experts.load.bank_dtype)
 
     @property
     def slot_bytes(self) -> int:
@@ -52,7 +61,7 @@ class Footprint:
     @property
     def whole_bytes(self) -> int:
         """Everything resident."""
-        return self.fixed_bytes + self.slot_bytes * self.experts
+        return self.fixed_bytes + (self.slot_bytes * self.experts if self.routed_bytes is None else self.routed_bytes)
 
     @property
     def least_streamed_bytes(self) -> int:
@@ -95,14 +104,16 @@ def place(model: Footprint, device: Device) -> Placement:
     """Resident when the whole model fits, streamed when the resident part and k slots per MoE layer fit
     (the bank then takes all that is left), otherwise no."""
     memory_tps = device.bandwidth / model.bytes_per_token if device.bandwidth and model.bytes_per_token else None
-    routed = model.slot_bytes * model.experts
     if model.whole_bytes <= device.usable_bytes:
+        routed = model.whole_bytes - model.fixed_bytes
         return Placement(device, "resident", model.whole_bytes, model.experts, routed, 1.0, 0.0, memory_tps, None)
     moe = model.experts > 0 and model.slot_bytes > 0
     if not moe or model.least_streamed_bytes > device.usable_bytes:
         needed = model.least_streamed_bytes if moe else model.whole_bytes
         return Placement(device, "no", needed, 0, 0, 0.0, 0.0, None, None)
-    slots = (device.usable_bytes - model.fixed_bytes) // model.slot_bytes  # < E: the whole did not fit
+    # < E: the whole did not fit; a little is left free, since the runtime's transients are estimated, not known
+    room = device.usable_bytes - headroom(device.usable_bytes) - model.fixed_bytes
+    slots = max(model.experts_per_token, min(model.experts - 1, room // model.slot_bytes))
     hit = slots / model.experts
     missed = model.experts_per_token * model.slot_bytes * (1 - hit)
     disk_tps = device.disk_bandwidth / missed if device.disk_bandwidth else None
@@ -111,17 +122,23 @@ def place(model: Footprint, device: Device) -> Placement:
 
 
 def footprint_from_plan(plan: Plan, itemsize: Callable[[PlannedTensor], int], kv_bytes: int, overhead_bytes: int,
-                        bytes_per_token: int) -> Footprint:
+                        bytes_per_token: int, compute_itemsize: int | None = None) -> Footprint:
     """The footprint of a planned checkpoint (``quant.plan``), each tensor at ``itemsize(t)`` bytes per element
-    (``quant.memory.MemoryPolicy.itemsize``): the stacked routed-expert tensors ``[E, ...]`` split per layer."""
-    per_layer: dict[int | None, int] = {}
+    (``quant.memory.MemoryPolicy.itemsize``): the stacked routed-expert tensors ``[E, ...]`` split per layer.
+    A streamed bank holds float expert matrices in the compute dtype (``compute_itemsize``, when wider:
+    ``edge_llm.experts.load.bank_dtype``), so one expert slot is counted that way."""
+    per_layer: dict[int | None, int] = {}  # routed experts of a layer, as a bank holds them
+    routed = 0  # all routed experts as a resident model holds them
     for t in plan.tensors:
         if t.expert:
             layer = layer_of(t.name)
-            per_layer[layer] = per_layer.get(layer, 0) + math.prod(t.shape) * itemsize(t)
+            size = itemsize(t)
+            routed += math.prod(t.shape) * size
+            if compute_itemsize and t.kind == "float" and len(t.shape) >= 3:
+                size = max(size, compute_itemsize)
+            per_layer[layer] = per_layer.get(layer, 0) + math.prod(t.shape) * size
     k, e = plan.experts if plan.experts and per_layer else (0, 0)
     # every MoE layer of the supported architectures has the same experts; the largest stands for all
     expert = math.ceil(max(per_layer.values()) / e) if e else 0
-    routed = sum(per_layer.values())
     return Footprint(plan.memory_bytes(itemsize) - routed, expert, len(per_layer) if e else 0, e, k, kv_bytes,
-                     overhead_bytes, bytes_per_token)
+                     overhead_bytes, bytes_per_token, routed)

@@ -43,6 +43,9 @@ class ExpertBank:
         first = source.load([0])[0]
         for name, row in first.items():  # bank arrays shaped and typed as the experts decode
             self._set_param(name, mx.zeros((slots, *row.shape), dtype=row.dtype))
+            proj, _ = self._proj(name)
+            if name in source.widened:
+                proj.upcast_half = True
         self._write(0, first)
         self.slot_of[0] = 0
         mx.eval(self.arrays())
@@ -81,11 +84,16 @@ class ExpertBank:
             free = sorted(set(range(self.slots)) - set(self.slot_of.values()))
             victims = [e for e in self.slot_of if e not in wanted][: max(0, len(misses) - len(free))]
             slots = free + [self.slot_of.pop(e) for e in victims]
-            loaded = self.source.load(misses)
-            for e, slot in zip(misses, slots, strict=False):
-                self._write(slot, loaded[e])
-                self.slot_of[e] = slot
-            mx.eval(self.arrays())
+            # a few experts at a time (as many as reads in flight), each written and evaluated before the next is
+            # decoded: loading needs memory for that many raw experts and one decoded one, not for all the misses
+            step = self.source.files.threads
+            for start in range(0, len(misses), step):
+                batch = misses[start : start + step]
+                for e, raw in self.source.read(batch).items():
+                    self._write(slots[misses.index(e)], self.source.decode(e, raw))
+                    self.slot_of[e] = slots[misses.index(e)]
+                    mx.eval(self.arrays())
+                self.source.files.release()
         lut = np.zeros(max(self.slot_of) + 1, dtype=np.int32)
         for e, slot in self.slot_of.items():
             lut[e] = slot
@@ -112,7 +120,8 @@ class StreamedSwitchGLU(nn.Module):
         """More experts than slots: each wave computes the (token, expert) pairs of ``slots`` experts."""
         lead, k = indices.shape, indices.shape[-1]
         flat = ids.reshape(-1)
-        rows = x.reshape(-1, x.shape[-1])
+        rows = x.reshape(-1, 1, x.shape[-1])  # [N, 1, D]: rows gathered from it are laid out as the resident
+        # module gathers them (models.switch.sort_by_expert); a view of another layout takes BLAS down another path
         out = mx.zeros((flat.size, x.shape[-1]), dtype=x.dtype)
         sort = indices.size >= SORT_THRESHOLD  # as the resident module decides, so each product is the same
         slots = self.bank.slots
@@ -122,7 +131,7 @@ class StreamedSwitchGLU(nn.Module):
             lut = self.bank.ensure(wave)
             pairs = np.nonzero(np.isin(flat, wave))[0]
             pairs = pairs[np.argsort(lut[flat[pairs]], kind="stable")]  # grouped by slot, rows in token order
-            xs = rows[mx.array(pairs // k)][:, None, :]  # [M, 1, D]
+            xs = rows[mx.array(pairs // k)]  # [M, 1, D]
             y = self.inner.experts(xs, mx.array(lut[flat[pairs]]), sort)  # [M, 1, D]
             out[mx.array(pairs)] = y.squeeze(1)
             mx.eval(out)  # the next wave may evict these experts

@@ -10,7 +10,6 @@ before anything is read, and the banks read experts on demand through ``source``
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -18,6 +17,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..formats.checkpoint import Checkpoint
+from ..machine.backend import Caster
 from ..models.switch import SwitchGLU
 from .bank import BankStats, ExpertBank, StreamedSwitchGLU
 from .provenance import Source
@@ -77,9 +77,9 @@ def switch_modules(model: nn.Module) -> dict[str, SwitchGLU]:
 
 
 def stream_experts(checkpoint: Checkpoint, model: nn.Module, weights: dict[str, mx.array],
-                   provenance: dict[str, Source], cast: Callable[..., mx.array], slots: int) -> ExpertStreamer:
+                   provenance: dict[str, Source], cast: Caster, slots: int) -> ExpertStreamer:
     """Takes every switch module's stacked parameters out of ``weights`` (unread placeholders) and gives each
-    module a bank of ``slots`` experts read from the files. ``cast(name, array, ndim)`` is the loader's."""
+    module a bank of ``slots`` experts read from the files. ``cast`` is the loader's dtype policy."""
     stored = checkpoint.stored_tensors()
     streamer = ExpertStreamer({}, ExpertFiles())
     for path, module in switch_modules(model).items():
@@ -95,7 +95,7 @@ def stream_experts(checkpoint: Checkpoint, model: nn.Module, weights: dict[str, 
         def row_cast(full: str, row: mx.array, _ndim: dict[str, int] = ndim) -> mx.array:
             return cast(full, row, _ndim[full])
 
-        source = ExpertSource(checkpoint, params, row_cast, streamer.files)
+        source = ExpertSource(checkpoint, params, row_cast, streamer.files, cast.policy.compute)
         bank = ExpertBank(module, source, min(slots, experts), streamer.bank_stats)
         streamer.banks[path] = bank
         model.update_modules(tree_unflatten([(path, StreamedSwitchGLU(module, bank))]))

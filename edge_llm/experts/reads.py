@@ -56,6 +56,10 @@ class ExpertFiles:
     def __post_init__(self) -> None:
         self._fds: dict[Path, tuple[int, tuple[int, int, int, int]]] = {}
         self._lock = threading.Lock()
+        # Read buffers are reused: fresh multi-megabyte buffers from several threads leave the C allocator's
+        # per-thread arenas holding tens of MB after they are freed (measured: +36 MB peak RSS on a 0.3B MoE).
+        self._free: dict[int, list[bytearray]] = {}
+        self._lent: list[bytearray] = []
         self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="edge-llm-expert-read")
 
     def _fd(self, file: Path) -> int:
@@ -78,9 +82,23 @@ class ExpertFiles:
                 raise CheckpointError(f"{file}: changed on disk while edge-llm was reading experts from it (replaced, "
                                       "truncated or deleted); let it finish changing, then start again")
 
+    def _buffer(self, nbytes: int) -> bytearray:
+        with self._lock:
+            free = self._free.get(nbytes)
+            buffer = free.pop() if free else bytearray(nbytes)
+            self._lent.append(buffer)
+            return buffer
+
+    def release(self) -> None:
+        """Every buffer ``read`` returned may be reused: the caller has decoded (copied) what it needed."""
+        with self._lock:
+            for buffer in self._lent:
+                self._free.setdefault(len(buffer), []).append(buffer)
+            self._lent.clear()
+
     def _read_one(self, r: ByteRange) -> np.ndarray:
         fd = self._fd(r.file)
-        buffer = bytearray(r.nbytes)
+        buffer = self._buffer(r.nbytes)
         view, done = memoryview(buffer), 0
         while done < r.nbytes:
             n = os.preadv(fd, [view[done:]], r.offset + done)
@@ -91,7 +109,8 @@ class ExpertFiles:
         return np.frombuffer(buffer, dtype=np.uint8)
 
     def read(self, ranges: list[ByteRange]) -> list[np.ndarray]:
-        """The bytes of every range, read concurrently; raises CheckpointError for a file that changed."""
+        """The bytes of every range, read concurrently, in buffers that stay valid until ``release``; raises
+        CheckpointError for a file that changed."""
         if not ranges:
             return []
         start = time.perf_counter()

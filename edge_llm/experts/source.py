@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlx.core as mx
+import numpy as np
 
 from ..errors import CheckpointError
 from ..formats.checkpoint import Checkpoint
@@ -75,10 +76,22 @@ def param_source(checkpoint: Checkpoint, stored: dict[str, StoredTensor], parame
 class ExpertSource:
     """Reads experts of one switch module; ``load`` returns each expert's parameters as the bank holds them."""
 
-    def __init__(self, checkpoint: Checkpoint, params: dict[str, ParamSource], cast: Cast, files: ExpertFiles):
-        self.checkpoint, self.params, self.cast, self.files = checkpoint, params, cast, files
+    def __init__(self, checkpoint: Checkpoint, params: dict[str, ParamSource], cast: Cast, files: ExpertFiles,
+                 compute: mx.Dtype):
+        self.checkpoint, self.params, self.cast, self.files, self.compute = checkpoint, params, cast, files, compute
         self.stored = checkpoint.stored_tensors()
         self.fp8_block = block_size(checkpoint.config)
+        self.widened: set[str] = set()  # parameters held wider than the resident model holds them
+
+    def widened_to_compute(self, name: str, row: mx.array) -> mx.array:
+        """A float expert matrix in the compute dtype where that is wider: the CPU computes half weights in float32,
+        so the resident model upcasts the k experts a token uses at every step, and a prefill all of them at once
+        (``models.switch.SwitchLinear``). A bank kept in float32 does neither: streaming never needs memory beyond
+        its bank, and the values are the same (upcasting is exact)."""
+        if mx.issubdtype(row.dtype, mx.floating) and row.dtype.size < self.compute.size and row.ndim >= 2:
+            self.widened.add(name)
+            return row.astype(self.compute)
+        return row
 
     def _scale_of(self, t: _Tensor) -> _Tensor | None:
         if not t.stored.dtype.startswith("F8"):
@@ -96,8 +109,8 @@ class ExpertSource:
                 seen[t.key] = t.range(0).nbytes
         return sum(seen.values())
 
-    def load(self, experts: list[int]) -> dict[int, dict[str, mx.array]]:
-        """Every parameter of each expert in ``experts``, read concurrently and decoded."""
+    def read(self, experts: list[int]) -> dict[int, dict[tuple[str, int], np.ndarray]]:
+        """The raw bytes of every tensor part each expert needs, read concurrently."""
         wanted: dict[tuple[str, int], _Tensor] = {}
         for e in experts:
             for p in self.params.values():
@@ -105,12 +118,20 @@ class ExpertSource:
                     wanted[(t.key, e)] = t
         keys = list(wanted)
         data = dict(zip(keys, self.files.read([wanted[k].range(k[1]) for k in keys]), strict=True))
+        return {e: {k: v for k, v in data.items() if k[1] == e} for e in experts}
+
+    def decode(self, e: int, raw: dict[tuple[str, int], np.ndarray]) -> dict[str, mx.array]:
+        """Expert ``e``'s parameters as the bank holds them, from its raw bytes (``read``)."""
         decoded: dict[tuple[str, int], dict[str, mx.array]] = {}
-        out: dict[int, dict[str, mx.array]] = {e: {} for e in experts}
-        for e in experts:
-            for name, p in self.params.items():
-                out[e][name] = self.cast(p.parameter, self._decode(p, e, data, decoded))
-        return out
+        return {name: self.widened_to_compute(name, self.cast(p.parameter, self._decode(p, e, raw, decoded)))
+                for name, p in self.params.items()}
+
+    def load(self, experts: list[int]) -> dict[int, dict[str, mx.array]]:
+        """Every parameter of each expert in ``experts``, read concurrently and decoded."""
+        loaded = {e: self.decode(e, raw) for e, raw in self.read(experts).items()}
+        mx.eval(loaded)  # copied out of the read buffers before they are reused
+        self.files.release()
+        return loaded
 
     def _decode(self, p: ParamSource, e: int, data: dict, decoded: dict) -> mx.array:
         t = p.tensor(e)

@@ -101,6 +101,28 @@ class DtypePolicy:
         return self.weights or dtype
 
 
+@dataclass(frozen=True)
+class Caster:
+    """Floats to the dtype ``policy`` stores them in, except parameters whose path contains one of ``keep``
+    (a model's ``keep_float32``, e.g. MoE routers that must stay float32). Casts stay lazy, so each tensor
+    is converted as it is loaded and its source copy is freed right after."""
+
+    policy: DtypePolicy
+    keep: tuple[str, ...] = ()
+    tied: bool = False
+
+    def __call__(self, name: str, value: mx.array, ndim: int | None = None) -> mx.array:
+        """``value`` as parameter ``name`` is held; ``ndim`` is the parameter's own when ``value`` is a row of it
+        (one streamed expert of a stacked parameter)."""
+        if not mx.issubdtype(value.dtype, mx.floating) or any(s in name for s in self.keep):
+            return value
+        dtype = self.policy.stored_dtype(name, value.dtype, value.ndim if ndim is None else ndim, self.tied)
+        return value if value.dtype == dtype else value.astype(dtype)
+
+    def all(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        return {k: self(k, v) for k, v in weights.items()}
+
+
 def dtype_policy(checkpoint_dtype: str, requested: str | None = None) -> DtypePolicy:
     """``--dtype`` puts everything in that dtype; otherwise float32 compute over the stored weights on
     the CPU, and the checkpoint's dtype for everything on a GPU."""

@@ -43,8 +43,12 @@ class SwitchLinear(nn.Module):
     def num_experts(self) -> int:
         return self.weight.shape[0]
 
+    # True when float32 weights hold upcast half-precision ones (a streamed expert bank): they are then computed
+    # exactly as the half-precision weights would be, so both give the same bits
+    upcast_half = False
+
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
-        if self.weight.dtype != mx.float32 and mx.default_device() == mx.cpu:
+        if (self.weight.dtype != mx.float32 or self.upcast_half) and mx.default_device() == mx.cpu:
             out = self._cpu_half_precision(x, indices, sorted_indices)
         else:
             out = mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
