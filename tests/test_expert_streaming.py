@@ -19,6 +19,8 @@ from safetensors.torch import load_file, save_file
 from edge_llm.errors import CheckpointError
 from edge_llm.formats.open import open_checkpoint
 from edge_llm.loader import load_checkpoint
+from edge_llm.machine.backend import dtype_policy
+from quant.fit import check_fits
 from quant.quantize import quantize
 from tests.gguf_files import write_gguf
 from tests.hf_oracle import build_tiny_checkpoint
@@ -86,9 +88,12 @@ def test_the_bank_holds_only_its_slots(tmp_path):
     model = load_checkpoint(open_checkpoint(folder), expert_slots=2)
     streamer = model.expert_streamer
     cfg = TINY_CONFIGS["qwen3_moe"]
-    # per expert: gate and up [I, D], down [D, I], bf16 as stored (the CPU keeps half weights half)
-    per_expert = 3 * cfg["moe_intermediate_size"] * cfg["hidden_size"] * 2
+    # per expert: gate and up [I, D], down [D, I], in the compute dtype (float32 on the CPU, where half weights
+    # would be upcast at every step anyway; bf16 on a GPU)
+    compute = dtype_policy("BF16").compute.size
+    per_expert = 3 * cfg["moe_intermediate_size"] * cfg["hidden_size"] * compute
     assert streamer.bank_bytes == cfg["num_hidden_layers"] * 2 * per_expert
+    assert streamer.bank_bytes == check_fits(str(folder), max_memory=10**15).estimate.requested.footprint.slot_bytes * 2
     assert streamer.slots == 2
 
 
