@@ -13,6 +13,7 @@ from quant.fit import check_fits
 from .common import (
     err,
     expert_line,
+    expert_policy_option,
     max_memory_option,
     model_argument,
     model_or_default,
@@ -37,6 +38,7 @@ def bench(
                                             "skipped (default: the model's limit)."),
     kv_bits: int | None = typer.Option(None, "--kv-bits", metavar="8|4", help="Keep the KV cache quantized."),
     max_memory: int | None = max_memory_option(),
+    expert_policy: str = expert_policy_option(),
     force: bool = typer.Option(False, "--force", help="Load even if the memory estimate says it won't fit."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
@@ -50,7 +52,8 @@ def bench(
         if slots or max_memory is not None:
             err.print(plan.describe(), style="dim", soft_wrap=True)
     with err.status(f"benchmarking {name}", spinner="dots"):
-        r = run_bench(model, lengths, decode_tokens, dtype, context=context, kv_bits=kv_bits, expert_slots=slots)
+        r = run_bench(model, lengths, decode_tokens, dtype, context=context, kv_bits=kv_bits, expert_slots=slots,
+                      expert_policy=expert_policy)
     if as_json:
         print(json.dumps(r.to_dict()))
         return

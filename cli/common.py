@@ -92,6 +92,18 @@ def max_memory_option() -> Any:
                         help=SIZE_HELP + " A MoE that does not fit streams its experts from disk.")
 
 
+def parse_expert_policy(value: str) -> str:
+    if value not in ("lru", "lfu"):
+        raise typer.BadParameter(f"{value!r}: use lru (least recently used leaves first) or lfu (least often used)")
+    return value
+
+
+def expert_policy_option() -> Any:
+    return typer.Option("lru", "--expert-policy", metavar="lru|lfu", parser=parse_expert_policy,
+                        help="Streamed experts: which leaves the bank for a miss, the least recently or the least "
+                             "often used.")
+
+
 def parse_prompt_lengths(value: str) -> tuple[int, ...]:
     """``bench --prompt-lengths 128,512``: whole numbers of tokens, 1 to 2**20 each."""
     parts = [p.strip() for p in value.split(",") if p.strip()]

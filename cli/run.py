@@ -22,6 +22,7 @@ from quant.fit import check_fits
 
 from .common import (
     err,
+    expert_policy_option,
     human_count,
     max_memory_option,
     model_argument,
@@ -72,6 +73,7 @@ def run(
                                        help="Keep the KV cache quantized to 8 or 4 bits (3.6x or 6.4x smaller "
                                             "on the CPU; 4 bits costs small models accuracy)."),
     max_memory: int | None = max_memory_option(),
+    expert_policy: str = expert_policy_option(),
 ) -> None:
     """Chat with MODEL (default: the embedded SmolLM2); with --prompt or piped stdin, answer once and exit."""
     model, name = model_or_default(model)
@@ -92,7 +94,7 @@ def run(
         temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty,
     )
     with err.status(f"loading {name}", spinner="dots") if err.is_terminal else nullcontext():
-        loaded_model, tokenizer = load(model, dtype=dtype, expert_slots=expert_slots)
+        loaded_model, tokenizer = load(model, dtype=dtype, expert_slots=expert_slots, expert_policy=expert_policy)
     session = ChatSession(loaded_model, tokenizer, params=settings.params(seed), max_tokens=max_tokens, system=system,
                           context=context, kv_bits=kv_bits)
     if not one_shot:

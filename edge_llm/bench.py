@@ -95,14 +95,14 @@ def time_prefill(model: CausalLM, tokens: list[int], kv_bits: int | None = None)
 
 def run_bench(ref: str | Path, prompt_lengths: tuple[int, ...] = PROMPT_LENGTHS, decode_tokens: int = 64,
               dtype: str | None = None, context: int | None = None, kv_bits: int | None = None,
-              expert_slots: int | None = None) -> BenchResult:
+              expert_slots: int | None = None, expert_policy: str = "lru") -> BenchResult:
     """``context`` bounds the prompt lengths as ``run --context`` bounds a chat; ``kv_bits`` quantizes the cache;
     ``expert_slots`` streams a MoE's experts through banks of that many slots (``quant.fit`` sizes them)."""
     check_kv_bits(kv_bits)
     reset_peak_memory()
     start = time.perf_counter()
     checkpoint = open_checkpoint(resolve_model(ref))
-    model = load_checkpoint(checkpoint, dtype, expert_slots)
+    model = load_checkpoint(checkpoint, dtype, expert_slots, expert_policy)
     load_s = time.perf_counter() - start
     vocab = model.args.vocab_size
     model_limit = model.context_length

@@ -82,9 +82,11 @@ def check_weights(checkpoint: Checkpoint, model: nn.Module, weights: dict[str, m
         log.warning("%s: ignoring %d unused tensors (e.g. %s)", checkpoint.path, len(extra), extra[0])
 
 
-def load_checkpoint(checkpoint: Checkpoint, dtype: str | None = None, expert_slots: int | None = None) -> CausalLM:
+def load_checkpoint(checkpoint: Checkpoint, dtype: str | None = None, expert_slots: int | None = None,
+                    expert_policy: str = "lru") -> CausalLM:
     """The model ready to run. ``expert_slots``: stream the routed experts of every MoE layer from the files
-    through a bank of that many slots per layer (``edge_llm.experts``) instead of loading them."""
+    through a bank of that many slots per layer (``edge_llm.experts``) instead of loading them; ``expert_policy``
+    picks which expert leaves the bank for a miss (``experts.bank.POLICIES``)."""
     model = build_model(checkpoint)
     skip = is_routed_expert if expert_slots else None
     try:
@@ -99,7 +101,8 @@ def load_checkpoint(checkpoint: Checkpoint, dtype: str | None = None, expert_slo
     caster = Caster(policy, model.keep_float32, model.tied_embeddings)
     streamed: frozenset[str] = frozenset()
     if expert_slots:
-        streamed = stream_experts(checkpoint, model, weights, provenance, caster, expert_slots).parameters
+        streamed = stream_experts(checkpoint, model, weights, provenance, caster, expert_slots,
+                                  expert_policy).parameters
     stored = {k: v.dtype for k, v in weights.items()}
     weights = caster.all(weights)
     check_weights(checkpoint, model, weights, streamed)
@@ -151,13 +154,14 @@ def load_model(path: str | Path, dtype: str | None = None) -> CausalLM:
     return load_checkpoint(open_checkpoint(path), dtype)
 
 
-def load(ref: str | Path, dtype: str | None = None, expert_slots: int | None = None) -> tuple[CausalLM, Tokenizer]:
+def load(ref: str | Path, dtype: str | None = None, expert_slots: int | None = None,
+         expert_policy: str = "lru") -> tuple[CausalLM, Tokenizer]:
     """Resolves a model reference (folder, GGUF file or Hub repo id) and loads model and tokenizer;
     ``expert_slots`` streams a MoE's routed experts through banks of that many slots per layer."""
     folder = resolve_model(ref)
     checkpoint = open_checkpoint(folder)
     tokenizer = checkpoint.tokenizer()  # a folder's tokenizer files, or a GGUF file's metadata
-    model = load_checkpoint(checkpoint, dtype, expert_slots)
+    model = load_checkpoint(checkpoint, dtype, expert_slots, expert_policy)
     check_vocabulary(checkpoint, tokenizer)  # after the weights: their problems are the more basic ones
     return model, tokenizer
 

@@ -102,7 +102,8 @@ def test_force_skips_the_check_and_a_fitting_model_runs(tmp_path, monkeypatch):
     args = ["run", str(src), "--prompt", "Hello", "--max-tokens", "2", "--temp", "0"]
     assert CliRunner().invoke(app, args).exit_code == 0  # fits: no refusal
     # The same model on a machine with 10 MB of memory (the one thing a test cannot change for real):
-    monkeypatch.setattr(fit.Machine, "this", classmethod(lambda cls, max_memory=None: Machine("cpu", 10 * 10**6, "ram", None)))
+    tiny_machine = Machine("cpu", 10 * 10**6, "ram", None)
+    monkeypatch.setattr(fit.Machine, "this", classmethod(lambda cls, max_memory=None: tiny_machine))
     refused = CliRunner().invoke(app, args)
     assert refused.exit_code == 1 and "10.0 MB of RAM" in refused.stderr and "short" in refused.stderr
     forced = CliRunner().invoke(app, [*args, "--force"])

@@ -55,10 +55,10 @@ def gguf_q4_0(root: Path, model_type: str) -> Path:
 LAYOUTS = {"hub-bf16": hub_bf16, "mlx-4bit": mlx_4bit, "gguf-q4_0": gguf_q4_0}
 
 
-def assert_streamed_equals_resident(path: Path, slots: int) -> None:
+def assert_streamed_equals_resident(path: Path, slots: int, policy: str = "lru") -> None:
     checkpoint = open_checkpoint(path)
     resident = load_checkpoint(checkpoint)
-    streamed = load_checkpoint(open_checkpoint(path), expert_slots=slots)
+    streamed = load_checkpoint(open_checkpoint(path), expert_slots=slots, expert_policy=policy)
     tokens = mx.array(TOKENS % checkpoint.config["vocab_size"])
     assert mx.array_equal(resident(tokens), streamed(tokens)).item(), "prefill logits differ"
     caches = resident.make_cache(), streamed.make_cache()
@@ -75,6 +75,10 @@ def assert_streamed_equals_resident(path: Path, slots: int) -> None:
 def test_streamed_logits_equal_resident(tmp_path, model_type, layout):
     path = LAYOUTS[layout](tmp_path, model_type)
     assert_streamed_equals_resident(path, slots=TINY_CONFIGS[model_type]["num_experts_per_tok"])
+
+
+def test_the_lfu_policy_changes_what_is_read_not_the_logits(tmp_path):
+    assert_streamed_equals_resident(mlx_4bit(tmp_path, "qwen2_moe"), slots=3, policy="lfu")
 
 
 def test_fp8_experts_are_dequantized_on_read(tmp_path):

@@ -17,6 +17,8 @@ from typer.testing import CliRunner
 from cli.main import app
 from quant.fit import check_fits
 from quant.placement import STREAM_HEADROOM
+from tests.big_moe import SHAPE, write_checkpoint
+from tests.cgroups import in_cgroup, memory_cgroup
 from tests.hf_oracle import build_tiny_checkpoint
 from tests.peak_rss import measure
 from tests.tiny_configs import TINY_CONFIGS
@@ -114,41 +116,24 @@ def test_chat_stats_and_a_shard_truncated_mid_chat(tiny_moe, tmp_path):
     child.expect(pexpect.EOF)
 
 
-def _cgroup(name: str, limit: int) -> Path | None:
-    """A memory cgroup limited to ``limit`` bytes (v1 or v2), or None where this process cannot make one."""
-    for root, limit_file in ((Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes"),
-                             (Path("/sys/fs/cgroup"), "memory.max")):
-        if (root / limit_file).exists() or (root / "cgroup.controllers").exists():
-            group = root / name
-            try:
-                group.mkdir(exist_ok=True)
-                (group / limit_file).write_text(str(limit))
-                return group
-            except OSError:
-                continue
-    return None
-
-
 @pytest.mark.slow
 def test_a_real_memory_limit_is_honoured(tmp_path):
     """A MoE about four times larger than the cgroup it runs in: the budget comes from the cgroup's limit (no
     --max-memory), the answer equals the resident one, and the process's peak RSS stays under the limit."""
-    from benchmarks.big_moe import SHAPE, write_checkpoint
-
-    shape = {**SHAPE, "hidden_size": 512, "moe_intermediate_size": 512, "num_hidden_layers": 6,
-             "num_attention_heads": 8, "head_dim": 64, "vocab_size": 2048, "num_experts_per_tok": 4}  # 0.3B bf16
+    shape = {**SHAPE, "hidden_size": 512, "moe_intermediate_size": 512, "num_hidden_layers": 6,  # 0.3B bf16
+             "num_attention_heads": 8, "head_dim": 64, "vocab_size": 2048, "num_experts": 64, "num_experts_per_tok": 4}
     folder = write_checkpoint(tmp_path / "moe", shape)
     size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     limit = size * 2 // 5  # the model is 2.5 times the memory it may use
-    group = _cgroup(f"edge-llm-test-{os.getpid()}", limit)
+    group = memory_cgroup(f"edge-llm-test-{os.getpid()}", limit)
     if group is None:
         pytest.skip("no writable memory cgroup (needs root)")
     args = [sys.executable, "-m", "cli.main", "run", str(folder), *ARGS, "--context", "256"]
     resident = subprocess.run(args, capture_output=True, text=True, env=ENV, timeout=600)
     assert resident.returncode == 0, resident.stderr
     try:
-        inside = ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh", *args]
-        streamed = measure(inside, env=ENV, timeout=600)  # raises on a non-zero exit (137: killed at the limit)
+        # raises on a non-zero exit (137: killed at the limit)
+        streamed = measure(in_cgroup(group, args), env=ENV, timeout=600)
     finally:
         group.rmdir()
     rss = streamed.max_rss_bytes

@@ -34,12 +34,19 @@ class BankStats:
         return self.hits / total if total else 0.0
 
 
-class ExpertBank:
-    """Slots for one switch module's experts, least recently used out first."""
+POLICIES = ("lru", "lfu")
 
-    def __init__(self, module: SwitchGLU, source: ExpertSource, slots: int, stats: BankStats):
-        self.module, self.source, self.slots, self.stats = module, source, slots, stats
+
+class ExpertBank:
+    """Slots for one switch module's experts. Which expert leaves for a miss: ``lru`` the least recently used;
+    ``lfu`` the least often used so far (ties: the least recently used), which keeps a router's favourites."""
+
+    def __init__(self, module: SwitchGLU, source: ExpertSource, slots: int, stats: BankStats, policy: str = "lru"):
+        if policy not in POLICIES:
+            raise ValueError(f"expert cache policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        self.module, self.source, self.slots, self.stats, self.policy = module, source, slots, stats, policy
         self.slot_of: OrderedDict[int, int] = OrderedDict()  # expert -> slot, least recently used first
+        self.uses: dict[int, int] = {}  # expert -> lookups so far
         first = source.load([0])[0]
         for name, row in first.items():  # bank arrays shaped and typed as the experts decode
             self._set_param(name, mx.zeros((slots, *row.shape), dtype=row.dtype))
@@ -66,6 +73,12 @@ class ExpertBank:
             proj, suffix = self._proj(name)
             proj[suffix][slot] = row
 
+    def _victims(self, keep: set[int], n: int) -> list[int]:
+        held = [e for e in self.slot_of if e not in keep]  # least recently used first
+        if self.policy == "lfu":
+            held.sort(key=lambda e: self.uses.get(e, 0))  # stable: ties stay least recently used first
+        return held[:n]
+
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays())
@@ -78,11 +91,12 @@ class ExpertBank:
         self.stats.hits += len(experts) - len(misses)
         self.stats.misses += len(misses)
         for e in experts:
+            self.uses[e] = self.uses.get(e, 0) + 1
             if e in self.slot_of:
                 self.slot_of.move_to_end(e)
         if misses:
             free = sorted(set(range(self.slots)) - set(self.slot_of.values()))
-            victims = [e for e in self.slot_of if e not in wanted][: max(0, len(misses) - len(free))]
+            victims = self._victims(wanted, max(0, len(misses) - len(free)))
             slots = free + [self.slot_of.pop(e) for e in victims]
             # a few experts at a time (as many as reads in flight), each written and evaluated before the next is
             # decoded: loading needs memory for that many raw experts and one decoded one, not for all the misses

@@ -77,7 +77,7 @@ def switch_modules(model: nn.Module) -> dict[str, SwitchGLU]:
 
 
 def stream_experts(checkpoint: Checkpoint, model: nn.Module, weights: dict[str, mx.array],
-                   provenance: dict[str, Source], cast: Caster, slots: int) -> ExpertStreamer:
+                   provenance: dict[str, Source], cast: Caster, slots: int, policy: str = "lru") -> ExpertStreamer:
     """Takes every switch module's stacked parameters out of ``weights`` (unread placeholders) and gives each
     module a bank of ``slots`` experts read from the files. ``cast`` is the loader's dtype policy."""
     stored = checkpoint.stored_tensors()
@@ -96,7 +96,7 @@ def stream_experts(checkpoint: Checkpoint, model: nn.Module, weights: dict[str, 
             return cast(full, row, _ndim[full])
 
         source = ExpertSource(checkpoint, params, row_cast, streamer.files, cast.policy.compute)
-        bank = ExpertBank(module, source, min(slots, experts), streamer.bank_stats)
+        bank = ExpertBank(module, source, min(slots, experts), streamer.bank_stats, policy)
         streamer.banks[path] = bank
         model.update_modules(tree_unflatten([(path, StreamedSwitchGLU(module, bank))]))
     model.expert_streamer = streamer  # stats for `run --json`, /stats and bench

@@ -1,16 +1,16 @@
 """A Qwen3-MoE-shaped model of about 1.9B parameters (random weights) for expert-streaming benchmarks.
 
-Qwen3-30B-A3B's structure (64 of its 128 experts here, top-8 routing, experts of width 768, GQA with 4 KV
-heads of 128, per-head q/k norms) with fewer layers and a narrower hidden size, so that it is several
-times larger than a memory cap this machine can give a process, yet written in a few minutes:
-12 layers x 64 experts x 3 x 1024 x 768 = 1.81B routed-expert parameters, 0.13B for the rest.
+Qwen3-30B-A3B's structure (128 experts, top-8 routing, GQA with 4 KV heads of 128, per-head q/k norms) with
+fewer layers, a narrower hidden size and experts of width 384 (its are 768), so that it is several times
+larger than a memory cap this machine can give a process, yet written in a few minutes:
+12 layers x 128 experts x 3 x 1024 x 384 = 1.81B routed-expert parameters, 0.13B for the rest.
 
 Written once in the Hub layout (one tensor per expert, ``mlp.experts.{e}.gate_proj.weight``, bf16, shards of
 at most 1 GB with an index) with the tests' small tokenizer, so both edge-llm and mlx-lm read it.
 Weights are drawn with numpy (fast) and rounded to bf16; the routers are scaled so routing is not uniform
 noise (each token prefers a few experts strongly, as trained routers do).
 
-    python -m benchmarks.big_moe DIR          # writes DIR (skips it when complete)
+    python -m tests.big_moe DIR          # writes DIR (skips it when complete)
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import numpy as np
 
 SHAPE = dict(
     model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], vocab_size=32000, hidden_size=1024,
-    intermediate_size=3072, moe_intermediate_size=768, num_hidden_layers=12, num_attention_heads=16,
-    num_key_value_heads=4, head_dim=128, num_experts=64, num_experts_per_tok=8, norm_topk_prob=True,
+    intermediate_size=3072, moe_intermediate_size=384, num_hidden_layers=12, num_attention_heads=16,
+    num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
     decoder_sparse_step=1, mlp_only_layers=[], hidden_act="silu", rms_norm_eps=1e-6, max_position_embeddings=32768,
     rope_theta=1000000.0, rope_scaling=None, attention_bias=False, tie_word_embeddings=False,
     bos_token_id=0, eos_token_id=0, torch_dtype="bfloat16", use_sliding_window=False, sliding_window=None,
