@@ -1,0 +1,159 @@
+"""A MoE three times larger than its memory: experts streamed from disk under a real cgroup cap, beside the same
+model resident and beside mlx-lm under the same cap.
+
+The model is ``tests/big_moe.py``'s Qwen3-MoE shape (1.94B parameters, 128 experts top-8, random weights), in
+bf16 (3.9 GB) and as ``edge-llm quantize --bits 4`` writes it. Every measurement is a fresh process
+(``--worker``): it loads the model (streamed when ``quant.fit`` says only that fits the cgroup it runs in),
+prefills 64 tokens of public-domain prose and then decodes ``--decode`` more of the same text one token at a
+time (teacher forcing: random weights would otherwise loop on one token and hit the bank every time), and
+prints decode tok/s and the streaming statistics of the decode phase. The parent takes its peak RSS.
+
+- resident: no cap. streamed cold: in a cgroup of a third of the model's size, page cache dropped first;
+  warm: the same right after (the cgroup's page cache holds what fits of it). The I/O bound is the disk's
+  random-read bandwidth (measured cold, 4 MiB x 4 in flight, as the streamer reads) / missed bytes per token.
+- policies: LRU and LFU banks in the same cap; mlx-lm 0.32 (``mlx_lm generate``) on the 4-bit folder in the cap.
+
+    python -m benchmarks.expert_streaming [--work /work/bench] [--decode 48] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from edge_llm.machine.memory import human_bytes
+from tests.cgroups import in_cgroup, memory_cgroup
+from tests.peak_rss import measure
+
+from .harness import write_section
+
+PROMPT_TOKENS = 64
+
+
+def worker(model: str, decode: int, policy: str) -> None:
+    import mlx.core as mx
+
+    from edge_llm.experts.load import expert_stats
+    from edge_llm.formats.open import open_checkpoint
+    from edge_llm.loader import load_checkpoint
+    from quant.fit import check_fits
+    from quant.quality import SAMPLE
+
+    plan = check_fits(model, context=1024)
+    checkpoint = open_checkpoint(model)
+    tokens = checkpoint.tokenizer().encode(SAMPLE * 4, add_special_tokens=False)[: PROMPT_TOKENS + decode]
+    start = time.perf_counter()
+    m = load_checkpoint(checkpoint, expert_slots=plan.expert_slots, expert_policy=policy)
+    load_s = time.perf_counter() - start
+    cache = m.make_cache()
+    mx.eval(m(mx.array(tokens[:PROMPT_TOKENS])[None], cache=cache))
+    before = expert_stats(m)
+    start = time.perf_counter()
+    for t in tokens[PROMPT_TOKENS:]:
+        mx.eval(m(mx.array([[t]]), cache=cache))
+    seconds = time.perf_counter() - start
+    after = expert_stats(m)
+    out = {"load_s": load_s, "decode_tps": decode / seconds, "slots": plan.expert_slots}
+    if after:
+        out.update({k: after[k] - before[k] for k in ("hits", "misses", "bytes_read", "read_wait_s")})
+        out["hit_rate"] = out["hits"] / max(1, out["hits"] + out["misses"])
+        out["bank_bytes"] = after["bank_bytes"]
+    print(json.dumps(out))
+
+
+def _run(model: Path, decode: int, policy: str = "lru", group: Path | None = None, cold: bool = False) -> dict:
+    if cold:
+        subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=True)
+    cmd = [sys.executable, "-m", "benchmarks.expert_streaming", "--worker", str(model), "--decode", str(decode),
+           "--policy", policy]
+    run = measure(in_cgroup(group, cmd) if group else cmd, timeout=3600)
+    return {**json.loads(run.stdout.strip().splitlines()[-1]), "rss": run.max_rss_bytes}
+
+
+def _mlx_lm(model: Path, group: Path) -> str:
+    cmd = [sys.executable, "-m", "mlx_lm", "generate", "--model", str(model), "--prompt", "Hello", "--max-tokens",
+           "8"]
+    proc = subprocess.run(in_cgroup(group, cmd), capture_output=True, text=True, timeout=3600)
+    if proc.returncode == 0:
+        return "ran"
+    return f"exit {proc.returncode}" + (" (killed at the cgroup limit)" if proc.returncode in (137, -9) else "")
+
+
+def prepare(work: Path) -> dict[str, Path]:
+    from tests.big_moe import write_checkpoint
+
+    bf16 = write_checkpoint(work / "qwen3moe-2b-bf16")
+    q4 = work / "qwen3moe-2b-4bit"
+    if not (q4 / "config.json").is_file():
+        subprocess.run([sys.executable, "-m", "cli.main", "quantize", str(bf16), "-o", str(q4), "--bits", "4"],
+                       check=True)
+    return {"bf16": bf16, "4-bit": q4}
+
+
+def size_of(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker")
+    parser.add_argument("--policy", default="lru")
+    parser.add_argument("--work", type=Path, default=Path("/work/bench"))
+    parser.add_argument("--decode", type=int, default=48)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker, args.decode, args.policy)
+        return
+    from edge_llm.machine.disk import measure_disk_bandwidth
+
+    models = prepare(args.work)
+    disk = measure_disk_bandwidth(models["bf16"])
+    rows, notes = [], []
+    for label, folder in models.items():
+        size = size_of(folder)
+        cap = size // 3
+        group = memory_cgroup(f"edge-llm-bench-{label.replace('-', '')}", cap)
+        assert group is not None, "needs root and a memory cgroup (v1 or v2)"
+        try:
+            runs = {name: [] for name in ("resident", "cold", "warm", "lfu warm")}
+            for _ in range(args.rounds):  # alternating, medians
+                runs["resident"].append(_run(folder, args.decode))
+                runs["cold"].append(_run(folder, args.decode, group=group, cold=True))
+                runs["warm"].append(_run(folder, args.decode, group=group))
+                runs["lfu warm"].append(_run(folder, args.decode, "lfu", group=group))
+            mlx_lm = _mlx_lm(folder, group) if label == "4-bit" else "cannot run bf16 MoE on the CPU (gather_mm)"
+        finally:
+            group.rmdir()
+        resident_tps = statistics.median(r["decode_tps"] for r in runs["resident"])
+        for name, rs in runs.items():
+            tps = statistics.median(r["decode_tps"] for r in rs)
+            rss = max(r["rss"] for r in rs)
+            if name == "resident":
+                rows.append([label, name, human_bytes(size), "-", f"{tps:.2f}", "1.00", "-", "-", "-",
+                             human_bytes(rss)])
+                continue
+            missed = statistics.median(r["bytes_read"] for r in rs) / args.decode
+            bound = disk.random / missed if missed else float("inf")
+            rows.append([label, name, human_bytes(cap), f"{rs[0]['slots']}/128", f"{tps:.2f}",
+                         f"{tps / resident_tps:.2f}", f"{statistics.median(r['hit_rate'] for r in rs):.0%}",
+                         human_bytes(missed), f"{bound:.2f} ({tps / bound:.0%})", human_bytes(rss)])
+        notes.append(f"{label}: mlx-lm in the same cap: {mlx_lm}")
+    header = ["model", "run", "memory", "bank", "decode tok/s", "x resident", "hits", "read/token",
+              "I/O bound tok/s (reached)", "peak RSS"]
+    table = "\n".join("| " + " | ".join(map(str, r)) + " |" for r in [header, ["---"] * len(header), *rows])
+    body = (f"Disk: {human_bytes(disk.random)}/s random 4 MiB reads (4 in flight), "
+            f"{human_bytes(disk.sequential)}/s sequential, cold.\n\n{table}\n\n" + "\n".join(f"- {n}" for n in notes))
+    print(body)
+    command = f"python -m benchmarks.expert_streaming --decode {args.decode} --rounds {args.rounds}"
+    write_section("Expert streaming: a MoE three times larger than its memory (issue 15)",
+                  f"```\n{command}\n```\n\n{time.strftime('%Y-%m-%d')}, this machine. {body}")
+
+
+if __name__ == "__main__":
+    main()
