@@ -99,6 +99,46 @@ def size_of(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
+def least_streaming_bytes(folder: Path) -> int:
+    """The least memory that streams the model (resident part + k experts per layer), as `run` computes it."""
+    from quant.fit import check_fits
+
+    plan = check_fits(str(folder), context=1024, max_memory=10**15)
+    return plan.estimate.requested.footprint.least_streamed_bytes
+
+
+def measure_variant(label: str, folder: Path, args: argparse.Namespace, disk) -> tuple[list[list[str]], str]:
+    """Rows of the table for one model, and the note on mlx-lm."""
+    size = size_of(folder)
+    cap = max(size // 3, round(least_streaming_bytes(folder) * 1.15))  # a third, or the least that streams
+    group = memory_cgroup(f"edge-llm-bench-{label.replace('-', '')}", cap)
+    assert group is not None, "needs root and a memory cgroup (v1 or v2)"
+    try:
+        runs: dict[str, list[dict]] = {name: [] for name in ("resident", "cold", "warm", "lfu warm")}
+        for _ in range(args.rounds):  # alternating, medians
+            runs["resident"].append(_run(folder, args.decode))
+            runs["cold"].append(_run(folder, args.decode, group=group, cold=True))
+            runs["warm"].append(_run(folder, args.decode, group=group))
+            runs["lfu warm"].append(_run(folder, args.decode, "lfu", group=group))
+        mlx_lm = _mlx_lm(folder, group) if label == "4-bit" else "cannot run a bf16 MoE on the CPU (gather_mm)"
+    finally:
+        group.rmdir()
+    resident_tps = statistics.median(r["decode_tps"] for r in runs["resident"])
+    rows = []
+    for name, rs in runs.items():
+        tps = statistics.median(r["decode_tps"] for r in rs)
+        rss = human_bytes(max(r["rss"] for r in rs))
+        if name == "resident":
+            rows.append([label, name, f"{human_bytes(size)} (model)", "all", f"{tps:.2f}", "1.00", "-", "-", "-", rss])
+            continue
+        missed = statistics.median(r["bytes_read"] for r in rs) / args.decode
+        bound = disk.random / missed if missed else float("inf")
+        rows.append([label, name, f"{human_bytes(cap)} cap ({size / cap:.1f}x smaller)", f"{rs[0]['slots']}/128",
+                     f"{tps:.2f}", f"{tps / resident_tps:.2f}", f"{statistics.median(r['hit_rate'] for r in rs):.0%}",
+                     human_bytes(missed), f"{bound:.2f} ({tps / bound:.0%})", rss])
+    return rows, f"{label}: mlx-lm in the same cap: {mlx_lm}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker")
@@ -106,6 +146,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/work/bench"))
     parser.add_argument("--decode", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--variants", default="bf16,4-bit")
     args = parser.parse_args()
     if args.worker:
         worker(args.worker, args.decode, args.policy)
@@ -114,45 +155,22 @@ def main() -> None:
 
     models = prepare(args.work)
     disk = measure_disk_bandwidth(models["bf16"])
-    rows, notes = [], []
-    for label, folder in models.items():
-        size = size_of(folder)
-        cap = size // 3
-        group = memory_cgroup(f"edge-llm-bench-{label.replace('-', '')}", cap)
-        assert group is not None, "needs root and a memory cgroup (v1 or v2)"
-        try:
-            runs = {name: [] for name in ("resident", "cold", "warm", "lfu warm")}
-            for _ in range(args.rounds):  # alternating, medians
-                runs["resident"].append(_run(folder, args.decode))
-                runs["cold"].append(_run(folder, args.decode, group=group, cold=True))
-                runs["warm"].append(_run(folder, args.decode, group=group))
-                runs["lfu warm"].append(_run(folder, args.decode, "lfu", group=group))
-            mlx_lm = _mlx_lm(folder, group) if label == "4-bit" else "cannot run bf16 MoE on the CPU (gather_mm)"
-        finally:
-            group.rmdir()
-        resident_tps = statistics.median(r["decode_tps"] for r in runs["resident"])
-        for name, rs in runs.items():
-            tps = statistics.median(r["decode_tps"] for r in rs)
-            rss = max(r["rss"] for r in rs)
-            if name == "resident":
-                rows.append([label, name, human_bytes(size), "-", f"{tps:.2f}", "1.00", "-", "-", "-",
-                             human_bytes(rss)])
-                continue
-            missed = statistics.median(r["bytes_read"] for r in rs) / args.decode
-            bound = disk.random / missed if missed else float("inf")
-            rows.append([label, name, human_bytes(cap), f"{rs[0]['slots']}/128", f"{tps:.2f}",
-                         f"{tps / resident_tps:.2f}", f"{statistics.median(r['hit_rate'] for r in rs):.0%}",
-                         human_bytes(missed), f"{bound:.2f} ({tps / bound:.0%})", human_bytes(rss)])
-        notes.append(f"{label}: mlx-lm in the same cap: {mlx_lm}")
     header = ["model", "run", "memory", "bank", "decode tok/s", "x resident", "hits", "read/token",
               "I/O bound tok/s (reached)", "peak RSS"]
-    table = "\n".join("| " + " | ".join(map(str, r)) + " |" for r in [header, ["---"] * len(header), *rows])
-    body = (f"Disk: {human_bytes(disk.random)}/s random 4 MiB reads (4 in flight), "
-            f"{human_bytes(disk.sequential)}/s sequential, cold.\n\n{table}\n\n" + "\n".join(f"- {n}" for n in notes))
-    print(body)
+    rows: list[list[str]] = []
+    notes: list[str] = []
     command = f"python -m benchmarks.expert_streaming --decode {args.decode} --rounds {args.rounds}"
-    write_section("Expert streaming: a MoE three times larger than its memory (issue 15)",
-                  f"```\n{command}\n```\n\n{time.strftime('%Y-%m-%d')}, this machine. {body}")
+    for label in args.variants.split(","):
+        more, note = measure_variant(label, models[label], args, disk)
+        rows += more
+        notes.append(note)
+        table = "\n".join("| " + " | ".join(map(str, r)) + " |" for r in [header, ["---"] * len(header), *rows])
+        body = (f"Disk: {human_bytes(disk.random)}/s random 4 MiB reads (4 in flight), "
+                f"{human_bytes(disk.sequential)}/s sequential, cold.\n\n{table}\n\n"
+                + "\n".join(f"- {n}" for n in notes))
+        print(body, flush=True)
+        write_section("Expert streaming: a MoE three times larger than its memory (issue 15)",
+                      f"```\n{command}\n```\n\n{time.strftime('%Y-%m-%d')}, this machine. {body}")
 
 
 if __name__ == "__main__":

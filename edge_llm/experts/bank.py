@@ -66,7 +66,7 @@ class ExpertBank:
         proj[suffix] = value
 
     def arrays(self) -> list[mx.array]:
-        return [self._proj(name)[0][self._proj(name)[1]] for name in self.source.params]
+        return [proj[suffix] for proj, suffix in map(self._proj, self.source.params)]
 
     def _write(self, slot: int, arrays: dict[str, mx.array]) -> None:
         for name, row in arrays.items():
@@ -97,15 +97,14 @@ class ExpertBank:
         if misses:
             free = sorted(set(range(self.slots)) - set(self.slot_of.values()))
             victims = self._victims(wanted, max(0, len(misses) - len(free)))
-            slots = free + [self.slot_of.pop(e) for e in victims]
+            slot_for = dict(zip(misses, free + [self.slot_of.pop(e) for e in victims], strict=False))
             # a few experts at a time (as many as reads in flight), each written and evaluated before the next is
             # decoded: loading needs memory for that many raw experts and one decoded one, not for all the misses
             step = self.source.files.threads
             for start in range(0, len(misses), step):
-                batch = misses[start : start + step]
-                for e, raw in self.source.read(batch).items():
-                    self._write(slots[misses.index(e)], self.source.decode(e, raw))
-                    self.slot_of[e] = slots[misses.index(e)]
+                for e, raw in self.source.read(misses[start : start + step]).items():
+                    self._write(slot_for[e], self.source.decode(e, raw))
+                    self.slot_of[e] = slot_for[e]
                     mx.eval(self.arrays())
                 self.source.files.release()
         lut = np.zeros(max(self.slot_of) + 1, dtype=np.int32)
@@ -123,7 +122,7 @@ class StreamedSwitchGLU(nn.Module):
         self.bank = bank  # not a module: its arrays are inner's parameters
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
-        ids = np.array(indices, copy=False)
+        ids = np.asarray(indices)  # the router's choice: the one sync streaming adds
         needed = np.unique(ids).tolist()
         if len(needed) <= self.bank.slots:
             lut = self.bank.ensure(needed)
