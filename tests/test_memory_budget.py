@@ -89,6 +89,17 @@ def test_v1_limit_is_read_and_page_cache_is_room(tmp_path):
                                                                                 AVAILABLE)
 
 
+
+def test_what_this_process_holds_counts_as_its_own(tmp_path):
+    """The estimator's footprint is the whole process, so its resident memory is added back to the room left."""
+    group = "/process_api/abc"
+    root = v1_host(tmp_path, group, {"process_api/abc": (700 * 2**20, 500 * 2**20, 200 * 2**20)})
+    page = os.sysconf("SC_PAGE_SIZE")
+    write(root, {"proc/self/statm": f"90000 {100 * 2**20 // page} 2000 10 0 5000 0\n"})
+    budget = memory_budget(root=root)
+    assert (budget.budget_bytes, budget.source) == (500 * 2**20, "cgroup limit")  # 400 MiB room + 100 held
+    assert budget.available_ram_bytes == AVAILABLE + 100 * 2**20
+
 def test_v1_without_limit_leaves_available_ram(tmp_path):
     root = v1_host(tmp_path, "/user", {"": (UNLIMITED, GIB, 0), "user": (UNLIMITED, GIB, 0)})
     assert cgroup_memory(root) is None
@@ -229,6 +240,7 @@ def test_real_v1_cgroup_limit_is_seen_by_a_process_inside_it():
         assert int(limit) == 700 * 2**20
         # the interpreter and MLX are already in the group's usage: some room is spent, most is left
         assert 400 * 2**20 < int(room) < 700 * 2**20
-        assert (int(budget), source.strip()) == (int(room), "cgroup limit")
+        # what the process itself holds is its own: the budget is the room plus that, never past the limit
+        assert source.strip() == "cgroup limit" and int(room) < int(budget) <= int(limit)
     finally:
         group.rmdir()

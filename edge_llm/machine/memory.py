@@ -6,6 +6,8 @@ and slabs the kernel can reclaim; macOS: free, inactive and speculative pages as
 the figure psutil uses plus the read-ahead cache), the room left under this process's cgroup limit
 (``cgroup.py``: a container's limit), and on Apple's GPU the Metal working set (``backend.detect``).
 On CUDA the model lives in VRAM, so the device's memory is the budget and host RAM only is reported.
+What this process already holds counts as its own: the estimator's footprint is the whole process (its
+base included), so the process's resident memory is added back to what the system and the cgroup have left.
 An explicit ``--max-memory`` is the budget as given: the measured figures stay in the result so the
 caller can warn when it exceeds them.
 
@@ -104,6 +106,15 @@ def available_ram_bytes(root: Path = Path("/")) -> int:
     return found if found is not None else total_ram_bytes()
 
 
+def own_resident_bytes(root: Path = Path("/")) -> int:
+    """This process's resident memory now (Linux ``/proc/self/statm``); 0 where it cannot be read."""
+    try:
+        pages = int((root / "proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError, UnicodeDecodeError):
+        return 0
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
 @dataclass(frozen=True)
 class MemoryBudget:
     """What a model may take in this process, and each figure it was the tightest of."""
@@ -120,9 +131,12 @@ class MemoryBudget:
 def memory_budget(max_memory: int | None = None, *, device_kind: str = "ram", device_bytes: int | None = None,
                   root: Path = Path("/")) -> MemoryBudget:
     """The memory budget for ``device_kind`` ("ram", "unified" or "vram", as ``BackendInfo.memory_kind``)."""
-    ram = available_ram_bytes(root)
+    own = own_resident_bytes(root)
+    ram = available_ram_bytes(root) + own
     group = cgroup_memory(root)
-    figures = [(ram, "available RAM")] + ([(group.room_bytes, "cgroup limit")] if group else [])
+    figures = [(ram, "available RAM")]
+    if group:
+        figures.append((min(group.limit_bytes, group.room_bytes + min(own, group.usage_bytes)), "cgroup limit"))
     if device_kind == "unified" and device_bytes:
         figures.append((device_bytes, "GPU working set"))
     elif device_kind == "vram" and device_bytes:

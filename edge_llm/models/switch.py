@@ -43,18 +43,24 @@ class SwitchLinear(nn.Module):
     def num_experts(self) -> int:
         return self.weight.shape[0]
 
-    # True when float32 weights hold upcast half-precision ones (a streamed expert bank): they are then computed
-    # exactly as the half-precision weights would be, so both give the same bits
+    # True when float32 weights hold upcast half-precision ones (a streamed expert bank on the CPU): the rows are
+    # then multiplied in float32 and the result cast back, exactly as the half-precision path computes them (the
+    # same float32 products, so the same bits), without its per-call copy of the chosen experts
     upcast_half = False
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
-        if (self.weight.dtype != mx.float32 or self.upcast_half) and mx.default_device() == mx.cpu:
+        if self.weight.dtype != mx.float32 and mx.default_device() == mx.cpu:
             out = self._cpu_half_precision(x, indices, sorted_indices)
+        elif self.upcast_half:
+            out = self._gather_mm(x.astype(mx.float32), indices, sorted_indices).astype(x.dtype)
         else:
-            out = mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+            out = self._gather_mm(x, indices, sorted_indices)
         if "bias" in self:
             out = out + mx.expand_dims(self.bias[indices], -2)
         return out
+
+    def _gather_mm(self, x: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
+        return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
 
     def _cpu_half_precision(self, x: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
         # MLX's CPU GatherMM takes only float32 ("[GatherMM::eval] Currently only supports float32"), so
