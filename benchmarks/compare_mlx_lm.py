@@ -132,6 +132,8 @@ def main() -> None:
     parser.add_argument("--moe-decode", type=int, default=16)
     parser.add_argument("--no-openblas-row", action="store_true", help="skip the mlx-lm + OpenBLAS column")
     parser.add_argument("--no-write", action="store_true", help="print the tables, leave RESULTS.md alone")
+    parser.add_argument("--ours-only", action="store_true",
+                        help="edge-llm alone (a regression check against the recorded figures); implies --no-write")
     args = parser.parse_args()
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = set(cases) - set(CASES)
@@ -160,6 +162,9 @@ def main() -> None:
         else:
             case, notes = moe_bench.moe_case(Path("/tmp/edge-llm-moe-bench"), 4, args.moe_context, args.moe_decode,
                                              blas)
+        if args.ours_only:
+            args.no_write = True
+            case.tools = dict(list(case.tools.items())[:1])
         print(f"{case.title} (load {machine_load()})", flush=True)
         before = machine_load()
         results = alternate(case.tools, args.rounds)

@@ -100,6 +100,14 @@ def test_what_this_process_holds_counts_as_its_own(tmp_path):
     assert (budget.budget_bytes, budget.source) == (500 * 2**20, "cgroup limit")  # 400 MiB room + 100 held
     assert budget.available_ram_bytes == AVAILABLE + 100 * 2**20
 
+
+def test_v1_active_page_cache_is_room_too(tmp_path):
+    """A streamed model's reads fill the group's page cache (active after a second read): the kernel reclaims it."""
+    root = v1_host(tmp_path, "/g", {"g": (700 * 2**20, 500 * 2**20, 100 * 2**20)})
+    stat = root / "sys/fs/cgroup/memory/g/memory.stat"
+    stat.write_text(stat.read_text() + f"total_active_file {200 * 2**20}\n")
+    assert cgroup_memory(root).room_bytes == 500 * 2**20
+
 def test_v1_without_limit_leaves_available_ram(tmp_path):
     root = v1_host(tmp_path, "/user", {"": (UNLIMITED, GIB, 0), "user": (UNLIMITED, GIB, 0)})
     assert cgroup_memory(root) is None
@@ -134,7 +142,8 @@ def test_v2_max_and_current(tmp_path):
     root = v2_host(tmp_path, "/user.slice/app.scope", {
         "user.slice": {"memory.max": "max\n", "memory.high": "max\n", "memory.current": "100\n"},
         "user.slice/app.scope": {"memory.max": f"{4 * GIB}\n", "memory.high": "max\n",
-                                 "memory.current": f"{3 * GIB}\n", "memory.stat": f"anon 1\ninactive_file {GIB}\n"},
+                                 "memory.current": f"{3 * GIB}\n",
+                                 "memory.stat": f"anon 1\ninactive_file {GIB // 2}\nactive_file {GIB // 2}\n"},
     })
     found = cgroup_memory(root)
     assert (found.version, found.limit_bytes, found.usage_bytes, found.room_bytes) == (2, 4 * GIB, 2 * GIB, 2 * GIB)

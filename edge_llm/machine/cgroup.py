@@ -6,9 +6,9 @@ shows (a container usually sees its own group as the mount's root). v1 (the ``me
 checked first: a hybrid host mounts v2 without it) reads ``memory.limit_in_bytes`` and
 ``memory.usage_in_bytes``; v2 reads ``memory.max`` and ``memory.high`` (past ``high`` the kernel throttles
 the group hard, so it is a limit too) and ``memory.current``. Limits nest: every ancestor up to the mount
-is read and the tightest room wins. Usage counts the page cache, whose inactive part the kernel reclaims
-before it kills anything, so room = limit - (usage - inactive file pages), the working set that kubelet
-and ``docker stats`` report.
+is read and the tightest room wins. Usage counts the page cache (of the model's own files too: a streamed
+model's reads fill it), which the kernel reclaims, active or inactive, before it kills anything, so
+room = limit - (usage - file pages): what is left beside anonymous memory and the kernel's own.
 
 Every path is read under ``root`` so tests can lay out fake v1 and v2 trees.
 """
@@ -32,7 +32,7 @@ class CgroupMemory:
     version: int  # 1 or 2
     path: Path  # the directory whose limit binds (under ``root``)
     limit_bytes: int
-    usage_bytes: int  # working set: usage less inactive file pages
+    usage_bytes: int  # usage less the page cache (file pages, which the kernel reclaims first)
     room_bytes: int  # limit - usage, never negative
 
 
@@ -129,7 +129,10 @@ def _v1(directory: Path) -> tuple[int, int] | None:
     usage = _int(directory / "memory.usage_in_bytes")
     if limit is None or usage is None or limit >= UNLIMITED_V1:
         return None
-    return limit, usage - _stat_value(directory / "memory.stat", "total_inactive_file", "inactive_file")
+    stat = directory / "memory.stat"
+    cache = (_stat_value(stat, "total_inactive_file", "inactive_file")
+             + _stat_value(stat, "total_active_file", "active_file"))
+    return limit, usage - cache
 
 
 def _v2(directory: Path) -> tuple[int, int] | None:
@@ -137,7 +140,8 @@ def _v2(directory: Path) -> tuple[int, int] | None:
     usage = _int(directory / "memory.current")
     if not limits or usage is None:
         return None
-    return min(limits), usage - _stat_value(directory / "memory.stat", "inactive_file")
+    stat = directory / "memory.stat"
+    return min(limits), usage - _stat_value(stat, "inactive_file") - _stat_value(stat, "active_file")
 
 
 def cgroup_memory(root: Path = Path("/")) -> CgroupMemory | None:

@@ -21,7 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .base import BaseModelArgs, attention, check_widths, require
-from .cache import KVCache
+from .cache import BatchRows, KVCache, each_row
 from .layers import sliding_window_mask
 from .rope import RoPE
 
@@ -82,7 +82,7 @@ class Attention(nn.Module):
             self.k_norm = nn.RMSNorm(self.head_dim if per_head else kv_width, eps=args.rms_norm_eps)
         self.rope = RoPE(self.head_dim, args.rope_theta, args.rope_scaling, args.max_position_embeddings)
 
-    def __call__(self, x: mx.array, cache: KVCache | None) -> mx.array:
+    def __call__(self, x: mx.array, cache: KVCache | BatchRows | None) -> mx.array:
         B, L, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, L, H*D]
         if self.qk_norm == "full":
@@ -93,9 +93,13 @@ class Attention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # [B, H, L, D]
+        out = each_row(cache, self._attend, q, k, v)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def _attend(self, q: mx.array, k: mx.array, v: mx.array, cache: KVCache | None) -> mx.array:
+        """Rope at the cache's position, the cache extended, attention: for the sequences sharing ``cache``."""
         offset = cache.offset if cache is not None else 0
         q, k = self.rope(q, offset), self.rope(k, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        out = attention(q, k, v, self.scale, sliding_window_mask(L, k.shape[2], self.sliding_window))
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return attention(q, k, v, self.scale, sliding_window_mask(q.shape[2], k.shape[2], self.sliding_window))

@@ -167,3 +167,24 @@ def truncate_cache(cache: list[Cache], length: int) -> None:
     for c in cache:
         if c.offset > length:
             c.trim(c.offset - length)
+
+
+class BatchRows:
+    """One layer's caches of several sequences decoded together (the server's continuous batching).
+
+    Each row keeps its own ordinary cache (float, quantized or MLA latent, any length), so a sequence joins
+    or leaves a batch without copying anything, and its cache outlives the batch (the server's prompt
+    reuse). The layers run their projections over all rows at once and attend row by row (``each_row``),
+    which is what makes a batched row compute what it would alone, without padding or masks.
+    """
+
+    def __init__(self, rows: list[Cache]) -> None:
+        self.rows = rows
+
+
+def each_row(cache: Cache | BatchRows | None, attend, *arrays: mx.array) -> mx.array:
+    """``attend(*arrays, cache)`` for one sequence; for ``BatchRows``, once per row (``arrays`` are
+    ``[B, ...]``) with that row's cache, the results stacked back along the batch axis."""
+    if not isinstance(cache, BatchRows):
+        return attend(*arrays, cache)
+    return mx.concatenate([attend(*(a[i : i + 1] for a in arrays), c) for i, c in enumerate(cache.rows)], axis=0)

@@ -37,7 +37,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .base import attention
-from .cache import LatentCache
+from .cache import BatchRows, LatentCache, each_row
 from .rope import RoPE, yarn_get_mscale
 
 
@@ -92,7 +92,7 @@ class MLAttention(nn.Module):
         # None: choose per call; True/False force one form (tests compare both against transformers).
         self.absorb: bool | None = None
 
-    def __call__(self, x: mx.array, cache: LatentCache | None) -> mx.array:
+    def __call__(self, x: mx.array, cache: LatentCache | BatchRows | None) -> mx.array:
         B, L, _ = x.shape
         if self.q_lora_rank is None:
             q = self.q_proj(x)
@@ -100,7 +100,13 @@ class MLAttention(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)  # [B, H, L, nope + rope]
         q_nope, q_pe = mx.split(q, [self.nope_dim], axis=-1)
-        c, k_pe = mx.split(self.kv_a_proj_with_mqa(x), [self.kv_lora_rank], axis=-1)  # [B, L, r], [B, L, rope]
+        out = each_row(cache, self._attend, q_nope, q_pe, self.kv_a_proj_with_mqa(x))
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))  # out: [B, H, L, v]
+
+    def _attend(self, q_nope: mx.array, q_pe: mx.array, kv: mx.array, cache: LatentCache | None) -> mx.array:
+        """Rope, the latent cached, attention (absorbed or expanded) for the sequences sharing ``cache``."""
+        L = q_nope.shape[2]
+        c, k_pe = mx.split(kv, [self.kv_lora_rank], axis=-1)  # [B, L, r], [B, L, rope]
         offset = cache.offset if cache is not None else 0
         q_pe = self.rope(q_pe, offset)
         k_pe = self.rope(k_pe[:, None], offset)  # [B, 1, L, rope]
@@ -109,10 +115,8 @@ class MLAttention(nn.Module):
             latent = cache.update_and_fetch(latent)  # [B, 1, T, r + rope]
         mask = "causal" if L > 1 else None
         if self._use_absorbed(L, latent.shape[2]):
-            out = self._absorbed(q_nope, q_pe, latent, mask)
-        else:
-            out = self._expanded(q_nope, q_pe, latent, mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))  # out: [B, H, L, v]
+            return self._absorbed(q_nope, q_pe, latent, mask)
+        return self._expanded(q_nope, q_pe, latent, mask)
 
     def _use_absorbed(self, queries: int, keys: int) -> bool:
         if self.absorb is not None:
