@@ -11,7 +11,7 @@ import typer
 
 from edge_llm.hub.resolve import set_pull_observer
 
-from . import bench, doctor, estimate, info, models, pull, quantize, run
+from . import bench, doctor, estimate, info, models, pull, quantize, run, serve
 from .usage import App, Command
 
 app = typer.Typer(
@@ -27,6 +27,7 @@ app = typer.Typer(
 COMMANDS = {
     "run": run.run, "info": info.info, "doctor": doctor.doctor, "bench": bench.bench, "pull": pull.pull,
     "list": models.list_cached, "rm": models.rm, "quantize": quantize.quantize_cmd, "estimate": estimate.estimate_cmd,
+    "serve": serve.serve,
 }
 for name, command in COMMANDS.items():
     app.command(name, cls=Command)(command)

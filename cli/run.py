@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 import threading
-from contextlib import nullcontext
 
 import typer
 
@@ -15,10 +14,8 @@ from edge_llm.generation.chat import ChatSession
 from edge_llm.generation.sampling import SEED_MAX
 from edge_llm.generation.sampling_defaults import model_settings
 from edge_llm.hub.resolve import resolve_model
-from edge_llm.loader import load
 from edge_llm.machine.backend import detect
 from edge_llm.modelinfo import describe
-from quant.fit import check_fits
 
 from .common import (
     err,
@@ -30,6 +27,7 @@ from .common import (
     parse_dtype,
     user_errors,
 )
+from .model_loading import expert_slots_that_fit, load_with_status
 from .prompt_input import one_shot_prompt
 from .repl import ChatState, repl, sigint_sets, stats_line
 
@@ -83,18 +81,13 @@ def run(
                                  param_hint="--json")
     if one_shot:
         prompt = one_shot_prompt(prompt, None if sys.stdin.isatty() else sys.stdin.buffer)
-    expert_slots = None
-    if not force:  # refuse before loading (or pulling) a model that cannot fit; names what would
-        plan = check_fits(model, context=context, kv_bits=kv_bits, max_memory=max_memory)
-        expert_slots = plan.expert_slots
-        if expert_slots or max_memory is not None:
-            err.print(plan.describe(), style="dim", soft_wrap=True)
+    expert_slots = expert_slots_that_fit(model, context=context, kv_bits=kv_bits, max_memory=max_memory, force=force)
     checkpoint = open_checkpoint(resolve_model(model))
     settings = model_settings(checkpoint).override(
         temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty,
     )
-    with err.status(f"loading {name}", spinner="dots") if err.is_terminal else nullcontext():
-        loaded_model, tokenizer = load(model, dtype=dtype, expert_slots=expert_slots, expert_policy=expert_policy)
+    loaded_model, tokenizer = load_with_status(model, name, dtype=dtype, expert_slots=expert_slots,
+                                               expert_policy=expert_policy)
     session = ChatSession(loaded_model, tokenizer, params=settings.params(seed), max_tokens=max_tokens, system=system,
                           context=context, kv_bits=kv_bits)
     if not one_shot:

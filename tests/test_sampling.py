@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from edge_llm.generation.generate import _StopMatcher
+from edge_llm.generation.generate import StopMatcher
 from edge_llm.generation.sampling import (
     Sampler,
     SamplingParams,
@@ -66,10 +66,10 @@ def test_greedy_and_invalid_settings():
 
 
 def test_stop_strings_hold_back_partial_matches():
-    m = _StopMatcher(["</s>", "STOP"])
+    m = StopMatcher(["</s>", "STOP"])
     out = [m.feed(piece) for piece in ["Hello ", "wor", "ld <", "/", "s> more"]]
     assert "".join(text for text, _ in out) == "Hello world "
     assert out[-1][1] is True
-    m = _StopMatcher(["STOP"])
+    m = StopMatcher(["STOP"])
     text = m.feed("ST")[0] + m.feed("AY calm")[0] + m.flush()
     assert text == "STAY calm"

@@ -86,7 +86,7 @@ def generate_tokens(
         y = next_y
 
 
-class _StopMatcher:
+class StopMatcher:
     """Finds stop strings in streamed text, holding back any tail that could start one."""
 
     def __init__(self, stops: Sequence[str]):
@@ -131,7 +131,7 @@ def stream_generate(
     cache = model.make_cache() if cache is None else cache
     eos = set(tokenizer.eos_token_ids if eos_ids is None else eos_ids)
     sampler = Sampler(params or SamplingParams(), history=list(prompt))
-    detok, stops = tokenizer.detokenizer(), _StopMatcher(stop_strings)
+    detok, stops = tokenizer.detokenizer(), StopMatcher(stop_strings)
     stats = GenerationStats(prompt_tokens=len(prompt))
     start = time.perf_counter()
     first = None
