@@ -38,7 +38,7 @@ from .harness import write_section
 PROMPT_TOKENS = 64
 
 
-def worker(model: str, decode: int, policy: str) -> None:
+def worker(model: str, decode: int, policy: str, slots: int | None = None) -> None:
     import mlx.core as mx
 
     from edge_llm.experts.load import expert_stats
@@ -48,10 +48,11 @@ def worker(model: str, decode: int, policy: str) -> None:
     from quant.quality import SAMPLE
 
     plan = check_fits(model, context=1024)
+    slots = slots or plan.expert_slots
     checkpoint = open_checkpoint(model)
     tokens = checkpoint.tokenizer().encode(SAMPLE * 4, add_special_tokens=False)[: PROMPT_TOKENS + decode]
     start = time.perf_counter()
-    m = load_checkpoint(checkpoint, expert_slots=plan.expert_slots, expert_policy=policy)
+    m = load_checkpoint(checkpoint, expert_slots=slots, expert_policy=policy)
     load_s = time.perf_counter() - start
     cache = m.make_cache()
     mx.eval(m(mx.array(tokens[:PROMPT_TOKENS])[None], cache=cache))
@@ -61,7 +62,7 @@ def worker(model: str, decode: int, policy: str) -> None:
         mx.eval(m(mx.array([[t]]), cache=cache))
     seconds = time.perf_counter() - start
     after = expert_stats(m)
-    out = {"load_s": load_s, "decode_tps": decode / seconds, "slots": plan.expert_slots}
+    out = {"load_s": load_s, "decode_tps": decode / seconds, "slots": slots}
     if after:
         out.update({k: after[k] - before[k] for k in ("hits", "misses", "bytes_read", "read_wait_s")})
         out["hit_rate"] = out["hits"] / max(1, out["hits"] + out["misses"])
@@ -69,11 +70,12 @@ def worker(model: str, decode: int, policy: str) -> None:
     print(json.dumps(out))
 
 
-def _run(model: Path, decode: int, policy: str = "lru", group: Path | None = None, cold: bool = False) -> dict:
+def _run(model: Path, decode: int, policy: str = "lru", group: Path | None = None, cold: bool = False,
+         slots: int | None = None) -> dict:
     if cold:
         subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=True)
     cmd = [sys.executable, "-m", "benchmarks.expert_streaming", "--worker", str(model), "--decode", str(decode),
-           "--policy", policy]
+           "--policy", policy] + (["--slots", str(slots)] if slots else [])
     run = measure(in_cgroup(group, cmd) if group else cmd, timeout=3600)
     return {**json.loads(run.stdout.strip().splitlines()[-1]), "rss": run.max_rss_bytes}
 
@@ -146,6 +148,26 @@ def measure_variant(label: str, folder: Path, args: argparse.Namespace, disk) ->
     return rows, f"{label}: mlx-lm in the same cap: {mlx_lm}"
 
 
+def all_in_bank(args: argparse.Namespace) -> None:
+    """Resident vs streamed with a bank of all 128 experts, no cap: after the prefill has loaded the experts the
+    text uses, decode hits the bank; the price left is streaming's own (the router's sync, the slot lookup)."""
+    models = prepare(args.work)
+    lines = ["| model | resident tok/s | every expert in the bank tok/s | x resident | hits |", "|---|---|---|---|---|"]
+    for label in args.variants.split(","):
+        runs: dict[str, list[dict]] = {"resident": [], "bank": []}
+        for _ in range(args.rounds):
+            runs["resident"].append(_run(models[label], args.decode))
+            runs["bank"].append(_run(models[label], args.decode, slots=128))
+        res, bank = (statistics.median(r["decode_tps"] for r in runs[k]) for k in ("resident", "bank"))
+        hits = statistics.median(r["hit_rate"] for r in runs["bank"])
+        lines.append(f"| {label} | {res:.2f} | {bank:.2f} | {bank / res:.2f} | {hits:.0%} |")
+        print(lines[-1], flush=True)
+    command = f"python -m benchmarks.expert_streaming --all-in-bank --decode {args.decode} --rounds {args.rounds}"
+    write_section("Expert streaming: the bank holding every expert used (issue 15)",
+                  f"```\n{command}\n```\n\n{time.strftime('%Y-%m-%d')}, this machine, no cap, medians of "
+                  f"{args.rounds} alternating fresh processes.\n\n" + "\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker")
@@ -154,9 +176,15 @@ def main() -> None:
     parser.add_argument("--decode", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--variants", default="bf16,4-bit")
+    parser.add_argument("--slots", type=int, help="(worker) bank slots instead of what fits")
+    parser.add_argument("--all-in-bank", action="store_true",
+                        help="resident vs a bank of every expert (no cap): the speed once the experts used fit")
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.decode, args.policy)
+        worker(args.worker, args.decode, args.policy, args.slots)
+        return
+    if args.all_in_bank:
+        all_in_bank(args)
         return
     from edge_llm.machine.disk import measure_disk_bandwidth
 

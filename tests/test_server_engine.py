@@ -1,0 +1,68 @@
+"""The serving engine on every architecture (tiny random checkpoints, float32): requests decoded together in
+one batch give the greedy tokens they give alone, with the float, the 8-bit and DeepSeek's latent cache."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+from edge_llm.generation.sampling import SamplingParams
+from edge_llm.models import build
+from edge_llm.serving.engine import Engine
+from edge_llm.serving.job import Failed, Finished, Job, Piece
+from edge_llm.tokenizer import Tokenizer
+from tests.tiny_configs import TINY_CONFIGS
+from tests.tiny_tokenizer import write_tiny_tokenizer
+
+PROMPTS = [list(range(3, 3 + n)) for n in (5, 17, 9, 30)]  # different lengths, so rows sit at different offsets
+WIDE = dict(hidden_size=128)  # head size 32: the 8-bit cache quantizes rows in groups of 32
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory) -> Tokenizer:
+    return Tokenizer.from_folder(write_tiny_tokenizer(Path(tmp_path_factory.mktemp("tok"))))
+
+
+def decode(model, tokenizer, max_batch: int, kv_bits: int | None) -> tuple[list[list[int]], Engine]:
+    engine = Engine(model, tokenizer, kv_bits=kv_bits, max_batch=max_batch, prompt_cache=0)
+    answers: list[list[int]] = [[] for _ in PROMPTS]
+    ended = threading.Semaphore(0)
+
+    def emit_to(i: int):
+        def emit(event) -> None:
+            if isinstance(event, Piece) and event.token is not None:
+                answers[i].append(event.token)
+            elif isinstance(event, Failed):
+                answers[i].append(event.message)
+            if isinstance(event, Finished | Failed):
+                ended.release()
+        return emit
+
+    for i, prompt in enumerate(PROMPTS):  # all queued before the engine starts: they join in one step
+        engine.submit(Job(prompt, SamplingParams(temperature=0), 12, emit_to(i), ignore_eos=True))
+    engine.start()
+    for _ in PROMPTS:
+        assert ended.acquire(timeout=120)
+    engine.stop()
+    return answers, engine
+
+
+CASES = [(name, None, {}) for name in TINY_CONFIGS] + [("llama", 8, WIDE), ("deepseek_v2", 8, {})]
+
+
+@pytest.mark.parametrize("model_type,kv_bits,extra", CASES, ids=[f"{n}-kv{b or 'float'}" for n, b, _ in CASES])
+def test_batched_rows_decode_as_they_would_alone(tokenizer, model_type, kv_bits, extra):
+    config = {k: v for k, v in TINY_CONFIGS[model_type].items() if k != "model_type"} | extra
+    if model_type == "deepseek_v2" and kv_bits:
+        config |= dict(qk_rope_head_dim=32)  # latent rows 64 + 32 wide: groups of 32
+    mx.random.seed(0)
+    model = build(model_type, config)
+    mx.eval(model.parameters())
+    alone, _ = decode(model, tokenizer, 1, kv_bits)
+    together, engine = decode(model, tokenizer, len(PROMPTS), kv_bits)
+    assert engine.stats.largest_batch == len(PROMPTS)
+    assert all(len(a) == 12 and all(isinstance(t, int) for t in a) for a in alone), alone
+    assert together == alone
