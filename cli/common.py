@@ -14,6 +14,7 @@ from rich.markup import escape
 from edge_llm.default_model import NAME as DEFAULT_NAME
 from edge_llm.default_model import require_default_model
 from edge_llm.errors import EdgeLLMError
+from edge_llm.experts.policy import DEFAULT_POLICY, POLICIES
 from edge_llm.machine.backend import DTYPE_NAMES
 
 # Status, progress and errors go to stderr so stdout carries only answers and --json.
@@ -93,13 +94,13 @@ def max_memory_option() -> Any:
 
 
 def parse_expert_policy(value: str) -> str:
-    if value not in ("lru", "lfu"):
+    if value not in POLICIES:
         raise typer.BadParameter(f"{value!r}: use lru (least recently used leaves first) or lfu (least often used)")
     return value
 
 
 def expert_policy_option() -> Any:
-    return typer.Option("lru", "--expert-policy", metavar="lru|lfu", parser=parse_expert_policy,
+    return typer.Option(DEFAULT_POLICY, "--expert-policy", metavar="lru|lfu", parser=parse_expert_policy,
                         help="Streamed experts: which leaves the bank for a miss, the least recently or the least "
                              "often used.")
 

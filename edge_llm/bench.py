@@ -16,6 +16,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .experts.load import expert_stats
+from .experts.policy import DEFAULT_POLICY
 from .formats.open import open_checkpoint
 from .generation.context import context_window
 from .generation.generate import generate_tokens, prefill
@@ -95,7 +96,7 @@ def time_prefill(model: CausalLM, tokens: list[int], kv_bits: int | None = None)
 
 def run_bench(ref: str | Path, prompt_lengths: tuple[int, ...] = PROMPT_LENGTHS, decode_tokens: int = 64,
               dtype: str | None = None, context: int | None = None, kv_bits: int | None = None,
-              expert_slots: int | None = None, expert_policy: str = "lru") -> BenchResult:
+              expert_slots: int | None = None, expert_policy: str = DEFAULT_POLICY) -> BenchResult:
     """``context`` bounds the prompt lengths as ``run --context`` bounds a chat; ``kv_bits`` quantizes the cache;
     ``expert_slots`` streams a MoE's experts through banks of that many slots (``quant.fit`` sizes them)."""
     check_kv_bits(kv_bits)

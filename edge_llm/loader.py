@@ -18,6 +18,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .errors import CheckpointError
 from .experts.load import is_routed_expert, stream_experts
+from .experts.policy import DEFAULT_POLICY
 from .experts.provenance import recording
 from .formats.checkpoint import Checkpoint
 from .formats.fp8 import dequantize_fp8
@@ -83,7 +84,7 @@ def check_weights(checkpoint: Checkpoint, model: nn.Module, weights: dict[str, m
 
 
 def load_checkpoint(checkpoint: Checkpoint, dtype: str | None = None, expert_slots: int | None = None,
-                    expert_policy: str = "lru") -> CausalLM:
+                    expert_policy: str = DEFAULT_POLICY) -> CausalLM:
     """The model ready to run. ``expert_slots``: stream the routed experts of every MoE layer from the files
     through a bank of that many slots per layer (``edge_llm.experts``) instead of loading them; ``expert_policy``
     picks which expert leaves the bank for a miss (``experts.bank.POLICIES``)."""
@@ -155,7 +156,7 @@ def load_model(path: str | Path, dtype: str | None = None) -> CausalLM:
 
 
 def load(ref: str | Path, dtype: str | None = None, expert_slots: int | None = None,
-         expert_policy: str = "lru") -> tuple[CausalLM, Tokenizer]:
+         expert_policy: str = DEFAULT_POLICY) -> tuple[CausalLM, Tokenizer]:
     """Resolves a model reference (folder, GGUF file or Hub repo id) and loads model and tokenizer;
     ``expert_slots`` streams a MoE's routed experts through banks of that many slots per layer."""
     folder = resolve_model(ref)

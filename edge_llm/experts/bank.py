@@ -19,6 +19,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..models.switch import SORT_THRESHOLD, SwitchGLU
+from .policy import DEFAULT_POLICY, POLICIES
 from .source import ExpertSource
 
 
@@ -34,14 +35,12 @@ class BankStats:
         return self.hits / total if total else 0.0
 
 
-POLICIES = ("lru", "lfu")
-
-
 class ExpertBank:
     """Slots for one switch module's experts. Which expert leaves for a miss: ``lru`` the least recently used;
     ``lfu`` the least often used so far (ties: the least recently used), which keeps a router's favourites."""
 
-    def __init__(self, module: SwitchGLU, source: ExpertSource, slots: int, stats: BankStats, policy: str = "lru"):
+    def __init__(self, module: SwitchGLU, source: ExpertSource, slots: int, stats: BankStats,
+                 policy: str = DEFAULT_POLICY):
         if policy not in POLICIES:
             raise ValueError(f"expert cache policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         self.module, self.source, self.slots, self.stats, self.policy = module, source, slots, stats, policy

@@ -20,6 +20,7 @@ from ..formats.checkpoint import Checkpoint
 from ..machine.backend import Caster
 from ..models.switch import SwitchGLU
 from .bank import BankStats, ExpertBank, StreamedSwitchGLU
+from .policy import DEFAULT_POLICY
 from .provenance import Source
 from .reads import ExpertFiles, ReadStats
 from .source import ExpertSource, param_source
@@ -77,7 +78,8 @@ def switch_modules(model: nn.Module) -> dict[str, SwitchGLU]:
 
 
 def stream_experts(checkpoint: Checkpoint, model: nn.Module, weights: dict[str, mx.array],
-                   provenance: dict[str, Source], cast: Caster, slots: int, policy: str = "lru") -> ExpertStreamer:
+                   provenance: dict[str, Source], cast: Caster, slots: int,
+                   policy: str = DEFAULT_POLICY) -> ExpertStreamer:
     """Takes every switch module's stacked parameters out of ``weights`` (unread placeholders) and gives each
     module a bank of ``slots`` experts read from the files. ``cast`` is the loader's dtype policy."""
     stored = checkpoint.stored_tensors()
