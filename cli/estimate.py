@@ -32,7 +32,8 @@ from .placement_view import devices_table, streaming_line
 def placement_dict(est: Estimate, p: Placement) -> dict:
     """This machine's verdict with the footprint behind it (resident part, one expert, experts, MoE layers)."""
     f = est.requested.footprint
-    return {**p.as_dict(), "resident_bytes": f.fixed_bytes, "expert_bytes": f.expert_bytes,
+    return {**p.as_dict(), "resident_bytes": f.fixed_bytes, "stream_work_bytes": f.stream_work_bytes,
+            "expert_bytes": f.expert_bytes,
             "experts": f.experts, "experts_per_token": f.experts_per_token, "moe_layers": f.moe_layers}
 
 

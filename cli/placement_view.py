@@ -20,14 +20,14 @@ def streaming_line(est: Estimate, p: Placement) -> str:
     f = est.requested.footprint
     if p.mode == "no":
         return (f"[red]cannot stream either:[/] needs at least {human_bytes(p.needed_bytes)} (resident part "
-                f"{human_bytes(f.fixed_bytes)} + {f.experts_per_token} experts per MoE layer)")
+                f"{human_bytes(f.streamed_fixed_bytes)} + {f.experts_per_token} experts per MoE layer)")
     disk = (f"{human_bytes(p.disk_bytes_per_token)} read from disk per token at that hit rate"
             if p.disk_bytes_per_token else "nothing read from disk")
     speed = (f"decode ≤ {p.tps:.1f} tokens/s (memory bound {p.memory_tps or 0:.1f}, disk bound {p.disk_tps:.1f})"
              if p.tps else "decode speed unknown until `edge-llm doctor` measures this disk and memory")
-    return (f"[yellow]streams its experts:[/] {human_bytes(f.fixed_bytes)} resident (weights but routed experts, "
-            f"KV cache, runtime) + a bank of {p.bank_slots} of {f.experts} experts per MoE layer "
-            f"({human_bytes(p.bank_bytes)}), hit rate ≥ {p.hit_rate:.0%}; {disk}; {speed}")
+    return (f"[yellow]streams its experts:[/] {human_bytes(f.streamed_fixed_bytes)} resident (weights but routed "
+            f"experts, KV cache, runtime, expert reads in flight) + a bank of {p.bank_slots} of {f.experts} experts "
+            f"per MoE layer ({human_bytes(p.bank_bytes)}), hit rate ≥ {p.hit_rate:.0%}; {disk}; {speed}")
 
 
 def devices_table(placements: list[Placement]) -> Table:

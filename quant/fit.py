@@ -60,7 +60,7 @@ class RunPlan:
         f = est.requested.footprint
         speed = (f"; expect at most {p.tps:.1f} tokens/s" if p.tps else
                  "; `edge-llm doctor` measures the disk and memory speeds that bound decoding")
-        return (f"streaming experts: {human_bytes(f.fixed_bytes)} resident + a bank of {p.bank_slots} of "
+        return (f"streaming experts: {human_bytes(f.streamed_fixed_bytes)} resident + a bank of {p.bank_slots} of "
                 f"{f.experts} experts per MoE layer ({human_bytes(p.bank_bytes)}, hit rate >= {p.hit_rate:.0%}) "
                 f"within a {budget} budget{speed}")
 
@@ -68,7 +68,8 @@ class RunPlan:
 def streaming_refusal(est: Estimate, p: Placement, ref: str) -> str:
     f = est.requested.footprint
     return (f"{ref}: needs at least {human_bytes(p.needed_bytes)} to run with its experts streamed from disk "
-            f"({human_bytes(f.fixed_bytes)} resident part, KV cache and runtime at {est.context} tokens + "
+            f"({human_bytes(f.streamed_fixed_bytes)} resident part, KV cache, runtime and reads at {est.context} "
+            "tokens + "
             f"{f.experts_per_token} experts per MoE layer, {human_bytes(f.slot_bytes * f.experts_per_token)}) but "
             f"the budget is {human_bytes(est.machine.memory_bytes)} ({est.machine.budget_source}); pass "
             "--max-memory to set it, a shorter --context, or --force to try anyway")

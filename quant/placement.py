@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from edge_llm.experts.reads import READ_THREADS
+
 from .devices import Device
 from .plan import Plan, PlannedTensor
 from .recipes import layer_of
@@ -64,9 +66,23 @@ class Footprint:
         return self.fixed_bytes + (self.slot_bytes * self.experts if self.routed_bytes is None else self.routed_bytes)
 
     @property
+    def stream_work_bytes(self) -> int:
+        """Reading experts: the raw bytes of the reads in flight and the experts decoded from them (measured: the
+        allocator keeps those buffers, about 10% of a small model's peak)."""
+        if not self.experts or not self.moe_layers:
+            return 0
+        routed = self.slot_bytes * self.experts if self.routed_bytes is None else self.routed_bytes
+        return READ_THREADS * (routed // (self.moe_layers * self.experts) + self.expert_bytes)
+
+    @property
+    def streamed_fixed_bytes(self) -> int:
+        """What a streamed run holds besides its bank."""
+        return self.fixed_bytes + self.stream_work_bytes
+
+    @property
     def least_streamed_bytes(self) -> int:
         """The resident part and a bank of k slots per MoE layer: the least that streams."""
-        return self.fixed_bytes + self.slot_bytes * self.experts_per_token
+        return self.streamed_fixed_bytes + self.slot_bytes * self.experts_per_token
 
 
 @dataclass(frozen=True)
@@ -112,12 +128,12 @@ def place(model: Footprint, device: Device) -> Placement:
         needed = model.least_streamed_bytes if moe else model.whole_bytes
         return Placement(device, "no", needed, 0, 0, 0.0, 0.0, None, None)
     # < E: the whole did not fit; a little is left free, since the runtime's transients are estimated, not known
-    room = device.usable_bytes - headroom(device.usable_bytes) - model.fixed_bytes
+    room = device.usable_bytes - headroom(device.usable_bytes) - model.streamed_fixed_bytes
     slots = max(model.experts_per_token, min(model.experts - 1, room // model.slot_bytes))
     hit = slots / model.experts
     missed = model.experts_per_token * model.slot_bytes * (1 - hit)
     disk_tps = device.disk_bandwidth / missed if device.disk_bandwidth else None
-    return Placement(device, "streamed", model.fixed_bytes + slots * model.slot_bytes, slots,
+    return Placement(device, "streamed", model.streamed_fixed_bytes + slots * model.slot_bytes, slots,
                      slots * model.slot_bytes, hit, missed, memory_tps, disk_tps)
 
 

@@ -95,7 +95,8 @@ def test_what_this_process_holds_counts_as_its_own(tmp_path):
     group = "/process_api/abc"
     root = v1_host(tmp_path, group, {"process_api/abc": (700 * 2**20, 500 * 2**20, 200 * 2**20)})
     page = os.sysconf("SC_PAGE_SIZE")
-    write(root, {"proc/self/statm": f"90000 {100 * 2**20 // page} 2000 10 0 5000 0\n"})
+    shared = 2000  # file-backed pages: already room as page cache, not added twice
+    write(root, {"proc/self/statm": f"90000 {100 * 2**20 // page + shared} {shared} 10 0 5000 0\n"})
     budget = memory_budget(root=root)
     assert (budget.budget_bytes, budget.source) == (500 * 2**20, "cgroup limit")  # 400 MiB room + 100 held
     assert budget.available_ram_bytes == AVAILABLE + 100 * 2**20

@@ -44,7 +44,7 @@ def budget_for(folder: Path, slots: int) -> int:
     """A --max-memory that the whole model exceeds but its resident part and ``slots`` experts per layer fit."""
     f = footprint(folder)
     assert f.experts > slots >= f.experts_per_token
-    room = f.fixed_bytes + f.slot_bytes * slots + f.slot_bytes // 2
+    room = f.streamed_fixed_bytes + f.slot_bytes * slots + f.slot_bytes // 2
     return round(room / (1 - STREAM_HEADROOM))  # headroom() takes at most this share
 
 

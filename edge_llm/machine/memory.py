@@ -7,7 +7,8 @@ the figure psutil uses plus the read-ahead cache), the room left under this proc
 (``cgroup.py``: a container's limit), and on Apple's GPU the Metal working set (``backend.detect``).
 On CUDA the model lives in VRAM, so the device's memory is the budget and host RAM only is reported.
 What this process already holds counts as its own: the estimator's footprint is the whole process (its
-base included), so the process's resident memory is added back to what the system and the cgroup have left.
+base included), so the process's private memory is added back to what the system and the cgroup have left
+(its file-backed pages already count as reclaimable page cache there).
 An explicit ``--max-memory`` is the budget as given: the measured figures stay in the result so the
 caller can warn when it exceeds them.
 
@@ -106,13 +107,15 @@ def available_ram_bytes(root: Path = Path("/")) -> int:
     return found if found is not None else total_ram_bytes()
 
 
-def own_resident_bytes(root: Path = Path("/")) -> int:
-    """This process's resident memory now (Linux ``/proc/self/statm``); 0 where it cannot be read."""
+def own_anonymous_bytes(root: Path = Path("/")) -> int:
+    """This process's private resident memory now (Linux ``/proc/self/statm``: resident less file-backed shared
+    pages, which the page cache and MemAvailable already count as reclaimable); 0 where it cannot be read."""
     try:
-        pages = int((root / "proc/self/statm").read_text().split()[1])
+        fields = (root / "proc/self/statm").read_text().split()
+        pages = int(fields[1]) - int(fields[2])
     except (OSError, ValueError, IndexError, UnicodeDecodeError):
         return 0
-    return pages * os.sysconf("SC_PAGE_SIZE")
+    return max(0, pages) * os.sysconf("SC_PAGE_SIZE")
 
 
 @dataclass(frozen=True)
@@ -131,7 +134,7 @@ class MemoryBudget:
 def memory_budget(max_memory: int | None = None, *, device_kind: str = "ram", device_bytes: int | None = None,
                   root: Path = Path("/")) -> MemoryBudget:
     """The memory budget for ``device_kind`` ("ram", "unified" or "vram", as ``BackendInfo.memory_kind``)."""
-    own = own_resident_bytes(root)
+    own = own_anonymous_bytes(root)
     ram = available_ram_bytes(root) + own
     group = cgroup_memory(root)
     figures = [(ram, "available RAM")]
