@@ -21,7 +21,6 @@ folder once (under --work), which both servers read.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import statistics
@@ -48,10 +47,11 @@ def free_port() -> int:
 
 
 class Server:
-    """One server process on a loopback port, waited for until it lists its models."""
+    """One server process on a loopback port serving ``model``, waited for until /health answers."""
 
-    def __init__(self, name: str, command: list[str], port: int, extra_body: dict, env: dict | None = None):
-        self.name, self.port, self.extra_body = name, port, extra_body
+    def __init__(self, name: str, command: list[str], port: int, model: str, extra_body: dict,
+                 env: dict | None = None):
+        self.name, self.port, self.model, self.extra_body = name, port, model, extra_body
         self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      stdin=subprocess.DEVNULL, env=env)
         deadline = time.monotonic() + 300
@@ -59,10 +59,10 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{name} exited {self.proc.returncode}: {self.proc.stderr.read().decode()[-2000:]}")
             try:
-                with urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2) as r:
-                    self.model = json.loads(r.read())["data"][0]["id"]
-                    return
-            except (URLError, OSError, KeyError, IndexError, ValueError):
+                with urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except (URLError, OSError):
                 time.sleep(0.5)
         self.stop()
         raise RuntimeError(f"{name} did not answer within 300 s")
@@ -123,10 +123,10 @@ def start(name: str, ours: Path, theirs: Path, largest: int) -> Server:
     port = free_port()
     if name == "edge-llm":
         return Server(name, [sys.executable, "-m", "cli.main", "serve", str(ours), "--port", str(port),
-                             "--max-batch", str(largest)], port, {"ignore_eos": True})
+                             "--max-batch", str(largest)], port, str(ours), {"ignore_eos": True})
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return Server(name, [sys.executable, "-m", "mlx_lm", "server", "--model", str(theirs), "--port", str(port),
-                         "--decode-concurrency", str(largest), "--log-level", "WARNING"], port, {}, env)
+                         "--decode-concurrency", str(largest), "--log-level", "WARNING"], port, str(theirs), {}, env)
 
 
 def main() -> None:

@@ -18,7 +18,8 @@ from tests.tiny_configs import TINY_CONFIGS
 from tests.tiny_tokenizer import write_tiny_tokenizer
 
 PROMPTS = [list(range(3, 3 + n)) for n in (5, 17, 9, 30)]  # different lengths, so rows sit at different offsets
-WIDE = dict(hidden_size=128)  # head size 32: the 8-bit cache quantizes rows in groups of 32
+WIDE = dict(hidden_size=128)
+GREEDY = SamplingParams(temperature=0)  # head size 32: the 8-bit cache quantizes rows in groups of 32
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,8 @@ def tokenizer(tmp_path_factory) -> Tokenizer:
     return Tokenizer.from_folder(write_tiny_tokenizer(Path(tmp_path_factory.mktemp("tok"))))
 
 
-def decode(model, tokenizer, max_batch: int, kv_bits: int | None) -> tuple[list[list[int]], Engine]:
+def decode(model, tokenizer, max_batch: int, kv_bits: int | None,
+           params=lambda i: GREEDY) -> tuple[list[list[int]], Engine]:
     engine = Engine(model, tokenizer, kv_bits=kv_bits, max_batch=max_batch, prompt_cache=0)
     answers: list[list[int]] = [[] for _ in PROMPTS]
     ended = threading.Semaphore(0)
@@ -42,7 +44,7 @@ def decode(model, tokenizer, max_batch: int, kv_bits: int | None) -> tuple[list[
         return emit
 
     for i, prompt in enumerate(PROMPTS):  # all queued before the engine starts: they join in one step
-        engine.submit(Job(prompt, SamplingParams(temperature=0), 12, emit_to(i), ignore_eos=True))
+        engine.submit(Job(prompt, params(i), 12, emit_to(i), ignore_eos=True))
     engine.start()
     for _ in PROMPTS:
         assert ended.acquire(timeout=120)
@@ -66,3 +68,19 @@ def test_batched_rows_decode_as_they_would_alone(tokenizer, model_type, kv_bits,
     assert engine.stats.largest_batch == len(PROMPTS)
     assert all(len(a) == 12 and all(isinstance(t, int) for t in a) for a in alone), alone
     assert together == alone
+
+
+def test_each_row_samples_with_its_own_seed(tokenizer):
+    """Seeded sampling: every request draws from its own random key, so batching changes nothing."""
+    mx.random.seed(0)
+    model = build("llama", {k: v for k, v in TINY_CONFIGS["llama"].items() if k != "model_type"})
+    mx.eval(model.parameters())
+
+    def seeded(i: int) -> SamplingParams:
+        return SamplingParams(temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, seed=100 + i)
+
+    alone, _ = decode(model, tokenizer, 1, None, seeded)
+    together, _ = decode(model, tokenizer, len(PROMPTS), None, seeded)
+    again, _ = decode(model, tokenizer, len(PROMPTS), None, seeded)
+    assert together == alone == again
+    assert len({tuple(a) for a in alone}) == len(PROMPTS)

@@ -56,6 +56,7 @@ class Engine:
         self._waiting: deque[Job] = deque()
         self._rows: list[Row] = []
         self._in_flight = 0
+        self._in_step: tuple[list[Row], list[tuple[mx.array, mx.array | None]]] | None = None  # launched, not read
         self._stopping = False
         self._wake = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="edge-llm-engine", daemon=True)
@@ -146,31 +147,53 @@ class Engine:
             mx.clear_cache()  # hand the chunks' activation buffers back rather than keep them resident
 
     def _decode(self) -> None:
-        rows = [r for r in self._rows if r.decoding]
+        """Launches the next step, then hands out the tokens of the one before: the device computes step n + 1
+        while this thread detokenizes and emits step n (``generation.generate`` overlaps the same way). A row
+        that finished at step n also ran in step n + 1; its cache keeps only what its tokens account for."""
+        previous, self._in_step = self._in_step, self._launch()
+        if previous is not None:
+            self._hand_out(*previous)
+
+    def _launch(self) -> tuple[list[Row], list[tuple[mx.array, mx.array | None]]] | None:
+        rows = [r for r in self._rows if r.decoding and not r.finished]
         if not rows:
-            return
+            return None
         try:
-            tokens = mx.array([[r.next_token] for r in rows])  # [B, 1]
+            tokens = mx.concatenate([r.next_input for r in rows])[:, None]  # [B, 1]
             layers = len(rows[0].cache)
             cache = rows[0].cache if len(rows) == 1 else [BatchRows([r.cache[i] for r in rows]) for i in range(layers)]
             logits = self.model(tokens, cache=cache)[:, -1, :]  # [B, V]
             sampled = [r.sample(logits[i : i + 1]) for i, r in enumerate(rows)]
-            mx.eval([a for pair in sampled for a in pair if a is not None])
-        except Exception as e:
-            log.exception("decode step failed")
-            for row in rows:
-                self._fail(row, f"generation failed: {e}")
-            return
+            mx.async_eval([a for pair in sampled for a in pair if a is not None])
+        except Exception as e:  # a model error ends these requests, not the server
+            self._fail_step(rows, e)
+            return None
+        for row, (token, _) in zip(rows, sampled, strict=True):
+            row.next_input = token
         self.stats.decode_steps += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(rows))
+        return rows, sampled
+
+    def _hand_out(self, rows: list[Row], sampled: list[tuple[mx.array, mx.array | None]]) -> None:
+        try:
+            mx.eval([a for pair in sampled for a in pair if a is not None])
+        except Exception as e:
+            self._fail_step(rows, e)
+            return
         for row, (token, logprobs) in zip(rows, sampled, strict=True):
-            if row.job.cancelled:
-                continue  # dropped at the next turn, with nothing more sent
+            if row.finished or row.job.cancelled:
+                continue  # gone (or going at the next turn, with nothing more sent)
             before = len(row.generated)
             row.accept(token.item(), logprobs)
             self.stats.generated_tokens += len(row.generated) - before
             if row.finished:
                 self._leave(row)
+
+    def _fail_step(self, rows: list[Row], error: Exception) -> None:
+        log.error("decode step failed: %r", error)
+        for row in rows:
+            if not row.finished:
+                self._fail(row, f"generation failed: {error}")
 
     # -- leaving ---------------------------------------------------------------------------------
     def _leave(self, row: Row, cancelled: bool = False, failed: bool = False) -> None:

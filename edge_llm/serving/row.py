@@ -22,7 +22,7 @@ class Row:
         self.detok, self.stops = tokenizer.detokenizer(), StopMatcher(job.stops)
         self.eos = set() if job.ignore_eos else eos
         self.to_prefill = job.prompt[reused:-1]  # the last prompt token goes through the first decode step
-        self.next_token = job.prompt[-1]
+        self.next_input = mx.array(job.prompt[-1:])  # [1]; then the token sampled last, still lazy
         self.generated: list[int] = []
         self.finished = False
 
@@ -50,8 +50,6 @@ class Row:
             self.finish("stop", stopped=True)
         elif len(self.generated) >= self.job.max_tokens:
             self.finish("length")
-        else:
-            self.next_token = token
 
     def _logprob(self, token: int, logprobs: mx.array) -> TokenLogprob:
         n = self.job.top_logprobs
