@@ -281,6 +281,19 @@ def test_a_disconnect_stops_its_generation(server_a):
     assert after["cancelled"] == before["cancelled"] + 1 and after["running"] == 0
     assert after["generated_tokens"] - before["generated_tokens"] < 200  # far from its 2,000
 
+    # a client waiting for a whole (not streamed) answer hangs up too
+    before = after
+    conn = HTTPConnection("127.0.0.1", server_a.port, timeout=60)
+    body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 2000, "ignore_eos": True}
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(body).encode(),
+                 headers={"Content-Type": "application/json"})
+    _wait_for(server_a, lambda h: h["generated_tokens"] > before["generated_tokens"] + 3)
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    after = _wait_for(server_a, lambda h: h["cancelled"] > before["cancelled"] and h["running"] == 0)
+    assert after["cancelled"] == before["cancelled"] + 1 and after["running"] == 0
+    assert after["generated_tokens"] - before["generated_tokens"] < 200  # far from its 2,000
+
 
 def test_api_key_queue_bound_and_loopback_warning(server_b):
     assert request(server_b, "GET", "/v1/models").status == 401

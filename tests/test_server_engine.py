@@ -84,3 +84,30 @@ def test_each_row_samples_with_its_own_seed(tokenizer):
     again, _ = decode(model, tokenizer, len(PROMPTS), None, seeded)
     assert together == alone == again
     assert len({tuple(a) for a in alone}) == len(PROMPTS)
+
+
+def test_a_model_error_fails_its_requests_and_the_engine_keeps_going(tokenizer):
+    """A cache the model cannot write (8-bit rows need widths in groups of 32; these heads are 16 wide) fails
+    each request with the error's line; the engine still answers the next one."""
+    mx.random.seed(0)
+    model = build("llama", {k: v for k, v in TINY_CONFIGS["llama"].items() if k != "model_type"})
+    answers, engine = decode(model, tokenizer, len(PROMPTS), 8)
+    assert all(len(a) == 1 and "--kv-bits needs 16-wide cache rows" in a[0] for a in answers), answers
+    assert engine.stats.failed == len(PROMPTS) and engine.broken is None
+    answers, _ = decode(model, tokenizer, len(PROMPTS), None)
+    assert all(len(a) == 12 for a in answers), answers
+
+
+def test_streamed_experts_batch_too(tokenizer, tmp_path):
+    """A MoE whose experts stream through a bank of 2 slots per layer (fewer than a batch's rows need) decodes
+    in batches what it decodes alone, and what the resident model decodes."""
+    from edge_llm.formats.open import open_checkpoint
+    from edge_llm.loader import load_checkpoint
+    from tests.hf_oracle import build_tiny_checkpoint
+
+    folder = build_tiny_checkpoint(tmp_path / "moe", **TINY_CONFIGS["qwen3_moe"])
+    resident, _ = decode(load_checkpoint(open_checkpoint(folder)), tokenizer, 1, None)
+    streamed = load_checkpoint(open_checkpoint(folder), expert_slots=2)
+    together, engine = decode(streamed, tokenizer, len(PROMPTS), None)
+    assert engine.stats.largest_batch == len(PROMPTS)
+    assert together == resident

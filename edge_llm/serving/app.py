@@ -54,7 +54,10 @@ class Api:
 
     # -- routes --------------------------------------------------------------------------------
     async def health(self, request: HttpRequest) -> Response:
-        return JSONResponse({"status": "ok", "model": self.served.id, **self.engine.snapshot()})
+        broken = self.engine.broken
+        return JSONResponse({"status": "error" if broken else "ok", "model": self.served.id,
+                             **({"error": broken} if broken else {}), **self.engine.snapshot()},
+                            status_code=503 if broken else 200)
 
     async def models(self, request: HttpRequest) -> Response:
         self._authorize(request)

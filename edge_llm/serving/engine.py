@@ -49,15 +49,20 @@ class Engine:
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be at least 1 and max_queue at least 0")
         self.model, self.tokenizer, self.kv_bits = model, tokenizer, kv_bits
+        # Arrays still lazy here were made on this thread; MLX (0.32) evaluates an array only on the thread
+        # whose stream made it ("There is no Stream(cpu, 0) in current thread"), so settle them now.
+        mx.eval(model.parameters())
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.eos = set(tokenizer.eos_token_ids)
         self.prompt_cache = PromptCache(prompt_cache)
         self.stats = EngineStats()
         self._waiting: deque[Job] = deque()
         self._rows: list[Row] = []
+        self._joining: list[Job] = []  # taken from the queue, not yet rows
         self._in_flight = 0
         self._in_step: tuple[list[Row], list[tuple[mx.array, mx.array | None]]] | None = None  # launched, not read
         self._stopping = False
+        self.broken: str | None = None  # why the engine's thread ended early (/health reports it)
         self._wake = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="edge-llm-engine", daemon=True)
 
@@ -96,22 +101,31 @@ class Engine:
 
     # -- the engine's thread -------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._loop()
+            self._fail_all("the server is shutting down")
+        except Exception as e:  # a bug here must not leave clients waiting forever on a dead thread
+            log.exception("the engine stopped")
+            with self._wake:
+                self._stopping, self.broken = True, f"the engine stopped: {e!r}"
+            self._fail_all(self.broken)
+
+    def _loop(self) -> None:
         while True:
             with self._wake:
                 while not (self._stopping or self._waiting or self._rows):
                     self._wake.wait()
                 if self._stopping:
-                    break
-                joining = []
-                while self._waiting and len(self._rows) + len(joining) < self.max_batch:
-                    joining.append(self._waiting.popleft())
+                    return
+                while self._waiting and len(self._rows) + len(self._joining) < self.max_batch:
+                    self._joining.append(self._waiting.popleft())
                 self.stats.waiting = len(self._waiting)
-            for job in joining:
-                self._join(job)
+            while self._joining:
+                self._join(self._joining[0])
+                self._joining.pop(0)
             self._drop_cancelled()
             self._prefill_one()
             self._decode()
-        self._fail_all("the server is shutting down")
 
     def _join(self, job: Job) -> None:
         if job.cancelled:
@@ -225,10 +239,11 @@ class Engine:
         self.stats.prompt_cache_entries = len(self.prompt_cache)
 
     def _fail_all(self, message: str) -> None:
+        """Ends every job the engine holds with ``message`` (their caches are not kept: the engine is ending)."""
         with self._wake:
-            waiting, self._waiting = list(self._waiting), deque()
-        for job in waiting:
+            waiting, self._waiting = [*self._joining, *self._waiting], deque()
+        jobs = [*waiting, *(r.job for r in self._rows if not r.finished)]
+        self._joining, self._rows = [], []
+        for job in jobs:
             job.emit(Failed(message))
             self._end(job, failed=True)
-        for row in list(self._rows):
-            self._fail(row, message)
