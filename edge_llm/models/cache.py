@@ -187,4 +187,6 @@ def each_row(cache: Cache | BatchRows | None, attend, *arrays: mx.array) -> mx.a
     ``[B, ...]``) with that row's cache, the results stacked back along the batch axis."""
     if not isinstance(cache, BatchRows):
         return attend(*arrays, cache)
-    return mx.concatenate([attend(*(a[i : i + 1] for a in arrays), c) for i, c in enumerate(cache.rows)], axis=0)
+    rows = len(cache.rows)
+    split = [mx.split(a, rows, axis=0) for a in arrays]  # one op per array, not one slice per row
+    return mx.concatenate([attend(*(parts[i] for parts in split), c) for i, c in enumerate(cache.rows)], axis=0)
