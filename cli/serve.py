@@ -103,7 +103,7 @@ def serve(
     except KeyboardInterrupt:
         pass
     finally:
-        engine.stop()
+        engine.stop(timeout=60)  # lets a step in progress end (a long prefill chunk of a large model)
         sock.close()
     err.print("stopped")
 

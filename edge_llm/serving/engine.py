@@ -109,6 +109,11 @@ class Engine:
             with self._wake:
                 self._stopping, self.broken = True, f"the engine stopped: {e!r}"
             self._fail_all(self.broken)
+        finally:
+            # a step launched for rows that have finished may still be computing; the process must not
+            # exit under it (MLX aborts: "terminate called without an active exception")
+            self._in_step = None
+            mx.synchronize()
 
     def _loop(self) -> None:
         while True:
