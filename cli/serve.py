@@ -54,7 +54,7 @@ def serve(
                                    help="Most tokens per answer when a request names no max_tokens."),
     prompt_cache: int = typer.Option(8, "--prompt-cache", min=0, max=1024, metavar="N",
                                      help="KV caches of recent conversations kept, so a chat's next turn prefills "
-                                          "only what is new (0: none)."),
+                                          "only what is new (0: none); together they hold at most --context tokens."),
     max_body: int = typer.Option("4MiB", "--max-body", metavar="SIZE", parser=parse_memory_size,
                                  help="Largest request body accepted (413 beyond)."),
     dtype: str | None = typer.Option(None, "--dtype", metavar="DTYPE", parser=parse_dtype,
@@ -90,7 +90,7 @@ def serve(
     served = ServedModel(id=served_id, aliases=frozenset({ref, Path(ref).name, Path(ref).stem}), settings=settings,
                          context=context_window(loaded.context_length, context), default_max_tokens=max_tokens)
     engine = Engine(loaded, tokenizer, kv_bits=kv_bits, max_batch=max_batch, max_queue=max_queue,
-                    prompt_cache=prompt_cache)
+                    prompt_cache=prompt_cache, prompt_cache_tokens=served.context)
     app = build_app(engine, tokenizer, served, api_key=api_key or None, max_body=max_body)
     shown = f"[{host}]" if ":" in host else host
     keyed = ", API key required" if api_key else ""

@@ -111,3 +111,28 @@ def test_streamed_experts_batch_too(tokenizer, tmp_path):
     together, engine = decode(streamed, tokenizer, len(PROMPTS), None)
     assert engine.stats.largest_batch == len(PROMPTS)
     assert together == resident
+
+
+def test_prompt_cache_takes_the_longest_shared_prefix_within_its_budget():
+    from edge_llm.models.cache import KVCache
+    from edge_llm.serving.prompt_cache import PromptCache
+
+    def cache_of(n: int) -> list[KVCache]:
+        layer = KVCache()
+        layer.update_and_fetch(mx.zeros((1, 2, n, 8)), mx.zeros((1, 2, n, 8)))
+        return [layer]
+
+    kept = PromptCache(capacity=3, max_tokens=30)
+    kept.put([1, 2, 3, 4], cache_of(4))
+    kept.put([1, 2, 9, 9, 9], cache_of(5))
+    cache, reused = kept.take([1, 2, 3, 4, 5, 6])
+    assert reused == 4 and cache[0].offset == 4 and len(kept) == 1  # taken, not shared
+    cache, reused = kept.take([1, 2, 9])
+    assert reused == 2 and cache[0].offset == 2  # the last prompt token is always computed anew
+    assert kept.take([7, 8]) == (None, 0)
+    kept.put(list(range(31)), cache_of(31))  # longer than the whole budget: not kept
+    assert len(kept) == 0
+    for n in (10, 12, 14):
+        kept.put(list(range(n)), cache_of(n))
+    assert len(kept) == 2  # 10 + 12 + 14 tokens are over 30: the oldest left
+    assert kept.take(list(range(11)))[1] == 10  # the 12-token entry shares 10 with it, the 14 too: first wins

@@ -45,7 +45,8 @@ class EngineStats:
 
 class Engine:
     def __init__(self, model: CausalLM, tokenizer, *, kv_bits: int | None = None, max_batch: int = 8,
-                 max_queue: int = 16, prompt_cache: int = 8, prefill_chunk: int = PREFILL_CHUNK) -> None:
+                 max_queue: int = 16, prompt_cache: int = 8, prompt_cache_tokens: int | None = None,
+                 prefill_chunk: int = PREFILL_CHUNK) -> None:
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be at least 1 and max_queue at least 0")
         self.model, self.tokenizer, self.kv_bits = model, tokenizer, kv_bits
@@ -54,7 +55,7 @@ class Engine:
         mx.eval(model.parameters())
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.eos = set(tokenizer.eos_token_ids)
-        self.prompt_cache = PromptCache(prompt_cache)
+        self.prompt_cache = PromptCache(prompt_cache, prompt_cache_tokens)
         self.stats = EngineStats()
         self._waiting: deque[Job] = deque()
         self._rows: list[Row] = []
