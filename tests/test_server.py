@@ -186,7 +186,9 @@ def test_next_turn_prefills_only_the_new_suffix(server_a, server_b):
 
 def test_completions_models_logprobs_and_stop(server_a):
     client = server_a.client()
-    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert [m.id for m in client.models.list().data] == [MODEL] and client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
     done = client.completions.create(model=MODEL, prompt="One, two, three,", max_tokens=6, temperature=0, logprobs=2)
     lp = done.choices[0].logprobs
     assert len(lp.tokens) == done.usage.completion_tokens == 6 and "".join(lp.tokens) == done.choices[0].text

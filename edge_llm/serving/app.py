@@ -63,6 +63,17 @@ class Api:
         self._authorize(request)
         return JSONResponse(model_list(self.served.id, self.started))
 
+    async def model(self, request: HttpRequest) -> Response:
+        self._authorize(request)
+        name = request.path_params["name"]
+        if name != self.served.id and name not in self.served.aliases:
+            raise self._unknown_model(name)
+        return JSONResponse(model_list(self.served.id, self.started)["data"][0])
+
+    def _unknown_model(self, name: str) -> RequestError:
+        return RequestError(f"The model '{name}' does not exist; this server serves '{self.served.id}'.",
+                            status=404, param="model", code="model_not_found")
+
     async def chat(self, request: HttpRequest) -> Response:
         self._authorize(request)
         req = parse_chat(await self._json(request))
@@ -113,8 +124,7 @@ class Api:
     def _job(self, req: Request, prompt: list[int], emit) -> Job:
         served = self.served
         if req.model is not None and req.model != served.id and req.model not in served.aliases:
-            raise RequestError(f"The model '{req.model}' does not exist; this server serves '{served.id}'.",
-                               status=404, param="model", code="model_not_found")
+            raise self._unknown_model(req.model)
         if not prompt:
             raise RequestError("the prompt is empty", param="prompt", code="invalid_value")
         if len(prompt) >= served.context:
@@ -226,6 +236,7 @@ def build_app(engine: Engine, tokenizer, served: ServedModel, *, api_key: str | 
     routes = [
         Route("/health", api.health, methods=["GET"]),
         Route("/v1/models", api.models, methods=["GET"]),
+        Route("/v1/models/{name:path}", api.model, methods=["GET"]),
         Route("/v1/chat/completions", api.chat, methods=["POST"]),
         Route("/v1/completions", api.completions, methods=["POST"]),
     ]
