@@ -306,12 +306,15 @@ def test_api_key_queue_bound_and_loopback_warning(server_b):
     assert server_b.client(KEY).models.list().data[0].id == MODEL
 
     auth = {"Authorization": f"Bearer {KEY}"}
+    before = server_b.health()
     streams = [open_stream(server_b, 2000, auth) for _ in range(2)]  # B: one runs, one waits, a third is refused
     busy = request(server_b, "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, auth)
     assert busy.status == 429 and busy.json()["error"]["code"] == "queue_full"
     for response in streams:
         hang_up(response)
-    _wait_for(server_b, lambda h: h["running"] == 0 and h["waiting"] == 0)
+    both_gone = before["cancelled"] + 2
+    after = _wait_for(server_b, lambda h: h["running"] == h["waiting"] == 0 and h["cancelled"] >= both_gone)
+    assert after["cancelled"] == before["cancelled"] + 2 and after["completed"] == before["completed"]
 
     # not on loopback: a warning; a port in use: one line, exit 1 (before loading anything)
     with socket.socket() as taken:

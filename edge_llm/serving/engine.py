@@ -123,9 +123,14 @@ class Engine:
                     self._wake.wait()
                 if self._stopping:
                     return
+                gone = [job for job in self._waiting if job.cancelled]  # their clients left while they waited
+                for job in gone:
+                    self._waiting.remove(job)
                 while self._waiting and len(self._rows) + len(self._joining) < self.max_batch:
                     self._joining.append(self._waiting.popleft())
                 self.stats.waiting = len(self._waiting)
+            for job in gone:
+                self._end(job, cancelled=True)
             while self._joining:
                 self._join(self._joining[0])
                 self._joining.pop(0)
