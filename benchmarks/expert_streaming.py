@@ -42,7 +42,7 @@ READING = """Reading it:
 - Peak RSS stays under the cap in every streamed run (the cgroup would have killed the process otherwise);
   mlx-lm loads the whole model and is killed at the same cap.
 - The I/O bound is far above what this 2-core CPU computes, so compute bounds decode here: streamed runs reach
-  80-110% of resident speed. The bf16 bank can beat resident: it holds its experts in float32 and multiplies
+  about 80% of resident speed or more. The bf16 bank can beat resident: it holds its experts in float32 and multiplies
   with `gather_mm`, where the resident bf16 path copies each step's chosen experts to float32 (same products,
   same bits). The read path's own speed is the "read speed while waiting" column (pread, 4 in flight).
 - 4-bit runs under 2.6x less memory, not 3x: a third of 1.09 GB (363 MB) is below the least that streams it
