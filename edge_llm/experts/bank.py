@@ -141,10 +141,18 @@ class StreamedSwitchGLU(nn.Module):
         for start in range(0, len(needed), slots):
             wave = needed[start : start + slots]
             lut = self.bank.ensure(wave)
-            pairs = np.nonzero(np.isin(flat, wave))[0]
-            pairs = pairs[np.argsort(lut[flat[pairs]], kind="stable")]  # grouped by slot, rows in token order
-            xs = rows[mx.array(pairs // k)]  # [M, 1, D]
-            y = self.inner.experts(xs, mx.array(lut[flat[pairs]]), sort)  # [M, 1, D]
-            out[mx.array(pairs)] = y.squeeze(1)
+            in_wave = np.isin(flat, wave)
+            pairs = np.nonzero(in_wave)[0]
+            if sort:
+                pairs = pairs[np.argsort(lut[flat[pairs]], kind="stable")]  # grouped by slot, rows in token order
+                xs = rows[mx.array(pairs // k)]  # [M, 1, D]
+                y = self.inner.experts(xs, mx.array(lut[flat[pairs]]), sort)  # [M, 1, D]
+                out[mx.array(pairs)] = y.squeeze(1)
+            else:  # few pairs: all of them run as the resident module runs them (other layouts of the rows take
+                # another BLAS path), those of other waves on any slot, and are dropped
+                slot_ids = np.zeros_like(flat)
+                slot_ids[pairs] = lut[flat[pairs]]
+                y = self.inner(x, mx.array(slot_ids.reshape(ids.shape))).reshape(-1, x.shape[-1])
+                out = mx.where(mx.array(in_wave)[:, None], y, out)
             mx.eval(out)  # the next wave may evict these experts
         return out.reshape(*lead, x.shape[-1])

@@ -65,13 +65,16 @@ class SwitchLinear(nn.Module):
     def _cpu_half_precision(self, x: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
         # MLX's CPU GatherMM takes only float32 ("[GatherMM::eval] Currently only supports float32"), so
         # bf16/fp16 experts are multiplied in float32. A few rows (decode) gather just their experts'
-        # slices; a sorted prefill converts all experts once, which its many tokens amortize.
+        # slices; a sorted prefill converts all experts once, which its many tokens amortize. Both run
+        # GatherMM, as a float32 bank of upcast experts does: the same kernel, so the same bits (a plain
+        # matmul takes another BLAS path and differs in the last bits once OpenBLAS serves MLX).
         if sorted_indices:
             w = self.weight.astype(mx.float32).swapaxes(-1, -2)
             out = mx.gather_mm(x.astype(mx.float32), w, rhs_indices=indices, sorted_indices=True)
         else:
-            w = self.weight[indices].astype(mx.float32).swapaxes(-1, -2)  # [..., k, in, out]
-            out = x.astype(mx.float32) @ w
+            chosen = self.weight[indices.flatten()].astype(mx.float32).swapaxes(-1, -2)  # [N*k, in, out]
+            order = mx.arange(indices.size, dtype=mx.uint32).reshape(indices.shape)
+            out = mx.gather_mm(x.astype(mx.float32), chosen, rhs_indices=order)
         return out.astype(x.dtype)
 
     def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine", **_) -> QuantizedSwitchLinear:
