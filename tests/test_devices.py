@@ -50,7 +50,7 @@ def test_mixtral_4bit_on_a_16gb_m2_streams_and_is_disk_bound():
     assert (m2.usable_bytes, m2.bandwidth, m2.disk_bandwidth) == (11_453_246_122, 100e9, 3e9)  # 2/3 of 16 GiB
     p = place(mixtral(), m2)
     # fixed: 904,077,312 + 536,870,912 + 400,000,000 = 1,840,948,224, + 4 reads in flight of one expert, raw and
-    # decoded (4 x 2 x 99,090,432 = 792,723,456); headroom min(5%, 256 MiB) = 268,435,456; left 8,551,138,986;
+    # decoded (4 x 2 x 99,090,432 = 792,723,456); headroom min(10%, 256 MiB) = 268,435,456; left 8,551,138,986;
     # one slot in all 32 layers: 3,170,893,824 -> 2 slots (6,341,787,648); 3 would need 9.51 GB
     assert (p.mode, p.bank_slots, p.bank_bytes) == ("streamed", 2, 6_341_787_648)
     assert p.needed_bytes == 8_975_459_328 <= m2.usable_bytes
