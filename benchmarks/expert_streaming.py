@@ -46,10 +46,10 @@ READING = """Reading it:
   with `gather_mm`, where the resident bf16 path copies each step's chosen experts to float32 (same products,
   same bits). The read path's own speed is the "read speed while waiting" column (pread, 4 in flight).
 - 4-bit runs under 2.6x less memory, not 3x: a third of 1.09 GB (363 MB) is below the least that streams it
-  (365 MB: the resident part, 8 experts per layer, KV cache and runtime at 1024 tokens), which `run` refuses
-  in one line; the cap is 1.15 x that least.
-- LFU keeps the router's favourites and reads 9-12% fewer bytes than LRU here; `--expert-policy lfu` is
-  available, LRU stays the default until a real model's routing (not random weights) confirms the gain."""
+  (370 MB: the resident part, 8 experts per layer, KV cache, runtime and reads in flight at 1024 tokens), which
+  `run` refuses in one line; the cap is 1.15 x that least.
+- LFU keeps the router's favourites and reads 8-10% fewer bytes than LRU here (9-12% in an earlier run), at
+  the same speed or better: it is the default; `--expert-policy lru` is there for routers that drift."""
 
 
 def worker(model: str, decode: int, policy: str, slots: int | None = None) -> None:
