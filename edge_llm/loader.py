@@ -27,7 +27,7 @@ from .hub.resolve import resolve_model
 from .machine.backend import Caster, dtype_policy
 from .models import build
 from .models.base import CausalLM
-from .models.layers import QuantizedLinear
+from .models.layers import HalfLinear, QuantizedLinear
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,15 @@ def quantize_modules(model: nn.Module, quantization: dict[str, Any], has_scales)
     nn.quantize(model, group_size=group_size, bits=bits, mode=mode, class_predicate=predicate)
     # the same layers, with a faster CPU prefill (layers.QuantizedLinear)
     swap = {name: QuantizedLinear.of(m) for name, m in model.named_modules() if type(m) is nn.QuantizedLinear}
+    if swap:
+        model.update_modules(tree_unflatten(list(swap.items())))
+
+
+def use_half_linears(model: nn.Module) -> None:
+    """Linears holding half-precision weights become ``HalfLinear`` (same parameters): decoding multiplies
+    them through the CPU kernels instead of upcasting each weight to float32 for every product."""
+    swap = {name: HalfLinear.of(m) for name, m in model.named_modules()
+            if type(m) is nn.Linear and m["weight"].dtype in (mx.float16, mx.bfloat16)}
     if swap:
         model.update_modules(tree_unflatten(list(swap.items())))
 
@@ -113,6 +122,7 @@ def load_checkpoint(checkpoint: Checkpoint, dtype: str | None = None, expert_slo
         mx.eval(v)
     model.load_weights(list(weights.items()), strict=False)
     mx.eval(model.parameters())
+    use_half_linears(model)
     check_finite(checkpoint, model, skip=streamed)
     model.eval()
     return model

@@ -22,7 +22,7 @@ import mlx.nn as nn
 
 from .base import BaseModelArgs, attention, check_widths, require
 from .cache import BatchRows, KVCache, each_row
-from .layers import sliding_window_mask
+from .layers import RMSNorm, sliding_window_mask
 from .rope import RoPE
 
 
@@ -78,8 +78,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(q_width, args.hidden_size, bias=o_bias)
         if qk_norm is not None:
             per_head = qk_norm == "head"
-            self.q_norm = nn.RMSNorm(self.head_dim if per_head else q_width, eps=args.rms_norm_eps)
-            self.k_norm = nn.RMSNorm(self.head_dim if per_head else kv_width, eps=args.rms_norm_eps)
+            self.q_norm = RMSNorm(self.head_dim if per_head else q_width, eps=args.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim if per_head else kv_width, eps=args.rms_norm_eps)
         self.rope = RoPE(self.head_dim, args.rope_theta, args.rope_scaling, args.max_position_embeddings)
 
     def __call__(self, x: mx.array, cache: KVCache | BatchRows | None) -> mx.array:

@@ -18,10 +18,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .. import kernels
 from ..limits import MAX_DIM
 from .cache import Cache, KVCache, check_kv_bits, row_nbytes
 from .fields import check_fields
-from .layers import output_projection
+from .layers import RMSNorm, output_projection
 from .moe import GLU_NAMES, stack_moe_experts
 
 # Every architecture keeps its routed experts stacked under ``switch_mlp`` (moe.py, deepseek_gate.py).
@@ -128,7 +129,7 @@ def check_experts(args: BaseModelArgs, experts: int | None) -> None:
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: str | mx.array | None) -> mx.array:
     """Scaled dot-product attention; q [B, H, L, D], k/v [B, H_kv, T, D] (GQA handled by MLX)."""
-    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    return kernels.attention(q, k, v, scale, mask)
 
 
 class CausalLM(nn.Module):
@@ -214,8 +215,8 @@ class DecoderLayer(nn.Module):
         self.self_attn = self_attn
         setattr(self, ffn_name, ffn)
         self.ffn_name = ffn_name
-        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
-        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.input_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, x: mx.array, cache: Cache | None) -> mx.array:
         h = x + self.self_attn(self.input_layernorm(x), cache)
@@ -229,7 +230,7 @@ class DecoderStack(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = layers
-        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.norm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, tokens: mx.array, cache: list[Cache] | None) -> mx.array:
         h = self.embed_tokens(tokens)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from .. import kernels
+
 # Weights converted for a float matmul (a half-precision table upcast, a quantized matrix dequantized) are
 # converted this many bytes of rows at a time (about one core's L2), each block after the previous block's
 # product: the whole matrix at once would be a float32 transient as large as the matrix (113 MB for
@@ -18,6 +20,13 @@ def activation(name: str):
     if name not in ACTIVATIONS:
         raise ValueError(f"config field 'hidden_act': {name!r} is not supported ({', '.join(ACTIVATIONS)})")
     return ACTIVATIONS[name]
+
+
+class RMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` (same parameter) that runs as one op on the CPU (``kernels.rms_norm``)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return kernels.rms_norm(x, self["weight"], self.eps)
 
 
 class MLP(nn.Module):
@@ -69,11 +78,24 @@ def blocked_matmul(x: mx.array, tensors: list[mx.array], convert, row_values: in
 def output_projection(head: nn.Module, h: mx.array) -> mx.array:
     """Logits ``h [..., D] -> [..., V]`` through ``head``: a tied embedding table or an ``lm_head`` linear."""
     table = isinstance(head, (nn.Embedding, nn.QuantizedEmbedding))
+    if isinstance(head, nn.QuantizedEmbedding):  # nn.QuantizedEmbedding.as_linear, through the CPU kernels
+        return kernels.quantized_matmul(h, head["weight"], head["scales"], head.get("biases"), head.group_size,
+                                        head.bits, head.mode)
     w = head.get("weight")
-    if isinstance(head, (nn.QuantizedEmbedding, nn.QuantizedLinear)) or w is None or w.dtype == h.dtype:
+    if isinstance(head, nn.QuantizedLinear) or w is None or w.dtype == h.dtype:
         return head.as_linear(h) if table else head(h)
-    out = blocked_matmul(h, [w], lambda block: block.astype(h.dtype), w.shape[1])
+    out = few_rows_float_matmul(h, w)
+    if out is None:
+        out = blocked_matmul(h, [w], lambda block: block.astype(h.dtype), w.shape[1])
     return out + head.bias if "bias" in head else out
+
+
+def few_rows_float_matmul(x: mx.array, w: mx.array) -> mx.array | None:
+    """``x @ w.T`` for a half-precision ``w`` through the CPU kernels when ``x`` has few rows (decoding), else
+    None: many rows are BLAS's (an upcast block at a time, ``blocked_matmul``)."""
+    if x.size // x.shape[-1] >= DEQUANTIZE_MIN_ROWS:
+        return None
+    return kernels.float_matmul(x, w)
 
 
 # From this many rows (prefill), a quantized linear dequantizes its weights and runs one float matmul:
@@ -94,7 +116,9 @@ class QuantizedLinear(nn.QuantizedLinear):
 
     def __call__(self, x: mx.array) -> mx.array:
         if x.size // x.shape[-1] < DEQUANTIZE_MIN_ROWS or mx.default_device() != mx.cpu:
-            return super().__call__(x)
+            out = kernels.quantized_matmul(x, self["weight"], self["scales"], self.get("biases"), self.group_size,
+                                           self.bits, self.mode)
+            return out + self["bias"] if "bias" in self else out
         tensors = [self["weight"], self["scales"]] + ([self["biases"]] if "biases" in self else [])
 
         def dequantize(weight: mx.array, scales: mx.array, biases: mx.array | None = None) -> mx.array:
@@ -102,4 +126,23 @@ class QuantizedLinear(nn.QuantizedLinear):
                                  group_size=self.group_size, bits=self.bits, mode=self.mode)
 
         out = blocked_matmul(x, tensors, dequantize, self["weight"].shape[1] * 32 // self.bits)
+        return out + self["bias"] if "bias" in self else out
+
+
+class HalfLinear(nn.Linear):
+    """``nn.Linear`` (same parameters) whose half-precision weight multiplies float32 rows through the CPU
+    kernels when there are few of them (decoding), with no float32 copy of the weight."""
+
+    @classmethod
+    def of(cls, linear: nn.Linear) -> HalfLinear:
+        out_dims, in_dims = linear["weight"].shape
+        new = cls(in_dims, out_dims, "bias" in linear)
+        new.update({k: v for k, v in linear.items() if k in ("weight", "bias")})
+        return new
+
+    def __call__(self, x: mx.array) -> mx.array:
+        w = self["weight"]
+        out = few_rows_float_matmul(x, w) if w.dtype != x.dtype else None
+        if out is None:
+            return super().__call__(x)
         return out + self["bias"] if "bias" in self else out

@@ -38,6 +38,7 @@ import mlx.nn as nn
 
 from .base import attention
 from .cache import BatchRows, LatentCache, each_row
+from .layers import RMSNorm
 from .rope import RoPE, yarn_get_mscale
 
 
@@ -80,10 +81,10 @@ class MLAttention(nn.Module):
             self.q_proj = nn.Linear(dim, self.n_heads * qk_dim, bias=False)
         else:
             self.q_a_proj = nn.Linear(dim, self.q_lora_rank, bias=bias)
-            self.q_a_layernorm = nn.RMSNorm(self.q_lora_rank, eps=LORA_NORM_EPS)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, eps=LORA_NORM_EPS)
             self.q_b_proj = nn.Linear(self.q_lora_rank, self.n_heads * qk_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(dim, self.kv_lora_rank + self.rope_dim, bias=bias)
-        self.kv_a_layernorm = nn.RMSNorm(self.kv_lora_rank, eps=LORA_NORM_EPS)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=LORA_NORM_EPS)
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, dim, bias=bias)
         self.rope = RoPE(self.rope_dim, args.rope_theta, args.rope_scaling, args.max_position_embeddings,

@@ -13,6 +13,8 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from .. import kernels
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
 
@@ -96,6 +98,7 @@ class RoPE(nn.Module):
         self.factor = float(scaling.get("factor", 1.0))
         self.value_scale = 1.0
         self._freqs = None
+        self._inv_freq: tuple | None = None  # ((base, id(freqs)), angles per pair) for the CPU kernels
         if self.rope_type == "llama3":
             self._freqs = 1.0 / _inv_freq_llama3(dims, base, scaling)
         elif self.rope_type == "yarn":
@@ -114,13 +117,24 @@ class RoPE(nn.Module):
             rot = x[..., : self.dims] * self.value_scale
             x = rot if self.dims == x.shape[-1] else mx.concatenate([rot, x[..., self.dims :]], axis=-1)
         if self._freqs is not None:
-            return mx.fast.rope(
-                x, self.dims, traditional=self.traditional, base=None, scale=1.0, offset=offset,
-                freqs=self._freqs,
-            )
+            return self._rope(x, offset, None, 1.0, self._freqs)
         base, scale = self.base, 1.0
         if self.rope_type == "linear":
             scale = 1.0 / self.factor
         elif self.rope_type == "dynamic":
             base = self._dynamic_base(offset + x.shape[-2])
-        return mx.fast.rope(x, self.dims, traditional=self.traditional, base=base, scale=scale, offset=offset)
+        return self._rope(x, offset, base, scale, None)
+
+    def _rope(self, x: mx.array, offset, base: float | None, scale: float, freqs: mx.array | None) -> mx.array:
+        """``mx.fast.rope``, through the CPU kernels where they apply (they take angles per pair: 1 / freqs, or
+        base^(-2i/dims) as MLX computes them)."""
+        key = (base, id(freqs))
+        if self._inv_freq is None or self._inv_freq[0] != key:
+            inv = 1.0 / freqs if freqs is not None else mx.exp(
+                mx.arange(self.dims // 2, dtype=mx.float32) * (-math.log(base) / (self.dims // 2)))
+            self._inv_freq = (key, inv.astype(mx.float32))
+        out = kernels.rope(x, self.dims, self.traditional, self._inv_freq[1], scale, offset)
+        if out is not None:
+            return out
+        return mx.fast.rope(x, self.dims, traditional=self.traditional, base=base, scale=scale, offset=offset,
+                            freqs=freqs)

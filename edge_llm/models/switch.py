@@ -13,6 +13,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+from .. import kernels
 from ..experts.provenance import PerExpert, record
 from .layers import activation
 
@@ -49,15 +50,28 @@ class SwitchLinear(nn.Module):
     upcast_half = False
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
-        if self.weight.dtype != mx.float32 and mx.default_device() == mx.cpu:
-            out = self._cpu_half_precision(x, indices, sorted_indices)
-        elif self.upcast_half:
-            out = self._gather_mm(x.astype(mx.float32), indices, sorted_indices).astype(x.dtype)
-        else:
-            out = self._gather_mm(x, indices, sorted_indices)
+        out = self._cpu_kernel(x, indices)
+        if out is None:
+            out = self._mlx(x, indices, sorted_indices)
         if "bias" in self:
             out = out + mx.expand_dims(self.bias[indices], -2)
         return out
+
+    def _mlx(self, x: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
+        if self.weight.dtype != mx.float32 and mx.default_device() == mx.cpu:
+            return self._cpu_half_precision(x, indices, sorted_indices)
+        if self.upcast_half:
+            return self._gather_mm(x.astype(mx.float32), indices, sorted_indices).astype(x.dtype)
+        return self._gather_mm(x, indices, sorted_indices)
+
+    def _cpu_kernel(self, x: mx.array, indices: mx.array) -> mx.array | None:
+        """The CPU kernels: float32 rows times the experts as stored, no float32 copy. A bank's float32 copies of
+        half-precision experts give the same products bit for bit, as the kernels sum each row in one order
+        whatever the layout, sorting or number of rows around it (so streamed == resident holds)."""
+        if x.dtype != mx.float32 and not self.upcast_half and self.weight.dtype == x.dtype:
+            return None  # half-precision compute (a GPU-style policy): MLX's own
+        out = kernels.gather_float_matmul(x, self.weight, indices)
+        return None if out is None else out.astype(x.dtype)
 
     def _gather_mm(self, x: mx.array, indices: mx.array, sorted_indices: bool) -> mx.array:
         return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
@@ -106,10 +120,8 @@ class QuantizedSwitchLinear(nn.Module):
         return q
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
-        out = mx.gather_qmm(
-            x, self["weight"], self["scales"], self.get("biases"), rhs_indices=indices, transpose=True,
-            group_size=self.group_size, bits=self.bits, mode=self.mode, sorted_indices=sorted_indices,
-        )
+        out = kernels.gather_quantized_matmul(x, self["weight"], self["scales"], self.get("biases"), indices,
+                                              self.group_size, self.bits, self.mode, sorted_indices)
         if "bias" in self:
             out = out + mx.expand_dims(self.bias[indices], -2)
         return out

@@ -1,0 +1,31 @@
+// The Python module edge-llm loads (edge_llm/kernels/extension.py): nanobind, in MLX's nanobind domain so
+// mlx.core.array passes through as is.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/variant.h>
+
+#include "fused_ops.h"
+#include "primitive.h"
+
+extern "C" {
+#include "kernels.h"
+}
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+NB_MODULE(_edge_kernels, m) {
+  m.doc() = "edge-llm CPU kernels for MLX";
+  m.def("matmul", &edge::matmul, "x"_a, "w"_a, "scales"_a = nb::none(), "biases"_a = nb::none(),
+        "indices"_a = nb::none(), "bits"_a = 0, "group_size"_a = 0, nb::kw_only(), "stream"_a = nb::none(),
+        "x @ W.T on the CPU for quantized (bits > 0) or float W; with indices, one expert per run of rows");
+  m.def("rms_norm", &edge::rms_norm, "x"_a, "weight"_a, "eps"_a, nb::kw_only(), "stream"_a = nb::none());
+  m.def("rope", &edge::rope, "x"_a, "dims"_a, "traditional"_a, "inv_freq"_a, "scale"_a, "offset"_a, nb::kw_only(),
+        "stream"_a = nb::none());
+  m.def("attention", &edge::attention, "q"_a, "k"_a, "v"_a, "scale"_a, "causal"_a, nb::kw_only(),
+        "stream"_a = nb::none());
+  m.def("isa", []() { return std::string(el_isa()); });
+  m.def("threads", []() { return el_threads(); });
+  m.def("set_threads", [](int n) { el_set_threads(n); }, "n"_a);
+}

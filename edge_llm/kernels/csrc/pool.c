@@ -1,0 +1,128 @@
+#define _GNU_SOURCE
+/* A small persistent thread pool for the kernels: the caller works too, workers spin briefly between
+ * products (a decode step runs hundreds back to back) and then sleep, so an idle process costs no CPU.
+ * No OpenMP: its spinning threads fight OpenBLAS's and MLX's for the same cores.
+ *
+ * Tasks are claimed one at a time from a counter tagged with the job's number, and the caller waits only
+ * for tasks claimed by others. A worker that wakes late (its core busy with MLX's threads, say) finds
+ * nothing left and costs the job nothing, instead of the caller waiting for it. */
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#include "kernels.h"
+
+#define MAX_THREADS 64
+#define SPIN_ROUNDS 4000 /* polls (with a pause each) before a worker sleeps */
+#define TAG(job, task) (((uint64_t)(job) << 32) | (uint64_t)(task))
+
+static struct {
+  pthread_mutex_t lock;
+  pthread_cond_t wake;
+  int workers; /* started */
+  int wanted;  /* threads in total, caller included */
+  atomic_uint_fast64_t claim; /* job number << 32 | next task */
+  atomic_int sleepers;
+  atomic_long done; /* tasks finished in the current job */
+  el_task_fn fn;
+  void* arg;
+  int64_t tasks;
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
+
+static pthread_mutex_t run_lock = PTHREAD_MUTEX_INITIALIZER; /* one parallel_for at a time */
+static uint32_t job_number;
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  __asm__ __volatile__("yield");
+#endif
+}
+
+/* Runs tasks of job ``job`` until none is left; returns how many this thread ran. */
+static int64_t run_tasks(uint32_t job) {
+  int64_t ran = 0;
+  for (;;) {
+    uint64_t c = atomic_load(&pool.claim);
+    if ((uint32_t)(c >> 32) != job) return ran;
+    int64_t task = (int64_t)(uint32_t)c;
+    if (task >= pool.tasks) return ran; /* read while ``job`` is current: the CAS below checks that */
+    if (!atomic_compare_exchange_weak(&pool.claim, &c, c + 1)) continue;
+    pool.fn(pool.arg, task);
+    atomic_fetch_add(&pool.done, 1);
+    ran++;
+  }
+}
+
+static void* worker(void* start) {
+  uint32_t seen = (uint32_t)(uintptr_t)start; /* the job before this worker's first */
+  for (;;) {
+    uint32_t job = seen;
+    for (int i = 0; i < SPIN_ROUNDS && (job = (uint32_t)(atomic_load(&pool.claim) >> 32)) == seen; i++) cpu_relax();
+    if (job == seen) {
+      pthread_mutex_lock(&pool.lock);
+      atomic_fetch_add(&pool.sleepers, 1);
+      while ((job = (uint32_t)(atomic_load(&pool.claim) >> 32)) == seen) pthread_cond_wait(&pool.wake, &pool.lock);
+      atomic_fetch_sub(&pool.sleepers, 1);
+      pthread_mutex_unlock(&pool.lock);
+    }
+    seen = job;
+    run_tasks(job);
+  }
+  return NULL;
+}
+
+static int default_threads(void) {
+  const char* env = getenv("EDGE_LLM_CPU_THREADS");
+  if (env && atoi(env) > 0) return atoi(env);
+#if defined(__linux__)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof set, &set) == 0) return CPU_COUNT(&set);
+#endif
+  long n = sysconf(_SC_NPROCESSORS_ONLN);
+  return n > 0 ? (int)n : 1;
+}
+
+void el_set_threads(int n) {
+  pthread_mutex_lock(&run_lock);
+  pool.wanted = n < 1 ? 1 : n > MAX_THREADS ? MAX_THREADS : n;
+  pthread_mutex_unlock(&run_lock);
+}
+
+int el_threads(void) {
+  if (pool.wanted == 0) el_set_threads(default_threads());
+  return pool.wanted;
+}
+
+void el_parallel_for(el_task_fn fn, void* arg, int64_t tasks) {
+  int threads = el_threads();
+  if (tasks <= 1 || threads <= 1) {
+    for (int64_t t = 0; t < tasks; t++) fn(arg, t);
+    return;
+  }
+  pthread_mutex_lock(&run_lock);
+  while (pool.workers < threads - 1) {
+    pthread_t thread;
+    if (pthread_create(&thread, NULL, worker, (void*)(uintptr_t)job_number) != 0) break;
+    pthread_detach(thread);
+    pool.workers++;
+  }
+  uint32_t job = ++job_number;
+  pool.fn = fn;
+  pool.arg = arg;
+  pool.tasks = tasks;
+  atomic_store(&pool.done, 0);
+  atomic_store(&pool.claim, TAG(job, 0)); /* publishes the job: workers read fn/arg/tasks after this */
+  if (atomic_load(&pool.sleepers) > 0) {
+    pthread_mutex_lock(&pool.lock);
+    pthread_cond_broadcast(&pool.wake);
+    pthread_mutex_unlock(&pool.lock);
+  }
+  run_tasks(job);
+  while (atomic_load(&pool.done) < tasks) cpu_relax(); /* only tasks others claimed and are running */
+  pthread_mutex_unlock(&run_lock);
+}

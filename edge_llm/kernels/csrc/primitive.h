@@ -1,0 +1,31 @@
+#pragma once
+#include <optional>
+
+#include "mlx/ops.h"
+#include "mlx/primitives.h"
+
+namespace edge {
+namespace mx = mlx::core;
+
+// x [..., K] @ W.T -> [..., N]; W quantized (bits > 0: w, scales, biases as MLX's affine format) or float (bits 0).
+// With indices, w is a stack of experts [E, N, K'] and the rows of x split evenly among the ids in order.
+mx::array matmul(const mx::array& x, const mx::array& w, const std::optional<mx::array>& scales,
+                 const std::optional<mx::array>& biases, const std::optional<mx::array>& indices, int bits,
+                 int group_size, mx::StreamOrDevice s = {});
+
+class CpuMatmul : public mx::Primitive {
+ public:
+  CpuMatmul(mx::Stream stream, int bits, int group_size, bool has_biases, bool gathered)
+      : mx::Primitive(stream), bits_(bits), group_size_(group_size), has_biases_(has_biases), gathered_(gathered) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  const char* name() const override { return "EdgeCpuMatmul"; }
+  bool is_equivalent(const mx::Primitive& other) const override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+
+ private:
+  int bits_, group_size_;
+  bool has_biases_, gathered_;
+};
+
+}  // namespace edge

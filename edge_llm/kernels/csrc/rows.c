@@ -1,0 +1,236 @@
+/* Row kernels, compiled once per instruction set (EL_ISA names it: avx2 with -mavx2 -mfma -mf16c; generic
+ * without flags, which on arm64 means NEON). Written with GCC/Clang vector types so one source serves all.
+ *
+ * Summation order, fixed for a row whatever else is computed with it: per 32-value block, two partial
+ * products (values 0-7 and 16-23 of the block as loaded, then 8-15 and 24-31) added, times the group's
+ * scale, into one of two accumulators by block parity; the accumulators' lanes summed at the end; then the
+ * bias term, sum over groups of bias * (sum of x over the group). Float weights: the same two accumulators,
+ * fed directly, and a scalar tail for K % 32 values.
+ */
+#include <string.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#include "job.h"
+
+#define CAT2(a, b) a##b
+#define CAT(a, b) CAT2(a, b)
+#define FN(name) CAT(name##_, EL_ISA)
+#define INLINE static inline __attribute__((always_inline))
+
+typedef float vf __attribute__((vector_size(32)));
+typedef uint8_t vb8 __attribute__((vector_size(8)));
+typedef uint8_t vb16 __attribute__((vector_size(16)));
+typedef uint8_t vb32 __attribute__((vector_size(32)));
+typedef uint16_t vh8 __attribute__((vector_size(16)));
+typedef uint32_t vu8 __attribute__((vector_size(32)));
+typedef int32_t vi8 __attribute__((vector_size(32)));
+typedef _Float16 vf16x8 __attribute__((vector_size(16)));
+
+#define ROW_BLOCK 4 /* rows sharing one unpacked block of weights */
+
+INLINE vf load8(const float* p) {
+  vf v;
+  memcpy(&v, p, sizeof v);
+  return v;
+}
+
+INLINE vf splat(float s) { return (vf){s, s, s, s, s, s, s, s}; }
+
+INLINE float hsum(vf v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+
+/* through int32: a direct u8 -> float conversion is scalarized by GCC 12 */
+INLINE vf bytes_to_float(vb8 b) { return __builtin_convertvector(__builtin_convertvector(b, vi8), vf); }
+
+INLINE float half_to_float(const void* p, int dtype, int64_t i) {
+  if (dtype == EL_F32) return ((const float*)p)[i];
+  if (dtype == EL_F16) return (float)((const _Float16*)p)[i];
+  uint32_t u = (uint32_t)((const uint16_t*)p)[i] << 16;
+  float f;
+  memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+/* 8 float weights of dtype at p -> floats. */
+INLINE vf load8_weights(const void* p, int dtype) {
+  if (dtype == EL_F32) return load8((const float*)p);
+  if (dtype == EL_F16) {
+    vf16x8 h;
+    memcpy(&h, p, sizeof h);
+    return __builtin_convertvector(h, vf);
+  }
+  vh8 h;
+  memcpy(&h, p, sizeof h);
+  vu8 u = __builtin_convertvector(h, vu8) << 16;
+  return (vf)u;
+}
+
+/* The 32 weights of one block, unscaled (q), as four vectors matching x's layout for these bits. */
+INLINE void unpack_block(const uint8_t* p, int bits, vf w[4]) {
+#if defined(__AVX2__) /* GCC 12 scalarizes the byte shuffles of the portable form below */
+  if (bits == 4) {
+    const __m128i m = _mm_set1_epi8(0x0F), b = _mm_loadu_si128((const __m128i*)p);
+    const __m128i lo = _mm_and_si128(b, m), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
+    w[0] = (vf)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+    w[1] = (vf)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+    w[2] = (vf)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+    w[3] = (vf)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+    return;
+  }
+  if (bits == 8) {
+    for (int i = 0; i < 4; i++)
+      w[i] = (vf)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p + 8 * i))));
+    return;
+  }
+#endif
+  if (bits == 4) { /* byte i: value 2i low, 2i+1 high; x holds evens then odds */
+    vb16 b;
+    memcpy(&b, p, sizeof b);
+    vb16 lo = b & 0x0F, hi = b >> 4;
+    w[0] = bytes_to_float(__builtin_shufflevector(lo, lo, 0, 1, 2, 3, 4, 5, 6, 7));
+    w[1] = bytes_to_float(__builtin_shufflevector(lo, lo, 8, 9, 10, 11, 12, 13, 14, 15));
+    w[2] = bytes_to_float(__builtin_shufflevector(hi, hi, 0, 1, 2, 3, 4, 5, 6, 7));
+    w[3] = bytes_to_float(__builtin_shufflevector(hi, hi, 8, 9, 10, 11, 12, 13, 14, 15));
+    return;
+  }
+  uint8_t q[32];
+  if (bits == 8) {
+    memcpy(q, p, 32);
+  } else { /* every 8 values fill ``bits`` bytes of the little-endian bit stream */
+    const uint64_t mask = (1u << bits) - 1;
+    for (int j = 0; j < 4; j++) {
+      uint64_t u = 0;
+      memcpy(&u, p + j * bits, bits);
+      for (int v = 0; v < 8; v++) q[8 * j + v] = (uint8_t)((u >> (v * bits)) & mask);
+    }
+  }
+  vb8 part;
+  for (int i = 0; i < 4; i++) {
+    memcpy(&part, q + 8 * i, 8);
+    w[i] = bytes_to_float(part);
+  }
+}
+
+/* x offsets of the four weight vectors of a block: 4-bit x is evens then odds, so w[1] pairs with x+8 either way */
+INLINE vf block_dot(const vf w[4], const float* x) {
+  return (w[0] * load8(x) + w[2] * load8(x + 16)) + (w[1] * load8(x + 8) + w[3] * load8(x + 24));
+}
+
+INLINE void quantized_block_rows(const el_job* job, int bits, int R, const uint8_t* wrow, const float* sf,
+                                 const float* bf, int64_t r, int64_t n) {
+  const el_weights* W = job->W;
+  const int64_t K = W->K, N = W->N, ng = K / W->group_size;
+  const int gshift = W->group_size == 32 ? 0 : W->group_size == 64 ? 1 : 2; /* blocks per group: 1, 2, 4 */
+  vf acc[ROW_BLOCK][2];
+  for (int i = 0; i < R; i++) acc[i][0] = acc[i][1] = splat(0.f);
+  const int64_t blocks = K / 32;
+  /* even blocks into acc[.][0], odd ones into acc[.][1]: two dependency chains, indices known at compile time */
+  for (int64_t blk = 0; blk < blocks; blk += 2) {
+    for (int half = 0; half < 2; half++) {
+      if (half && blk + 1 >= blocks) break;
+      vf w[4];
+      unpack_block(wrow + (blk + half) * 4 * bits, bits, w);
+      const vf s = splat(sf[(blk + half) >> gshift]);
+      for (int i = 0; i < R; i++) {
+        const float* x = job->x + (r + i) * K + (blk + half) * 32;
+        if (half)
+          acc[i][1] += s * block_dot(w, x);
+        else
+          acc[i][0] += s * block_dot(w, x);
+      }
+    }
+  }
+  for (int i = 0; i < R; i++) {
+    float bias = 0.f;
+    if (bf) {
+      const float* xs = job->xsum + (r + i) * ng;
+      for (int64_t g = 0; g < ng; g++) bias += bf[g] * xs[g];
+    }
+    job->y[(r + i) * N + n] = hsum(acc[i][0] + acc[i][1]) + bias;
+  }
+}
+
+INLINE void quantized_rows(const el_job* job, int bits, int64_t e, int64_t r0, int64_t r1, int64_t n0,
+                           int64_t n1) {
+  const el_weights* W = job->W;
+  const int64_t K = W->K, N = W->N, ng = K / W->group_size, row_bytes = K * bits / 8;
+  const uint8_t* wbase = (const uint8_t*)W->w + (e * N) * row_bytes;
+  const int ssize = W->s_dtype == EL_F32 ? 4 : 2;
+  const uint8_t* sbase = (const uint8_t*)W->scales + (e * N) * ng * ssize;
+  const uint8_t* bbase = W->biases ? (const uint8_t*)W->biases + (e * N) * ng * ssize : NULL;
+  float sf[ng], bf[ng];
+  for (int64_t n = n0; n < n1; n++) {
+    for (int64_t g = 0; g < ng; g++) {
+      sf[g] = half_to_float(sbase + n * ng * ssize, W->s_dtype, g);
+      bf[g] = bbase ? half_to_float(bbase + n * ng * ssize, W->s_dtype, g) : 0.f;
+    }
+    const uint8_t* wrow = wbase + n * row_bytes;
+    for (int64_t r = r0; r < r1; r += ROW_BLOCK) {
+      switch (r1 - r >= ROW_BLOCK ? ROW_BLOCK : r1 - r) {
+        case 4: quantized_block_rows(job, bits, 4, wrow, sf, bbase ? bf : NULL, r, n); break;
+        case 3: quantized_block_rows(job, bits, 3, wrow, sf, bbase ? bf : NULL, r, n); break;
+        case 2: quantized_block_rows(job, bits, 2, wrow, sf, bbase ? bf : NULL, r, n); break;
+        default: quantized_block_rows(job, bits, 1, wrow, sf, bbase ? bf : NULL, r, n); break;
+      }
+    }
+  }
+}
+
+INLINE void float_block_rows(const el_job* job, int dtype, int R, const uint8_t* wrow, int64_t r, int64_t n) {
+  const int64_t K = job->W->K, N = job->W->N, size = dtype == EL_F32 ? 4 : 2;
+  vf acc[ROW_BLOCK][2];
+  float tail[ROW_BLOCK];
+  for (int i = 0; i < R; i++) acc[i][0] = acc[i][1] = splat(0.f), tail[i] = 0.f;
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    vf w[4];
+    for (int j = 0; j < 4; j++) w[j] = load8_weights(wrow + (k + 8 * j) * size, dtype);
+    for (int i = 0; i < R; i++) {
+      const float* x = job->x + (r + i) * K + k;
+      acc[i][0] += w[0] * load8(x);
+      acc[i][1] += w[1] * load8(x + 8);
+      acc[i][0] += w[2] * load8(x + 16);
+      acc[i][1] += w[3] * load8(x + 24);
+    }
+  }
+  for (; k < K; k++) {
+    const float wk = half_to_float(wrow, dtype, k);
+    for (int i = 0; i < R; i++) tail[i] += wk * job->x[(r + i) * K + k];
+  }
+  for (int i = 0; i < R; i++) job->y[(r + i) * N + n] = hsum(acc[i][0] + acc[i][1]) + tail[i];
+}
+
+INLINE void float_rows(const el_job* job, int dtype, int64_t e, int64_t r0, int64_t r1, int64_t n0, int64_t n1) {
+  const el_weights* W = job->W;
+  const int64_t K = W->K, N = W->N, size = dtype == EL_F32 ? 4 : 2;
+  const uint8_t* wbase = (const uint8_t*)W->w + (e * N) * K * size;
+  for (int64_t n = n0; n < n1; n++) {
+    const uint8_t* wrow = wbase + n * K * size;
+    for (int64_t r = r0; r < r1; r += ROW_BLOCK) {
+      switch (r1 - r >= ROW_BLOCK ? ROW_BLOCK : r1 - r) {
+        case 4: float_block_rows(job, dtype, 4, wrow, r, n); break;
+        case 3: float_block_rows(job, dtype, 3, wrow, r, n); break;
+        case 2: float_block_rows(job, dtype, 2, wrow, r, n); break;
+        default: float_block_rows(job, dtype, 1, wrow, r, n); break;
+      }
+    }
+  }
+}
+
+void FN(el_rows)(const el_job* job, int64_t e, int64_t r0, int64_t r1, int64_t n0, int64_t n1) {
+  switch (job->W->bits) {
+    case 0:
+      switch (job->W->w_dtype) {
+        case EL_F32: float_rows(job, EL_F32, e, r0, r1, n0, n1); return;
+        case EL_F16: float_rows(job, EL_F16, e, r0, r1, n0, n1); return;
+        default: float_rows(job, EL_BF16, e, r0, r1, n0, n1); return;
+      }
+    case 2: quantized_rows(job, 2, e, r0, r1, n0, n1); return;
+    case 3: quantized_rows(job, 3, e, r0, r1, n0, n1); return;
+    case 4: quantized_rows(job, 4, e, r0, r1, n0, n1); return;
+    case 5: quantized_rows(job, 5, e, r0, r1, n0, n1); return;
+    case 6: quantized_rows(job, 6, e, r0, r1, n0, n1); return;
+    default: quantized_rows(job, 8, e, r0, r1, n0, n1); return;
+  }
+}

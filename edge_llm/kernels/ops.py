@@ -1,0 +1,106 @@
+"""The matrix products the models call: edge-llm's CPU kernels where they apply, MLX's ops everywhere else.
+
+Each function takes what the MLX op it replaces takes and returns the same result (exact up to summation
+order). The kernels serve the CPU device only, affine quantization or float weights, few rows (decoding,
+short prompts, MoE experts); Metal and CUDA keep MLX's own kernels.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from . import extension
+
+BITS = (2, 3, 4, 5, 6, 8)
+GROUP_SIZES = (32, 64, 128)
+FLOATS = (mx.float32, mx.float16, mx.bfloat16)
+
+
+def _kernels():
+    """The kernel module when the default device is the CPU and the kernels load, else None."""
+    if mx.default_device() != mx.cpu:
+        return None
+    return extension.load()
+
+
+def _quantized_ok(x: mx.array, group_size: int, bits: int, mode: str) -> bool:
+    return mode == "affine" and bits in BITS and group_size in GROUP_SIZES and x.dtype in FLOATS
+
+
+def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int,
+                     bits: int, mode: str = "affine") -> mx.array:
+    """``mx.quantized_matmul(x, w, scales, biases, transpose=True, ...)``: ``x [..., K] -> [..., N]``."""
+    kernels = _kernels()
+    if kernels is None or not _quantized_ok(x, group_size, bits, mode):
+        return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode)
+    return kernels.matmul(x, w, scales, biases, bits=bits, group_size=group_size)
+
+
+def float_matmul(x: mx.array, w: mx.array) -> mx.array | None:
+    """``x @ w.T`` for float32 ``x`` and a half-precision ``w [N, K]`` without a float32 copy of ``w``;
+    None where the kernels do not apply (the caller keeps its own path)."""
+    kernels = _kernels()
+    if kernels is None or x.dtype != mx.float32 or w.dtype not in FLOATS:
+        return None
+    return kernels.matmul(x, w)
+
+
+def _gathered_rows(x: mx.array, indices: mx.array) -> tuple[mx.array, mx.array, tuple[int, ...]]:
+    """``x [..., M, K]`` and ``indices [...]`` broadcast together -> (rows [B * M, K], ids [B], batch shape)."""
+    batch = tuple(mx.broadcast_shapes(x.shape[:-2], indices.shape))
+    rows = mx.broadcast_to(x, (*batch, *x.shape[-2:])).reshape(-1, x.shape[-1])
+    ids = mx.broadcast_to(indices, batch).flatten()
+    return rows, ids if ids.dtype == mx.uint32 else ids.astype(mx.uint32), batch
+
+
+def gather_quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None,
+                            indices: mx.array, group_size: int, bits: int, mode: str = "affine",
+                            sorted_indices: bool = False) -> mx.array:
+    """``mx.gather_qmm(x, w, scales, biases, rhs_indices=indices, transpose=True, ...)``:
+    ``x [..., M, K]``, experts ``w [E, N, K']`` -> ``[batch..., M, N]``."""
+    kernels = _kernels()
+    if kernels is None or not _quantized_ok(x, group_size, bits, mode):
+        return mx.gather_qmm(x, w, scales, biases, rhs_indices=indices, transpose=True, group_size=group_size,
+                             bits=bits, mode=mode, sorted_indices=sorted_indices)
+    rows, ids, batch = _gathered_rows(x, indices)
+    out = kernels.matmul(rows, w, scales, biases, ids, bits=bits, group_size=group_size)
+    return out.reshape(*batch, x.shape[-2], w.shape[-2])
+
+
+def gather_float_matmul(x: mx.array, w: mx.array, indices: mx.array) -> mx.array | None:
+    """``x [..., M, K] @ w[indices].T`` for float experts ``w [E, N, K]`` (any float dtype, never copied to
+    float32) -> ``[batch..., M, N]`` in float32; None where the kernels do not apply."""
+    kernels = _kernels()
+    if kernels is None or w.dtype not in FLOATS:
+        return None
+    rows, ids, batch = _gathered_rows(x.astype(mx.float32), indices)
+    return kernels.matmul(rows, w, indices=ids).reshape(*batch, x.shape[-2], w.shape[-2])
+
+
+def rms_norm(x: mx.array, weight: mx.array | None, eps: float) -> mx.array:
+    """``mx.fast.rms_norm``; on the CPU one op instead of MLX's graph of about ten."""
+    kernels = _kernels()
+    if kernels is None or weight is None or x.dtype != mx.float32 or weight.dtype not in FLOATS:
+        return mx.fast.rms_norm(x, weight, eps)
+    return kernels.rms_norm(x, weight, eps)
+
+
+def rope(x: mx.array, dims: int, traditional: bool, inv_freq: mx.array, scale: float, offset) -> mx.array | None:
+    """``mx.fast.rope`` with angles ``position * scale * inv_freq`` (``inv_freq`` float32, ``dims / 2``); None where
+    the kernels do not apply (a GPU, an offset per row): the caller runs ``mx.fast.rope``."""
+    kernels = _kernels()
+    if kernels is None or x.dtype != mx.float32 or not isinstance(offset, int) or x.ndim < 2:
+        return None
+    return kernels.rope(x, dims, traditional, inv_freq, scale, offset)
+
+
+ATTENTION_MAX_QUERIES = 8  # more queries (prefill) are BLAS's: MLX's graph runs them as matrix products
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: str | mx.array | None) -> mx.array:
+    """``mx.fast.scaled_dot_product_attention``; on the CPU, for a few queries (decoding), one op."""
+    kernels = _kernels()
+    if (kernels is None or q.ndim != 4 or q.shape[2] > ATTENTION_MAX_QUERIES or not (mask is None or mask == "causal")
+            or not (q.dtype == k.dtype == v.dtype == mx.float32)):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    return kernels.attention(q, k, v, scale, mask == "causal")
