@@ -8,6 +8,7 @@ import sys
 
 import typer
 
+from edge_llm.kernels import status
 from edge_llm.machine.backend import available_ram_bytes, blas_library, detect
 from edge_llm.machine.bandwidth import machine_bandwidth
 from edge_llm.machine.memory import human_bytes
@@ -31,6 +32,7 @@ def doctor(
         "bandwidth_bytes_per_s": machine_bandwidth(refresh=remeasure),
         "mlx_version": b.mlx_version,
         "blas": blas_library(),
+        "cpu_kernels": status(build_if_missing=False).detail,
         "python": sys.version.split()[0],
         "platform": platform.platform(),
     }

@@ -7,6 +7,7 @@ import json
 from typer.testing import CliRunner
 
 from cli.main import app
+from edge_llm.kernels import status
 from tests.backend import BACKEND
 
 
@@ -31,3 +32,5 @@ def test_doctor():
     facts = json.loads(result.stdout)
     assert facts["backend"] == BACKEND and facts["memory_bytes"] > 1e9
     assert facts["mlx_version"] and facts["blas"]
+    assert facts["cpu_kernels"] == status().detail and "\n" not in facts["cpu_kernels"]
+    assert f"cpu kernels: {facts['cpu_kernels']}" in CliRunner().invoke(app, ["doctor"]).stdout
