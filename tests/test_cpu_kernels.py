@@ -123,13 +123,10 @@ def test_non_contiguous_inputs_give_the_same_bits():
 
 # Which output dtype: MLX promotes x with the scales (bf16 x, f16 scales -> float32).
 DTYPE_PAIRS = [(x, s) for x in FLOATS for s in FLOATS]
-KNOWN_DTYPE_MISMATCH = pytest.mark.xfail(
-    strict=True, reason="issue 17: the kernel returns x's dtype; mx.quantized_matmul promotes x with the scales")
 
 
-@pytest.mark.parametrize("x_dtype,scale_dtype", [
-    pytest.param(x, s, marks=KNOWN_DTYPE_MISMATCH if x != s and x != mx.float32 else ())
-    for x, s in DTYPE_PAIRS], ids=[f"x-{x}-scales-{s}".replace("mlx.core.", "") for x, s in DTYPE_PAIRS])
+@pytest.mark.parametrize("x_dtype,scale_dtype", DTYPE_PAIRS,
+                         ids=[f"x-{x}-scales-{s}".replace("mlx.core.", "") for x, s in DTYPE_PAIRS])
 def test_output_dtype_is_mlxs(x_dtype, scale_dtype):
     w, s, b = quantized((37, 64), 4, 32, scale_dtype)
     x = normal((3, 64), seed=1, dtype=x_dtype)

@@ -97,10 +97,19 @@ def rope(x: mx.array, dims: int, traditional: bool, inv_freq: mx.array, scale: f
 ATTENTION_MAX_QUERIES = 8  # more queries (prefill) are BLAS's: MLX's graph runs them as matrix products
 
 
+def _attention_shapes_ok(q: mx.array, k: mx.array, v: mx.array, causal: bool) -> bool:
+    """q [B, Hq, L, D] with few queries, k [B, Hkv, T, D], v [B, Hkv, T, Dv], float32, Hkv dividing Hq."""
+    if not (q.ndim == k.ndim == v.ndim == 4 and q.dtype == k.dtype == v.dtype == mx.float32):
+        return False
+    (b, hq, queries, d), (bk, hkv, keys, dk) = q.shape, k.shape
+    return (queries <= ATTENTION_MAX_QUERIES and b == bk and d == dk and v.shape[:3] == k.shape[:3]
+            and hkv > 0 and hq % hkv == 0 and (not causal or keys >= queries))
+
+
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: str | mx.array | None) -> mx.array:
     """``mx.fast.scaled_dot_product_attention``; on the CPU, for a few queries (decoding), one op."""
     kernels = _kernels()
-    if (kernels is None or q.ndim != 4 or q.shape[2] > ATTENTION_MAX_QUERIES or not (mask is None or mask == "causal")
-            or not (q.dtype == k.dtype == v.dtype == mx.float32)):
+    if (kernels is None or not (mask is None or (isinstance(mask, str) and mask == "causal"))
+            or not _attention_shapes_ok(q, k, v, causal=mask is not None)):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     return kernels.attention(q, k, v, scale, mask == "causal")

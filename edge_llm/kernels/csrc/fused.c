@@ -62,9 +62,9 @@ typedef struct {
 static void attention_rows(void* arg, int64_t task) {
   const attention_job* job = (const attention_job*)arg;
   const el_attention_args* a = job->a;
-  const int64_t rows = a->B * a->Hq * a->L, group = a->Hq / a->Hkv, D = a->D;
+  const int64_t rows = a->B * a->Hq * a->L, group = a->Hq / a->Hkv, D = a->D, Dv = a->Dv;
   float* scores = malloc(sizeof(float) * a->T);
-  float* acc = malloc(sizeof(float) * D);
+  float* acc = malloc(sizeof(float) * Dv);
   if (!scores || !acc) {
     free(scores), free(acc);
     return;
@@ -85,22 +85,22 @@ static void attention_rows(void* arg, int64_t task) {
     }
     float total = 0.f;
     for (int64_t t = 0; t < visible; t++) total += scores[t] = expf(scores[t] - top);
-    for (int64_t i = 0; i < D; i++) acc[i] = 0.f;
+    for (int64_t i = 0; i < Dv; i++) acc[i] = 0.f;
     for (int64_t t = 0; t < visible; t++) {
       const float* vt = v + t * a->v_strides[2];
       const float p = scores[t];
-      for (int64_t i = 0; i < D; i++) acc[i] += p * vt[i];
+      for (int64_t i = 0; i < Dv; i++) acc[i] += p * vt[i];
     }
-    float* out = a->out + row * D;
+    float* out = a->out + row * Dv;
     const float inv = visible > 0 ? 1.f / total : 0.f;
-    for (int64_t i = 0; i < D; i++) out[i] = acc[i] * inv;
+    for (int64_t i = 0; i < Dv; i++) out[i] = acc[i] * inv;
   }
   free(scores), free(acc);
 }
 
 void el_attention(const el_attention_args* a) {
   const int64_t rows = a->B * a->Hq * a->L;
-  const int64_t work = a->T * a->D * 2; /* multiply-adds per row */
+  const int64_t work = a->T * (a->D + a->Dv); /* multiply-adds per row */
   int64_t per_task = (1 << 15) / (work > 0 ? work : 1);
   if (per_task < 1) per_task = 1;
   attention_job job = {a, per_task};

@@ -19,12 +19,13 @@ void el_rms_norm(const float* x, const void* w, int w_dtype, float* y, int64_t r
 void el_rope(const float* x, float* y, int64_t heads, int64_t L, int64_t D, int64_t dims, int traditional,
              const float* inv_freq, float scale, int64_t offset);
 
-/* Attention for q [B, Hq, L, D] (contiguous) over k, v [B, Hkv, T, D] given by strides (elements) of their
- * first three axes (the last is contiguous): out [B, Hq, L, D]. causal: query l sees keys t <= T - L + l. */
+/* Attention for q [B, Hq, L, D] (contiguous) over k [B, Hkv, T, D] and v [B, Hkv, T, Dv] given by strides
+ * (elements) of their first three axes (the last is contiguous): out [B, Hq, L, Dv]. causal: query l sees
+ * keys t <= T - L + l. */
 typedef struct {
   const float *q, *k, *v;
   float* out;
-  int64_t B, Hq, Hkv, L, T, D;
+  int64_t B, Hq, Hkv, L, T, D, Dv;
   int64_t k_strides[3], v_strides[3];
   float scale;
   int causal;

@@ -36,6 +36,7 @@ void CpuFused::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::ar
     const auto &q = inputs[0], &k = inputs[1];
     el_attention_args a{};
     a.B = q.shape(0), a.Hq = q.shape(1), a.L = q.shape(2), a.D = q.shape(3), a.Hkv = k.shape(1), a.T = k.shape(2);
+    a.Dv = inputs[2].shape(3);
     a.scale = p.a;
     a.causal = p.j != 0;
     a.out = y;
@@ -67,7 +68,9 @@ const char* CpuFused::name() const {
 }
 
 std::vector<mx::Shape> CpuFused::output_shapes(const std::vector<mx::array>& inputs) {
-  return {inputs[0].shape()};
+  auto shape = inputs[0].shape();
+  if (p_.kind == Attention) shape.back() = inputs[2].shape(-1);
+  return {shape};
 }
 
 static mx::Stream cpu_stream(mx::StreamOrDevice s) {
@@ -99,11 +102,14 @@ mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, 
   auto stream = cpu_stream(s);
   check(q.dtype() == mx::float32 && k.dtype() == mx::float32 && v.dtype() == mx::float32, "attention: float32");
   check(q.ndim() == 4 && k.ndim() == 4 && v.ndim() == 4, "attention: q, k, v must be [B, H, L, D]");
-  check(k.shape() == v.shape() && k.shape(0) == q.shape(0) && k.shape(3) == q.shape(3), "attention: shapes");
+  check(k.shape(0) == q.shape(0) && k.shape(3) == q.shape(3) && v.shape(0) == k.shape(0) && v.shape(1) == k.shape(1)
+            && v.shape(2) == k.shape(2), "attention: q [B, Hq, L, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv]");
   check(k.shape(1) > 0 && q.shape(1) % k.shape(1) == 0, "attention: heads must be a multiple of kv heads");
   check(!causal || k.shape(2) >= q.shape(2), "attention: causal needs as many keys as queries");
   CpuFused::Params p{CpuFused::Attention, scale, 0, 0, causal ? 1 : 0};
-  return mx::array(q.shape(), mx::float32, std::make_shared<CpuFused>(stream, p), {q, k, v});
+  auto shape = q.shape();
+  shape.back() = v.shape(3);
+  return mx::array(shape, mx::float32, std::make_shared<CpuFused>(stream, p), {q, k, v});
 }
 
 }  // namespace edge

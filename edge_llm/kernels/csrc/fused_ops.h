@@ -10,7 +10,8 @@ mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::S
 // mx.fast.rope for float32 x [..., L, D] at positions offset.. with per-pair angles inv_freq [dims / 2] (float32).
 mx::array rope(const mx::array& x, int dims, bool traditional, const mx::array& inv_freq, float scale, int offset,
                mx::StreamOrDevice s = {});
-// mx.fast.scaled_dot_product_attention for float32 q [B, Hq, L, D], k/v [B, Hkv, T, D]; no mask or causal.
+// mx.fast.scaled_dot_product_attention for float32 q [B, Hq, L, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv]; no
+// mask or causal.
 mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale, bool causal,
                     mx::StreamOrDevice s = {});
 

@@ -43,10 +43,10 @@ void CpuMatmul::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::a
   const size_t ids_at = bits_ ? (has_biases_ ? 4 : 3) : 2;
   const int64_t rows = x.size() / W.K;
   const int64_t rows_per_id = gathered_ ? rows / inputs[ids_at].size() : rows;
-  const int x_dtype = el_dtype_of(x.dtype());
+  const int x_dtype = el_dtype_of(x.dtype()), y_dtype = el_dtype_of(out.dtype());
   std::vector<Operand> operands(inputs.begin(), inputs.end());
 
-  encoder.dispatch([W, rows, rows_per_id, x_dtype, operands = std::move(operands), bits = bits_,
+  encoder.dispatch([W, rows, rows_per_id, x_dtype, y_dtype, operands = std::move(operands), bits = bits_,
                     has_biases = has_biases_, gathered = gathered_, ids_at, y_ptr = out.data<void>(),
                     n = out.size()]() mutable {
     const uint8_t* x_ptr = operands[0].bytes();
@@ -65,7 +65,7 @@ void CpuMatmul::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::a
       xf = xbuf.data();
     }
     float* yf = static_cast<float*>(y_ptr);
-    if (x_dtype != EL_F32) {
+    if (y_dtype != EL_F32) {
       ybuf.resize(n);
       yf = ybuf.data();
     }
@@ -73,8 +73,8 @@ void CpuMatmul::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::a
       // Only an expert id out of range gets here (the op checked everything else): NaN, never garbage.
       for (size_t i = 0; i < n; i++) yf[i] = __builtin_nanf("");
     }
-    if (x_dtype == EL_F16) from_float<mx::float16_t>(yf, y_ptr, n);
-    else if (x_dtype == EL_BF16) from_float<mx::bfloat16_t>(yf, y_ptr, n);
+    if (y_dtype == EL_F16) from_float<mx::float16_t>(yf, y_ptr, n);
+    else if (y_dtype == EL_BF16) from_float<mx::bfloat16_t>(yf, y_ptr, n);
   });
 }
 
@@ -129,7 +129,9 @@ mx::array matmul(const mx::array& x, const mx::array& w, const std::optional<mx:
   }
   auto shape = x.shape();
   shape.back() = w.shape(-2);
-  return mx::array(shape, x.dtype(),
+  // as MLX's ops: x promoted with the scales (quantized) or the weight (float)
+  const auto dtype = mx::promote_types(x.dtype(), bits ? scales->dtype() : w.dtype());
+  return mx::array(shape, dtype,
                    std::make_shared<CpuMatmul>(stream, bits, group_size, biases.has_value(), indices.has_value()),
                    std::move(inputs));
 }

@@ -8,7 +8,7 @@
  * fed directly, and a scalar tail for K % 32 values.
  */
 #include <string.h>
-#if defined(__AVX2__)
+#if defined(__AVX2__) || defined(__FMA__)
 #include <immintrin.h>
 #endif
 
@@ -37,6 +37,17 @@ INLINE vf load8(const float* p) {
 }
 
 INLINE vf splat(float s) { return (vf){s, s, s, s, s, s, s, s}; }
+
+/* a * b + c. Explicit, and the file is compiled with -ffp-contract=off: a compiler free to fuse multiplies
+ * and adds may fuse them differently in each inlined copy (one row or four), and a row's bits would then
+ * depend on its neighbours. */
+INLINE vf fma8(vf a, vf b, vf c) {
+#if defined(__FMA__)
+  return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+  return a * b + c;
+#endif
+}
 
 INLINE float hsum(vf v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
 
@@ -114,7 +125,7 @@ INLINE void unpack_block(const uint8_t* p, int bits, vf w[4]) {
 
 /* x offsets of the four weight vectors of a block: 4-bit x is evens then odds, so w[1] pairs with x+8 either way */
 INLINE vf block_dot(const vf w[4], const float* x) {
-  return (w[0] * load8(x) + w[2] * load8(x + 16)) + (w[1] * load8(x + 8) + w[3] * load8(x + 24));
+  return fma8(w[2], load8(x + 16), w[0] * load8(x)) + fma8(w[3], load8(x + 24), w[1] * load8(x + 8));
 }
 
 INLINE void quantized_block_rows(const el_job* job, int bits, int R, const uint8_t* wrow, const float* sf,
@@ -135,9 +146,9 @@ INLINE void quantized_block_rows(const el_job* job, int bits, int R, const uint8
       for (int i = 0; i < R; i++) {
         const float* x = job->x + (r + i) * K + (blk + half) * 32;
         if (half)
-          acc[i][1] += s * block_dot(w, x);
+          acc[i][1] = fma8(s, block_dot(w, x), acc[i][1]);
         else
-          acc[i][0] += s * block_dot(w, x);
+          acc[i][0] = fma8(s, block_dot(w, x), acc[i][0]);
       }
     }
   }
@@ -188,10 +199,10 @@ INLINE void float_block_rows(const el_job* job, int dtype, int R, const uint8_t*
     for (int j = 0; j < 4; j++) w[j] = load8_weights(wrow + (k + 8 * j) * size, dtype);
     for (int i = 0; i < R; i++) {
       const float* x = job->x + (r + i) * K + k;
-      acc[i][0] += w[0] * load8(x);
-      acc[i][1] += w[1] * load8(x + 8);
-      acc[i][0] += w[2] * load8(x + 16);
-      acc[i][1] += w[3] * load8(x + 24);
+      acc[i][0] = fma8(w[0], load8(x), acc[i][0]);
+      acc[i][1] = fma8(w[1], load8(x + 8), acc[i][1]);
+      acc[i][0] = fma8(w[2], load8(x + 16), acc[i][0]);
+      acc[i][1] = fma8(w[3], load8(x + 24), acc[i][1]);
     }
   }
   for (; k < K; k++) {
