@@ -27,7 +27,7 @@ from .hub.resolve import resolve_model
 from .machine.backend import Caster, dtype_policy
 from .models import build
 from .models.base import CausalLM
-from .models.layers import HalfLinear, QuantizedLinear
+from .models.layers import FloatLinear, QuantizedLinear
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -62,11 +62,10 @@ def quantize_modules(model: nn.Module, quantization: dict[str, Any], has_scales)
         model.update_modules(tree_unflatten(list(swap.items())))
 
 
-def use_half_linears(model: nn.Module) -> None:
-    """Linears holding half-precision weights become ``HalfLinear`` (same parameters): decoding multiplies
-    them through the CPU kernels instead of upcasting each weight to float32 for every product."""
-    swap = {name: HalfLinear.of(m) for name, m in model.named_modules()
-            if type(m) is nn.Linear and m["weight"].dtype in (mx.float16, mx.bfloat16)}
+def use_float_linears(model: nn.Module) -> None:
+    """Float linears become ``FloatLinear`` (same parameters): decoding multiplies them through the CPU kernels
+    (a half-precision weight is no longer upcast to float32 for every product)."""
+    swap = {name: FloatLinear.of(m) for name, m in model.named_modules() if type(m) is nn.Linear}
     if swap:
         model.update_modules(tree_unflatten(list(swap.items())))
 
@@ -122,7 +121,7 @@ def load_checkpoint(checkpoint: Checkpoint, dtype: str | None = None, expert_slo
         mx.eval(v)
     model.load_weights(list(weights.items()), strict=False)
     mx.eval(model.parameters())
-    use_half_linears(model)
+    use_float_linears(model)
     check_finite(checkpoint, model, skip=streamed)
     model.eval()
     return model

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from ..machine.bandwidth import state_dir
+from ..machine.state import state_dir
 
 SOURCES = Path(__file__).parent / "csrc"
 MODULE = "_edge_kernels"

@@ -21,15 +21,13 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from .. import kernels
 from .backend import detect
+from .state import state_dir
 
 MEASURE_BYTES = 512 * 1024 * 1024  # CPU: several times the caches
 GPU_MEASURE_BYTES = 4 * 1024 * 1024 * 1024  # a GPU reads 512 MiB in ~0.1 ms: too short to time well
 MAX_STORE_BYTES = 1 << 20  # a figure per device: a few hundred bytes
-
-
-def state_dir() -> Path:
-    return Path(os.environ.get("EDGE_LLM_HOME") or Path.home() / ".cache" / "edge-llm")
 
 
 def _store() -> Path:
@@ -42,15 +40,19 @@ def _device_key() -> str:
 
 
 def measure_bandwidth(nbytes: int | None = None, repeats: int = 5) -> float:
-    """Bytes per second read from ``nbytes`` of float32, the best of ``repeats`` of two probes: a full
-    reduction (MLX's own loop) and a matrix-vector product (BLAS, multi-threaded), which is how decoding
-    reads weights; on a shared machine each is sometimes slowed, so the best of both is the ceiling."""
+    """Bytes per second read from ``nbytes`` of float32, the best of ``repeats`` of three probes: a full
+    reduction (MLX's own loop), a matrix-vector product (BLAS, multi-threaded), which is how decoding
+    reads weights, and on the CPU the same product through edge-llm's kernels (all cores, the way decoding
+    reads them now; MLX's CPU loops are compute-bound well below the memory's pace). On a shared machine
+    each is sometimes slowed, so the best of them is the ceiling."""
     nbytes = nbytes or (MEASURE_BYTES if detect().name == "cpu" else GPU_MEASURE_BYTES)
     cols = 4096
     w = mx.ones((nbytes // 4 // cols, cols), dtype=mx.float32)  # [rows, cols]
     x = mx.ones((1, cols), dtype=mx.float32)
     mx.eval(w, x)
-    probes = (lambda: mx.sum(w), lambda: x @ w.T)
+    probes = [lambda: mx.sum(w), lambda: x @ w.T]
+    if kernels.float_matmul(x, w) is not None:
+        probes.append(lambda: kernels.float_matmul(x, w))
     best = float("inf")
     for probe in probes:
         mx.eval(probe())  # warm up

@@ -77,6 +77,17 @@ INLINE vf load8_weights(const void* p, int dtype) {
   return (vf)u;
 }
 
+/* n values of dtype at p -> floats, 8 at a time where they can be. */
+INLINE void convert_row(const void* p, int dtype, float* out, int64_t n) {
+  const int size = dtype == EL_F32 ? 4 : 2;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    vf v = load8_weights((const uint8_t*)p + i * size, dtype);
+    memcpy(out + i, &v, sizeof v);
+  }
+  for (; i < n; i++) out[i] = half_to_float(p, dtype, i);
+}
+
 /* The 32 weights of one block, unscaled (q), as four vectors matching x's layout for these bits. */
 INLINE void unpack_block(const uint8_t* p, int bits, vf w[4]) {
 #if defined(__AVX2__) /* GCC 12 scalarizes the byte shuffles of the portable form below */
@@ -154,9 +165,13 @@ INLINE void quantized_block_rows(const el_job* job, int bits, int R, const uint8
   }
   for (int i = 0; i < R; i++) {
     float bias = 0.f;
-    if (bf) {
+    if (bf) { /* sum over groups of bias * (sum of x over the group): 8 groups at a time, then the rest */
       const float* xs = job->xsum + (r + i) * ng;
-      for (int64_t g = 0; g < ng; g++) bias += bf[g] * xs[g];
+      vf b8 = splat(0.f);
+      int64_t g = 0;
+      for (; g + 8 <= ng; g += 8) b8 = fma8(load8(bf + g), load8(xs + g), b8);
+      bias = hsum(b8);
+      for (; g < ng; g++) bias += bf[g] * xs[g];
     }
     job->y[(r + i) * N + n] = hsum(acc[i][0] + acc[i][1]) + bias;
   }
@@ -172,10 +187,8 @@ INLINE void quantized_rows(const el_job* job, int bits, int64_t e, int64_t r0, i
   const uint8_t* bbase = W->biases ? (const uint8_t*)W->biases + (e * N) * ng * ssize : NULL;
   float sf[ng], bf[ng];
   for (int64_t n = n0; n < n1; n++) {
-    for (int64_t g = 0; g < ng; g++) {
-      sf[g] = half_to_float(sbase + n * ng * ssize, W->s_dtype, g);
-      bf[g] = bbase ? half_to_float(bbase + n * ng * ssize, W->s_dtype, g) : 0.f;
-    }
+    convert_row(sbase + n * ng * ssize, W->s_dtype, sf, ng);
+    if (bbase) convert_row(bbase + n * ng * ssize, W->s_dtype, bf, ng);
     const uint8_t* wrow = wbase + n * row_bytes;
     for (int64_t r = r0; r < r1; r += ROW_BLOCK) {
       switch (r1 - r >= ROW_BLOCK ? ROW_BLOCK : r1 - r) {
