@@ -12,6 +12,7 @@ import math
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from .. import kernels
 
@@ -104,6 +105,9 @@ class RoPE(nn.Module):
         elif self.rope_type == "yarn":
             inv_freq, self.value_scale = _yarn(dims, base, scaling, max_position_embeddings)
             self._freqs = 1.0 / inv_freq
+        if self._freqs is not None:
+            mx.eval(self._freqs)  # not a parameter, so loading never evaluates it; lazy, it would belong to this
+            # thread's stream, and a server thread evaluating it would fail
 
     def _dynamic_base(self, seq_len: int) -> float:
         # Dynamic NTK grows the base once the sequence passes the trained length (transformers'
@@ -130,9 +134,12 @@ class RoPE(nn.Module):
         base^(-2i/dims) as MLX computes them)."""
         key = (base, id(freqs))
         if self._inv_freq is None or self._inv_freq[0] != key:
-            inv = 1.0 / freqs if freqs is not None else mx.exp(
-                mx.arange(self.dims // 2, dtype=mx.float32) * (-math.log(base) / (self.dims // 2)))
-            self._inv_freq = (key, inv.astype(mx.float32))
+            # computed here, not left lazy: a lazy array belongs to the stream of the thread that made it, and
+            # a server thread that evaluated it later would fail ("There is no Stream(cpu, N) in current thread")
+            half = self.dims // 2
+            inv = (1.0 / np.asarray(freqs, dtype=np.float64) if freqs is not None
+                   else np.exp(np.arange(half, dtype=np.float64) * (-math.log(base) / half)))
+            self._inv_freq = (key, mx.array(inv.astype(np.float32)))
         out = kernels.rope(x, self.dims, self.traditional, self._inv_freq[1], scale, offset)
         if out is not None:
             return out
