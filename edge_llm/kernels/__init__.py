@@ -12,6 +12,7 @@ kernels run here, and why not when they do not (``edge-llm doctor`` prints it).
 
 from .extension import ENV, KernelStatus, status
 from .ops import (
+    active,
     attention,
     float_matmul,
     gather_float_matmul,
@@ -21,5 +22,5 @@ from .ops import (
     rope,
 )
 
-__all__ = ["ENV", "KernelStatus", "status", "quantized_matmul", "float_matmul", "gather_quantized_matmul",
+__all__ = ["ENV", "active", "KernelStatus", "status", "quantized_matmul", "float_matmul", "gather_quantized_matmul",
            "gather_float_matmul", "rms_norm", "rope", "attention"]

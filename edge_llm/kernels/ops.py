@@ -23,6 +23,11 @@ def _kernels():
     return extension.load()
 
 
+def active() -> bool:
+    """Whether the products below run edge-llm's kernels (the CPU is the device and they loaded)."""
+    return _kernels() is not None
+
+
 def _quantized_ok(x: mx.array, group_size: int, bits: int, mode: str) -> bool:
     return mode == "affine" and bits in BITS and group_size in GROUP_SIZES and x.dtype in FLOATS
 

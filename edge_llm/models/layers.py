@@ -102,10 +102,15 @@ def few_rows_float_matmul(x: mx.array, w: mx.array) -> mx.array | None:
 
 # From this many rows (prefill), a quantized linear dequantizes its weights and runs one float matmul:
 # MLX's CPU quantized matmul is a plain loop (344 ms for 512 x 576 x 1536 here) while dequantize + BLAS
-# takes 50 ms. Fewer rows go through the CPU kernels, which read the weights as stored and share each
-# unpacked block among 4 rows: SmolLM2 Q4_1 prefills 46 tokens at 181 tok/s that way against 93 by
-# dequantize + BLAS, and 200 tokens at about the same speed both ways (162 vs 161).
+# takes 50 ms. With the CPU kernels, fewer rows go through them instead: they read the weights as stored
+# and share each unpacked block among 4 rows, so SmolLM2 Q4_1 prefills 46 tokens at 181 tok/s that way
+# against 93 by dequantize + BLAS, and 200 tokens at about the same speed both ways (162 vs 161).
 DEQUANTIZE_MIN_ROWS = 64
+MLX_DEQUANTIZE_MIN_ROWS = 8  # without the kernels (a GPU, or switched off): MLX's own quantized matmul below
+
+
+def dequantize_min_rows() -> int:
+    return DEQUANTIZE_MIN_ROWS if kernels.active() else MLX_DEQUANTIZE_MIN_ROWS
 
 
 class QuantizedLinear(nn.QuantizedLinear):
@@ -119,7 +124,7 @@ class QuantizedLinear(nn.QuantizedLinear):
         return new
 
     def __call__(self, x: mx.array) -> mx.array:
-        if x.size // x.shape[-1] < DEQUANTIZE_MIN_ROWS or mx.default_device() != mx.cpu:
+        if x.size // x.shape[-1] < dequantize_min_rows() or mx.default_device() != mx.cpu:
             out = kernels.quantized_matmul(x, self["weight"], self["scales"], self.get("biases"), self.group_size,
                                            self.bits, self.mode)
             return out + self["bias"] if "bias" in self else out
