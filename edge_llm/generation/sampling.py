@@ -96,7 +96,16 @@ def sample(logits: mx.array, params: SamplingParams, key: mx.array | None = None
         return mx.argmax(logits, axis=-1)
     logprobs = logits / params.temperature
     logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
-    logprobs = apply_min_p(apply_top_p(apply_top_k(logprobs, params.top_k), params.top_p), params.min_p)
+    k = params.top_k
+    if 0 < k < logprobs.shape[-1]:
+        # Only the k likeliest tokens can survive top-k, so top-p's sort, min-p and the draw run on those k
+        # (found in one pass) instead of the whole vocabulary: sorting 49,152 logits twice took ~7 ms a token on
+        # the CPU, more than the rest of SmolLM2's decode step. (A tie at the k-th value keeps k, not all tied.)
+        ids = mx.argpartition(-logprobs, kth=k - 1, axis=-1)[..., :k]
+        likeliest = apply_min_p(apply_top_p(mx.take_along_axis(logprobs, ids, axis=-1), params.top_p), params.min_p)
+        choice = mx.random.categorical(likeliest, axis=-1, key=key)
+        return mx.take_along_axis(ids, choice[..., None], axis=-1)[..., 0]
+    logprobs = apply_min_p(apply_top_p(logprobs, params.top_p), params.min_p)
     return mx.random.categorical(logprobs, axis=-1, key=key)
 
 
