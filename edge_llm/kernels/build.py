@@ -35,7 +35,9 @@ C_FLAGS = ["-O3", "-std=gnu11", "-fPIC", "-ffp-contract=off", "-Wno-psabi", "-fv
 CXX_FLAGS = ["-O2", "-std=gnu++20", "-fPIC", "-fvisibility=hidden", "-fno-strict-aliasing", "-DNB_DOMAIN=mlx",
              "-DNB_COMPACT_ASSERTIONS", "-Wno-psabi"]
 # Row kernels once per instruction set; the best one the CPU has is picked at run time (csrc/matmul.c).
-ISA_VARIANTS = {"x86_64": {"avx2": ["-mavx2", "-mfma", "-mf16c"], "generic": []}, "aarch64": {"generic": []}}
+ISA_VARIANTS = {"x86_64": {"avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma", "-mf16c"],
+                          "avx2": ["-mavx2", "-mfma", "-mf16c"], "generic": []},
+                "aarch64": {"generic": []}}
 
 
 class BuildError(RuntimeError):

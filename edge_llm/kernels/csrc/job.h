@@ -17,6 +17,7 @@ typedef void (*el_rows_fn)(const el_job* job, int64_t e, int64_t r0, int64_t r1,
 void el_rows_generic(const el_job* job, int64_t e, int64_t r0, int64_t r1, int64_t n0, int64_t n1);
 #if defined(__x86_64__)
 void el_rows_avx2(const el_job* job, int64_t e, int64_t r0, int64_t r1, int64_t n0, int64_t n1);
+void el_rows_avx512(const el_job* job, int64_t e, int64_t r0, int64_t r1, int64_t n0, int64_t n1);
 #endif
 
 #endif

@@ -1,6 +1,6 @@
 /* el_matmul: checks the arguments, prepares x once per call, splits the product into tasks over runs of
  * rows sharing an expert and chunks of output rows, and runs them on the pool with the best row kernel
- * this CPU has (chosen once; EDGE_LLM_CPU_ISA=generic forces the portable one). */
+ * this CPU has (chosen once; EDGE_LLM_CPU_ISA=avx2 or generic forces a lesser one). */
 #include <stdlib.h>
 #include <string.h>
 
@@ -29,8 +29,14 @@ static void choose_isa(void) {
   chosen_name = "generic";
 #if defined(__x86_64__)
   __builtin_cpu_init();
-  if (!(force && strcmp(force, "generic") == 0) && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
-      && __builtin_cpu_supports("f16c")) {
+  const int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  const int avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+                     && __builtin_cpu_supports("avx512vl");
+  if (force && strcmp(force, "generic") == 0) return;
+  if (avx512 && !(force && strcmp(force, "avx2") == 0)) {
+    chosen = el_rows_avx512;
+    chosen_name = "avx512";
+  } else if (avx2) {
     chosen = el_rows_avx2;
     chosen_name = "avx2+fma+f16c";
   }
