@@ -69,6 +69,9 @@ def generate_tokens(
     """Yields up to ``max_tokens`` ids. The prompt must be non-empty; the cache is extended in place."""
     if not prompt:
         raise ValueError("generation needs at least one prompt token")
+    vocab = model.args.vocab_size
+    if not 0 <= min(prompt) <= max(prompt) < vocab:  # MLX's gather would read past the embedding table
+        raise ValueError(f"prompt token ids must be within the vocabulary (0 to {vocab - 1})")
     prefill(model, prompt[:-1], cache, prefill_chunk)
 
     def step(tokens: mx.array) -> mx.array:
