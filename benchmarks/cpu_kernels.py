@@ -22,24 +22,10 @@ from benchmarks.harness import alternate, machine_load, table, write_section
 from benchmarks.moe_bench import quantize_both, run_once, write_checkpoint
 
 OFF = {"EDGE_LLM_CPU_KERNELS": "0"}
-RETRIES = 2  # a run that crashes is run again, and counted: see ``crashes`` in the tables' notes
-crashes: dict[str, int] = {}
+
 METRICS = [("prompt_tps", "prefill tok/s", True), ("generation_tps", "decode tok/s", True),
            ("rss_gb", "peak RSS (GB)", True), ("mlx_peak_gb", "MLX peak memory (GB)", True)]
 TITLE = "CPU kernels on and off: MoE models (issue 17)"
-
-
-def measured(name: str, folder: Path, context: int, decode: int, env: dict[str, str] | None = None) -> dict:
-    """One fresh-process measurement; a crashed process (MLX 0.32.4 segfaults now and then in a 4-bit Qwen3-MoE
-    prefill, with or without these kernels) is counted and run again."""
-    for attempt in range(RETRIES + 1):
-        try:
-            return run_once("edge-llm", folder, context, decode, env=env)
-        except RuntimeError:
-            crashes[name] = crashes.get(name, 0) + 1
-            if attempt == RETRIES:
-                raise
-    raise AssertionError("unreachable")
 
 
 def folders(work: Path, cases: list[str], extra: list[str]) -> dict[str, Path]:
@@ -70,16 +56,14 @@ def main() -> None:
     for name, folder in folders(args.work, [c for c in args.cases.split(",") if c], args.folder).items():
         print(f"{name}: {folder}", flush=True)
         before = machine_load()
-        on, off = f"{name} on", f"{name} off"
         results = alternate({
-            "kernels on": lambda f=folder, n=on: measured(n, f, args.context, args.decode),
-            "kernels off (EDGE_LLM_CPU_KERNELS=0)": lambda f=folder, n=off: measured(n, f, args.context, args.decode,
-                                                                                      env=OFF),
+            "kernels on": lambda f=folder: run_once("edge-llm", f, args.context, args.decode),
+            "kernels off (EDGE_LLM_CPU_KERNELS=0)": lambda f=folder: run_once("edge-llm", f, args.context,
+                                                                               args.decode, env=OFF),
         }, args.rounds)
         body = (f"### {name}\n\n{table(results, METRICS)}\n\nFolder `{folder.name}`; a random {args.context}-token "
                 f"prompt, then {args.decode} greedy tokens; medians of {args.rounds} alternating fresh processes. "
-                f"Load average before: {before}, after: {machine_load()}. Crashed runs (run again): "
-                f"{crashes.get(on, 0)} on, {crashes.get(off, 0)} off.\n")
+                f"Load average before: {before}, after: {machine_load()}.\n")
         print(body, flush=True)
         sections.append(body)
     if args.write:
