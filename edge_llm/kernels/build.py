@@ -161,9 +161,13 @@ def build(force: bool = False, jobs: int | None = None) -> Path:
         _run(link)
         for obj in work.glob("*.o"):
             obj.unlink()
-        if target.exists():
+        if force and target.exists():
             shutil.rmtree(target)
-        os.replace(work, target)
+        try:
+            os.replace(work, target)
+        except OSError:  # another process finished the same build first: keep its library (it may be loaded)
+            if not library.exists():
+                raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return library
