@@ -13,6 +13,7 @@ Run ``python -m edge_llm.kernels`` to build now (``--force`` to rebuild, ``--str
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
@@ -92,6 +93,7 @@ def _compiler_version(compiler: str) -> str:
         return ""
 
 
+@functools.lru_cache(maxsize=4)  # `run` asks whether a build is needed, then loads: one hashing, one compiler query
 def build_key(tools: Toolchain) -> str:
     """Changes whenever the built library could differ: sources, MLX, nanobind, Python ABI, machine, compilers."""
     h = hashlib.sha256()

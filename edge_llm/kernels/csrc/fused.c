@@ -6,15 +6,7 @@
 #include <string.h>
 
 #include "kernels.h"
-
-static inline float load_float(const void* p, int dtype, int64_t i) {
-  if (dtype == EL_F32) return ((const float*)p)[i];
-  if (dtype == EL_F16) return (float)((const _Float16*)p)[i];
-  uint32_t u = (uint32_t)((const uint16_t*)p)[i] << 16;
-  float f;
-  memcpy(&f, &u, sizeof f);
-  return f;
-}
+#include "scalar.h"
 
 void el_rms_norm(const float* x, const void* w, int w_dtype, float* y, int64_t rows, int64_t D, float eps) {
   for (int64_t r = 0; r < rows; r++) {
@@ -23,7 +15,7 @@ void el_rms_norm(const float* x, const void* w, int w_dtype, float* y, int64_t r
     float ss = 0.f;
     for (int64_t i = 0; i < D; i++) ss += xr[i] * xr[i];
     const float norm = 1.f / sqrtf(ss / (float)D + eps);
-    for (int64_t i = 0; i < D; i++) yr[i] = xr[i] * norm * load_float(w, w_dtype, i);
+    for (int64_t i = 0; i < D; i++) yr[i] = xr[i] * norm * el_load_float(w, w_dtype, i);
   }
 }
 

@@ -13,6 +13,7 @@
 #endif
 
 #include "job.h"
+#include "scalar.h"
 
 #define CAT2(a, b) a##b
 #define CAT(a, b) CAT2(a, b)
@@ -54,15 +55,6 @@ INLINE float hsum(vf v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]
 /* through int32: a direct u8 -> float conversion is scalarized by GCC 12 */
 INLINE vf bytes_to_float(vb8 b) { return __builtin_convertvector(__builtin_convertvector(b, vi8), vf); }
 
-INLINE float half_to_float(const void* p, int dtype, int64_t i) {
-  if (dtype == EL_F32) return ((const float*)p)[i];
-  if (dtype == EL_F16) return (float)((const _Float16*)p)[i];
-  uint32_t u = (uint32_t)((const uint16_t*)p)[i] << 16;
-  float f;
-  memcpy(&f, &u, sizeof f);
-  return f;
-}
-
 /* 8 float weights of dtype at p -> floats. */
 INLINE vf load8_weights(const void* p, int dtype) {
   if (dtype == EL_F32) return load8((const float*)p);
@@ -85,7 +77,7 @@ INLINE void convert_row(const void* p, int dtype, float* out, int64_t n) {
     vf v = load8_weights((const uint8_t*)p + i * size, dtype);
     memcpy(out + i, &v, sizeof v);
   }
-  for (; i < n; i++) out[i] = half_to_float(p, dtype, i);
+  for (; i < n; i++) out[i] = el_load_float(p, dtype, i);
 }
 
 /* The 32 weights of one block, unscaled (q), as four vectors matching x's layout for these bits. */
@@ -267,7 +259,7 @@ INLINE void float_block_rows(const el_job* job, int dtype, int R, const uint8_t*
     }
   }
   for (; k < K; k++) {
-    const float wk = half_to_float(wrow, dtype, k);
+    const float wk = el_load_float(wrow, dtype, k);
     for (int i = 0; i < R; i++) tail[i] += wk * job->x[(r + i) * K + k];
   }
   for (int i = 0; i < R; i++) job->y[(r + i) * N + n] = hsum(acc[i][0] + acc[i][1]) + tail[i];
