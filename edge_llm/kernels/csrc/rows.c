@@ -4,8 +4,10 @@
  * Summation order, fixed for a row whatever else is computed with it: per 32-value block, two partial
  * products (values 0-7 and 16-23 of the block as loaded, then 8-15 and 24-31) added, times the group's
  * scale, into one of two accumulators by block parity; the accumulators' lanes summed at the end; then the
- * bias term, sum over groups of bias * (sum of x over the group). Float weights: the same two accumulators,
- * fed directly, and a scalar tail for K % 32 values.
+ * bias term, sum over groups of bias * (sum of x over the group). 4-bit weights on AVX-512 instead: each
+ * weight ``scale * q + bias`` as MLX's dequantize computes it, times x, into four accumulators (block parity x
+ * low/high nibbles). Float weights: the same two accumulators, fed directly, and a scalar tail for K % 32
+ * values.
  */
 #include <string.h>
 #if defined(__AVX2__) || defined(__FMA__) || defined(__AVX512F__)
@@ -207,8 +209,58 @@ INLINE void wide_block_rows(const el_job* job, int bits, int R, const uint8_t* w
   for (int i = 0; i < R; i++)
     job->y[(r + i) * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1])) + bias_term(job, bf, r + i, ng);
 }
+
+/* 4-bit blocks through a table: each group's 16 possible weights ``scale * q + bias`` (rounded as MLX's
+ * dequantize rounds them: a product, then a sum) sit in one vector, and a permute picks them by nibble
+ * (the permute reads an index's low 4 bits, so the low nibbles need no mask). That replaces a conversion, a
+ * multiply by the scale and the bias term per block, and makes a row 2 FMAs per 32 weights. Four
+ * accumulators per row (block parity x low/high nibbles) keep the FMA chains independent. */
+INLINE __m512 lut4(const float* sf, const float* bf, int64_t g) {
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 lut = _mm512_mul_ps(_mm512_set1_ps(sf[g]), iota);
+  return bf ? _mm512_add_ps(lut, _mm512_set1_ps(bf[g])) : lut;
+}
+
+/* One block into accumulators a and a + 1 of each row (a a compile-time constant once inlined). */
+INLINE void lut4_block(const el_job* job, int R, const uint8_t* wrow, __m512 lut, int64_t blk, int64_t r,
+                       __m512 acc[ROW_BLOCK][4], const int a) {
+  const int64_t K = job->W->K;
+  const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(wrow + blk * 16)));
+  const __m512 w0 = _mm512_permutexvar_ps(q, lut), w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), lut);
+  for (int i = 0; i < R; i++) {
+    const float* x = job->x + (r + i) * K + blk * 32;
+    acc[i][a] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x), acc[i][a]);
+    acc[i][a + 1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + 16), acc[i][a + 1]);
+  }
+}
+
+INLINE void lut4_block_rows(const el_job* job, int R, const uint8_t* wrow, const float* sf, const float* bf,
+                            int64_t r, int64_t n) {
+  const el_weights* W = job->W;
+  const int64_t K = W->K, N = W->N, blocks = K / 32;
+  const int gshift = W->group_size == 32 ? 0 : W->group_size == 64 ? 1 : 2; /* blocks per group: 1, 2, 4 */
+  const int64_t gmask = (1 << gshift) - 1;
+  __m512 acc[ROW_BLOCK][4];
+  for (int i = 0; i < R; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = _mm512_setzero_ps();
+  __m512 lut = _mm512_setzero_ps();
+  int64_t blk = 0;
+  for (; blk + 2 <= blocks; blk += 2) {
+    if ((blk & gmask) == 0) lut = lut4(sf, bf, blk >> gshift);
+    lut4_block(job, R, wrow, lut, blk, r, acc, 0);
+    if (((blk + 1) & gmask) == 0) lut = lut4(sf, bf, (blk + 1) >> gshift);
+    lut4_block(job, R, wrow, lut, blk + 1, r, acc, 2);
+  }
+  if (blk < blocks) {
+    if ((blk & gmask) == 0) lut = lut4(sf, bf, blk >> gshift);
+    lut4_block(job, R, wrow, lut, blk, r, acc, 0);
+  }
+  for (int i = 0; i < R; i++)
+    job->y[(r + i) * N + n] =
+        _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]), _mm512_add_ps(acc[i][2], acc[i][3])));
+}
 #define WIDE(bits) ((bits) == 4 || (bits) == 8)
 #else
+#define lut4_block_rows(job, R, wrow, sf, bf, r, n) quantized_block_rows(job, 4, R, wrow, sf, bf, r, n)
 #define wide_block_rows quantized_block_rows
 #define WIDE(bits) 0
 #endif
@@ -229,7 +281,9 @@ INLINE void quantized_rows(const el_job* job, int bits, int64_t e, int64_t r0, i
     const float* b = bbase ? bf : NULL;
     for (int64_t r = r0; r < r1; r += ROW_BLOCK) {
 #define BLOCK_ROWS(R) \
-  (WIDE(bits) ? wide_block_rows(job, bits, R, wrow, sf, b, r, n) : quantized_block_rows(job, bits, R, wrow, sf, b, r, n))
+  (bits == 4 && WIDE(4) ? lut4_block_rows(job, R, wrow, sf, b, r, n) \
+   : WIDE(bits)        ? wide_block_rows(job, bits, R, wrow, sf, b, r, n) \
+                       : quantized_block_rows(job, bits, R, wrow, sf, b, r, n))
       switch (r1 - r >= ROW_BLOCK ? ROW_BLOCK : r1 - r) {
         case 4: BLOCK_ROWS(4); break;
         case 3: BLOCK_ROWS(3); break;
