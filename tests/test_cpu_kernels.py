@@ -250,6 +250,23 @@ def test_threads_do_not_change_the_bits_and_the_portable_kernels_agree(tmp_path)
             assert_close(mx.array(got[name]), reference, f"{isa} {name}")
 
 
+def test_thread_and_isa_settings_outside_their_range_are_noted(monkeypatch):
+    module = extension.load()
+    before = module.threads()
+    try:
+        for value, note in (("abc", "ignored"), ("0", "ignored"), ("100000", "capped at the")):
+            monkeypatch.setenv(extension.THREADS_ENV, value)
+            notes = extension.configure(module)
+            assert module.threads() == extension.usable_cores(), value
+            assert len(notes) == 1 and note in notes[0] and value in notes[0], notes
+        monkeypatch.setenv(extension.THREADS_ENV, "1")
+        monkeypatch.setenv(extension.ISA_ENV, "bogus")
+        notes = extension.configure(module)
+        assert module.threads() == 1 and len(notes) == 1 and "'bogus' ignored" in notes[0], notes
+    finally:
+        module.set_threads(before)
+
+
 # --- d. inside mx.compile ---------------------------------------------------------------------------------------
 
 def test_compiled_function_gives_the_same_result():

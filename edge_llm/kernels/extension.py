@@ -21,6 +21,9 @@ from .build import MODULE, BuildError, build, build_key, built_library, cache_ro
 log = logging.getLogger(__name__)
 
 ENV = "EDGE_LLM_CPU_KERNELS"  # "0": never use them; unset or "1": use them on the CPU
+THREADS_ENV = "EDGE_LLM_CPU_THREADS"  # threads for the products (default and most: the cores this process may use)
+ISA_ENV = "EDGE_LLM_CPU_ISA"  # "avx2" or "generic": a lesser instruction set than the CPU's best (read in C)
+ISAS = ("avx512", "avx2", "generic", "neon")
 TOLERANCE = 1e-4  # relative to the largest output: summation order only
 
 
@@ -71,6 +74,33 @@ def self_test(module: ModuleType) -> str | None:
     return None
 
 
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def configure(module: ModuleType) -> list[str]:
+    """Sets the kernels' threads from the environment, within the cores this process may use (more threads than
+    cores only take turns spinning). Returns a note for each setting that was not taken as given."""
+    notes, cores = [], usable_cores()
+    wanted = os.environ.get(THREADS_ENV, "").strip()
+    threads = cores
+    if wanted:
+        if not wanted.isdigit() or int(wanted) < 1:
+            notes.append(f"{THREADS_ENV}={wanted!r} ignored (want a whole number from 1)")
+        elif int(wanted) > cores:
+            notes.append(f"{THREADS_ENV}={wanted} capped at the {cores} cores this process may use")
+        else:
+            threads = int(wanted)
+    module.set_threads(threads)
+    isa = os.environ.get(ISA_ENV, "").strip()
+    if isa and isa not in ISAS:
+        notes.append(f"{ISA_ENV}={isa!r} ignored (one of {', '.join(ISAS[1:3])})")
+    return notes
+
+
 def _load(build_if_missing: bool) -> tuple[ModuleType | None, KernelStatus]:
     if switched_off():
         return None, KernelStatus(False, f"switched off ({ENV}=0): MLX's own CPU kernels")
@@ -84,13 +114,16 @@ def _load(build_if_missing: bool) -> tuple[ModuleType | None, KernelStatus]:
         return None, KernelStatus(False, "not built yet (python -m edge_llm.kernels); MLX's own CPU kernels run")
     try:
         module = _import(path)
+        notes = configure(module)
         with mx.stream(mx.cpu):
             problem = self_test(module)
     except Exception as e:  # an extension built against another MLX fails in many ways; none may stop a run
         return None, KernelStatus(False, f"unusable ({type(e).__name__}: {e}); MLX's own CPU kernels run")
     if problem:
         return None, KernelStatus(False, f"disabled: {problem}; MLX's own CPU kernels run")
-    return module, KernelStatus(True, f"edge-llm CPU kernels ({module.isa()}, {module.threads()} threads)")
+    threads = module.threads()
+    detail = f"edge-llm CPU kernels ({module.isa()}, {threads} thread{'s' if threads > 1 else ''})"
+    return module, KernelStatus(True, "; ".join([detail, *notes]))
 
 
 def load(build_if_missing: bool = True) -> ModuleType | None:
