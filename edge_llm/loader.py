@@ -92,16 +92,22 @@ def check_weights(checkpoint: Checkpoint, model: nn.Module, weights: dict[str, m
 
 
 def load_checkpoint(checkpoint: Checkpoint, dtype: str | None = None, expert_slots: int | None = None,
-                    expert_policy: str = DEFAULT_POLICY) -> CausalLM:
+                    expert_policy: str = DEFAULT_POLICY, shard=None) -> CausalLM:
     """The model ready to run. ``expert_slots``: stream the routed experts of every MoE layer from the files
     through a bank of that many slots per layer (``edge_llm.experts``) instead of loading them; ``expert_policy``
-    picks which expert leaves the bank for a miss (``experts.bank.POLICIES``)."""
+    picks which expert leaves the bank for a miss (``experts.bank.POLICIES``). ``shard``
+    (``distributed.load.ShardHooks``): only one rank's share of the model, the rest never read."""
     model = build_model(checkpoint)
     skip = is_routed_expert if expert_slots else None
+    if shard is not None:
+        shard.prune(model)
+        skip = shard.skip
     try:
         with recording() as provenance:
             # FP8 checkpoints (DeepSeek-V3 format) are dequantized before the model sees them
             weights = model.sanitize(dequantize_fp8(checkpoint.load_weights(skip), checkpoint))
+            if shard is not None:
+                weights = shard.select(weights)
         if checkpoint.quantization:
             quantize_modules(model, checkpoint.quantization, lambda p: f"{p}.scales" in weights)
     except ValueError as e:  # tensors that do not fit the config's shapes, settings MLX cannot quantize with
