@@ -21,7 +21,7 @@ from .common import (
     parse_prompt_lengths,
     user_errors,
 )
-from .model_loading import prepare_cpu_kernels
+from .model_loading import follow_if_follower, launched, prepare_cpu_kernels, shard_option
 
 
 @user_errors
@@ -42,12 +42,15 @@ def bench(
     expert_policy: str = expert_policy_option(),
     force: bool = typer.Option(False, "--force", help="Load even if the memory estimate says it won't fit."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    shard: str = shard_option(),
 ) -> None:
     """Measure load time, time to first token, prefill and decode tok/s, peak memory and bandwidth use."""
     lengths = parse_prompt_lengths(prompt_lengths)
     model, name = model_or_default(model)
+    if follow_if_follower(model, shard, dtype):
+        return
     slots = None
-    if not force:  # as `run` does: refuse what cannot fit, stream a MoE's experts when only that fits
+    if not force and not launched():  # as `run` does: refuse what cannot fit, stream a MoE's experts when only it fits
         plan = check_fits(model, context=context, kv_bits=kv_bits, max_memory=max_memory)
         slots = plan.expert_slots
         if slots or max_memory is not None:
@@ -55,7 +58,7 @@ def bench(
     prepare_cpu_kernels()  # not timed as part of loading
     with err.status(f"benchmarking {name}", spinner="dots"):
         r = run_bench(model, lengths, decode_tokens, dtype, context=context, kv_bits=kv_bits, expert_slots=slots,
-                      expert_policy=expert_policy)
+                      expert_policy=expert_policy, shard=shard if launched() else None)
     if as_json:
         print(json.dumps(r.to_dict()))
         return

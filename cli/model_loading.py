@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 
+import typer
+
+from edge_llm.distributed import launched
 from edge_llm.kernels import extension as cpu_kernels
 from edge_llm.loader import load
 from quant.fit import check_fits
@@ -35,8 +38,36 @@ def prepare_cpu_kernels() -> None:
             cpu_kernels.load()
 
 
-def load_with_status(model: str, name: str, *, dtype: str | None, expert_slots: int | None, expert_policy: str):
-    """(model, tokenizer), with a spinner on a terminal; the CPU kernels built first if needed."""
+def shard_option():
+    return typer.Option("auto", "--shard", metavar="MODE",
+                        help="Under mlx.launch: how the ranks split the model: pipeline (layer ranges), experts "
+                             "(each MoE layer's experts) or auto (experts for a MoE, else pipeline).")
+
+
+def follow_if_follower(model: str, shard: str, dtype: str | None) -> bool:
+    """Under ``mlx.launch``: joins the ranks; on every rank but 0 loads its share and runs what rank 0 commands
+    until it stops, then True (the command ends, having printed nothing). False on rank 0 and alone."""
+    if not launched():
+        return False
+    from edge_llm.distributed.group import join
+    from edge_llm.distributed.load import load_share
+
+    if join().rank == 0:
+        return False
     prepare_cpu_kernels()
+    load_share(model, shard, dtype)
+    return True
+
+
+def load_with_status(model: str, name: str, *, dtype: str | None, expert_slots: int | None, expert_policy: str,
+                     shard: str = "auto"):
+    """(model, tokenizer), with a spinner on a terminal; the CPU kernels built first if needed. Under
+    ``mlx.launch``, rank 0's share and the sharded model (``edge_llm.distributed``)."""
+    prepare_cpu_kernels()
+    if launched():
+        from edge_llm.distributed.load import load_share
+
+        with err.status(f"loading {name} ({shard} shards)", spinner="dots") if err.is_terminal else nullcontext():
+            return load_share(model, shard, dtype)
     with err.status(f"loading {name}", spinner="dots") if err.is_terminal else nullcontext():
         return load(model, dtype=dtype, expert_slots=expert_slots, expert_policy=expert_policy)

@@ -27,7 +27,7 @@ from .common import (
     parse_dtype,
     user_errors,
 )
-from .model_loading import expert_slots_that_fit, load_with_status
+from .model_loading import expert_slots_that_fit, follow_if_follower, launched, load_with_status, shard_option
 from .prompt_input import one_shot_prompt
 from .repl import ChatState, repl, sigint_sets, stats_line
 
@@ -72,22 +72,27 @@ def run(
                                             "on the CPU; 4 bits costs small models accuracy)."),
     max_memory: int | None = max_memory_option(),
     expert_policy: str = expert_policy_option(),
+    shard: str = shard_option(),
 ) -> None:
     """Chat with MODEL (default: the embedded SmolLM2); with --prompt or piped stdin, answer once and exit."""
     model, name = model_or_default(model)
-    one_shot = prompt is not None or not sys.stdin.isatty()
+    if follow_if_follower(model, shard, dtype):
+        return
+    piped = not sys.stdin.isatty() and not launched()  # mlx.launch pipes stdin to every rank and never closes it
+    one_shot = prompt is not None or piped
     if as_json and not one_shot:
         raise typer.BadParameter("--json prints one answer: give --prompt TEXT or pipe the question in",
                                  param_hint="--json")
     if one_shot:
-        prompt = one_shot_prompt(prompt, None if sys.stdin.isatty() else sys.stdin.buffer)
-    expert_slots = expert_slots_that_fit(model, context=context, kv_bits=kv_bits, max_memory=max_memory, force=force)
+        prompt = one_shot_prompt(prompt, sys.stdin.buffer if piped else None)
+    expert_slots = None if launched() else expert_slots_that_fit(model, context=context, kv_bits=kv_bits,
+                                                                 max_memory=max_memory, force=force)
     checkpoint = open_checkpoint(resolve_model(model))
     settings = model_settings(checkpoint).override(
         temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty,
     )
     loaded_model, tokenizer = load_with_status(model, name, dtype=dtype, expert_slots=expert_slots,
-                                               expert_policy=expert_policy)
+                                               expert_policy=expert_policy, shard=shard)
     session = ChatSession(loaded_model, tokenizer, params=settings.params(seed), max_tokens=max_tokens, system=system,
                           context=context, kv_bits=kv_bits)
     if not one_shot:

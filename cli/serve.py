@@ -23,7 +23,7 @@ from .common import (
     parse_memory_size,
     user_errors,
 )
-from .model_loading import expert_slots_that_fit, load_with_status
+from .model_loading import expert_slots_that_fit, follow_if_follower, launched, load_with_status, shard_option
 from .signals import stop_signals_interrupt
 
 API_KEY_ENV = "EDGE_LLM_API_KEY"
@@ -67,6 +67,7 @@ def serve(
                                        help="Keep the KV caches quantized to 8 or 4 bits."),
     max_memory: int | None = max_memory_option(),
     expert_policy: str = expert_policy_option(),
+    shard: str = shard_option(),
 ) -> None:
     """Serve MODEL (default: the embedded SmolLM2) over OpenAI's HTTP API: /v1/chat/completions,
     /v1/completions, /v1/models, /health. Concurrent requests are decoded together."""
@@ -75,6 +76,8 @@ def serve(
     from edge_llm.serving.server import bind, run_server
 
     ref, name = model_or_default(model)
+    if follow_if_follower(ref, shard, dtype):  # under mlx.launch only rank 0 listens
+        return
     if not is_loopback(host):
         err.print(f"warning: listening on {host} lets other machines use this server"
                   + ("" if api_key else "; anyone who can reach it may (pass --api-key)"), style="yellow")
@@ -82,10 +85,11 @@ def serve(
         sock = bind(host, port)  # before loading: a taken port is said at once
     except OSError as e:
         raise fail(f"cannot listen on {host}:{port}: {e.strerror or e}; pick another --port or --host") from None
-    expert_slots = expert_slots_that_fit(ref, context=context, kv_bits=kv_bits, max_memory=max_memory, force=force)
+    expert_slots = None if launched() else expert_slots_that_fit(ref, context=context, kv_bits=kv_bits,
+                                                                 max_memory=max_memory, force=force)
     settings = model_settings(open_checkpoint(resolve_model(ref)))
     loaded, tokenizer = load_with_status(ref, name, dtype=dtype, expert_slots=expert_slots,
-                                         expert_policy=expert_policy)
+                                         expert_policy=expert_policy, shard=shard)
     served_id = name.removesuffix(" (default model)") if model is None else model
     served = ServedModel(id=served_id, aliases=frozenset({ref, Path(ref).name, Path(ref).stem}), settings=settings,
                          context=context_window(loaded.context_length, context), default_max_tokens=max_tokens)

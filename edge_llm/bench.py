@@ -96,14 +96,21 @@ def time_prefill(model: CausalLM, tokens: list[int], kv_bits: int | None = None)
 
 def run_bench(ref: str | Path, prompt_lengths: tuple[int, ...] = PROMPT_LENGTHS, decode_tokens: int = 64,
               dtype: str | None = None, context: int | None = None, kv_bits: int | None = None,
-              expert_slots: int | None = None, expert_policy: str = DEFAULT_POLICY) -> BenchResult:
+              expert_slots: int | None = None, expert_policy: str = DEFAULT_POLICY,
+              shard: str | None = None) -> BenchResult:
     """``context`` bounds the prompt lengths as ``run --context`` bounds a chat; ``kv_bits`` quantizes the cache;
-    ``expert_slots`` streams a MoE's experts through banks of that many slots (``quant.fit`` sizes them)."""
+    ``expert_slots`` streams a MoE's experts through banks of that many slots (``quant.fit`` sizes them);
+    ``shard``: under ``mlx.launch`` (rank 0), the mode the ranks split the model in."""
     check_kv_bits(kv_bits)
     reset_peak_memory()
     start = time.perf_counter()
     checkpoint = open_checkpoint(resolve_model(ref))
-    model = load_checkpoint(checkpoint, dtype, expert_slots, expert_policy)
+    if shard is not None:
+        from .distributed.load import load_checkpoint_share
+
+        model = load_checkpoint_share(checkpoint, shard, dtype)
+    else:
+        model = load_checkpoint(checkpoint, dtype, expert_slots, expert_policy)
     load_s = time.perf_counter() - start
     vocab = model.args.vocab_size
     model_limit = model.context_length

@@ -98,9 +98,19 @@ def plan_for(checkpoint, mode: str, group: Group) -> ShardPlan:
 
 def load_share(ref: str, mode: str, dtype: str | None):
     """Rank 0: (ShardedLM, tokenizer). Other ranks: follow rank 0, then None."""
+    checkpoint = open_checkpoint(resolve_model(ref))
+    sharded = load_checkpoint_share(checkpoint, mode, dtype)
+    if sharded is None:
+        return None
+    tokenizer = checkpoint.tokenizer()
+    check_vocabulary(checkpoint, tokenizer)
+    return sharded, tokenizer
+
+
+def load_checkpoint_share(checkpoint, mode: str, dtype: str | None) -> ShardedLM | None:
+    """Rank 0: its ``ShardedLM``. Other ranks: load their share, follow rank 0 until it stops, then None."""
     group = join()
     assert group is not None
-    checkpoint = open_checkpoint(resolve_model(ref))
     plan = plan_for(checkpoint, mode, group)
     model = load_checkpoint(checkpoint, dtype, shard=ShardHooks(plan, group))
     collective(mx.distributed.all_sum, mx.array([1]), group=group.mlx)  # every rank loaded its share
@@ -109,11 +119,9 @@ def load_share(ref: str, mode: str, dtype: str | None):
         Follower(shard).run()
         current_watchdog().leave()
         return None
-    tokenizer = checkpoint.tokenizer()
-    check_vocabulary(checkpoint, tokenizer)
     sharded = ShardedLM(shard)
     atexit.register(_close, sharded)
-    return sharded, tokenizer
+    return sharded
 
 
 def _close(sharded: ShardedLM) -> None:
