@@ -38,6 +38,7 @@ from edge_llm.loader import build_model
 from edge_llm.machine.backend import DTYPE_NAMES
 from edge_llm.models.base import CausalLM
 
+from .calibrate import Calibration, convert_calibrated, read_text
 from .convert import convert_tensor
 from .destination import QuantizeError, check_destination, check_space, disk_error
 from .plan import MX_NAMES, ST_DTYPES, Plan, PlannedTensor, plan_quantized, quantizable_paths, source_dtype_of
@@ -91,6 +92,7 @@ class QuantizeResult:
     seconds: float
     peak_memory_bytes: int  # MLX's peak allocation during the conversion
     skipped_files: tuple[str, ...] = ()  # side files not copied: links to outside the source folder
+    calibration: Calibration | None = None  # what ``--calibrate`` did
 
     @property
     def bits_per_weight(self) -> float:
@@ -156,7 +158,7 @@ def _float_weights(checkpoint: Checkpoint, float_dtype: str) -> tuple[dict[str, 
     return weights, packed
 
 
-def output_config(raw: dict[str, Any], plan: Plan) -> dict[str, Any]:
+def output_config(raw: dict[str, Any], plan: Plan, calibration: dict[str, Any] | None = None) -> dict[str, Any]:
     """The source config with the quantization block, the output dtype and old-style rope keys
     (mlx-lm 0.32 reads only ``rope_theta``/``rope_scaling``; transformers 5 wrote ``rope_parameters``)."""
     config = dict(raw)
@@ -173,6 +175,8 @@ def output_config(raw: dict[str, Any], plan: Plan) -> dict[str, Any]:
     if plan.quantization:
         config["quantization"] = dict(plan.quantization)
         config["quantization_config"] = dict(plan.quantization)
+    if calibration:  # beside the block, not in it: readers take every object there for a module's settings
+        config["quantization_calibration"] = calibration
     return config
 
 
@@ -194,6 +198,7 @@ class Conversion:
     outputs: dict[str, list[PlannedTensor]]  # by parameter
     shards: list[list[PlannedTensor]]
     side: SideFiles
+    calibration: dict[str, Any] | None = None  # recorded in config.json (``output_config``)
 
     @property
     def tensors(self) -> int:
@@ -268,7 +273,7 @@ def finalize(conversion: Conversion, folder: Path, writer: ShardWriter) -> None:
         conversion.side.write(folder)  # a GGUF's are rebuilt from its metadata
     except TokenizerError as e:  # a weights-only GGUF: the output has no tokenizer either
         log.warning("%s", e)
-    config = output_config(conversion.source.hf_config(), conversion.plan)
+    config = output_config(conversion.source.hf_config(), conversion.plan, conversion.calibration)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for name in writer.names:
         read_safetensors_header(folder / name)
@@ -277,22 +282,32 @@ def finalize(conversion: Conversion, folder: Path, writer: ShardWriter) -> None:
 def quantize(source: str | Path, out: str | Path, bits: int | None = None, group_size: int | None = None,
              dtype: str | None = None, recipe: str | None = None, force: bool = False,
              progress: Progress | None = None, max_shard_bytes: int | None = None,
-             announce: Callable[[QuantizeJob], None] | None = None) -> QuantizeResult:
+             announce: Callable[[QuantizeJob], None] | None = None,
+             calibrate: bool | str | Path | None = None) -> QuantizeResult:
     """Converts the checkpoint ``source`` into ``out``: ``bits`` 2..8 (MLX affine) or 16 (float16/bfloat16);
     by default 4-bit at group 64, or for a quantized GGUF its own quantization (``_recipe``).
 
     ``out`` appears complete or not at all. Raises CheckpointError for unreadable or already quantized
     input, QuantizeError for an existing ``out`` (unless ``force``) or a full destination. ``announce`` hears
-    what will be done once it is planned and checked, before anything is written.
+    what will be done once it is planned and checked, before anything is written. ``calibrate`` (True: the
+    built-in text, or a text file's path) rounds with GPTQ on the model's activations (``quant.calibrate``).
     """
     started = time.perf_counter()
+    text = read_text(None if calibrate is True else calibrate) if calibrate else None
     conversion = plan_conversion(source, out, bits, group_size, dtype, recipe, force, max_shard_bytes)
+    if text is not None and not conversion.plan.quantization:
+        raise QuantizeError("--calibrate needs a quantized output (--bits 2..8), not a float conversion")
+    calibration = None
     if announce is not None:
         announce(conversion.job())
     mx.reset_peak_memory()
     try:
         with AtomicFolder(conversion.out, force) as tmp:
-            writer = convert(conversion, tmp, progress or _NoProgress())
+            if text is None:
+                writer = convert(conversion, tmp, progress or _NoProgress())
+            else:
+                writer, calibration = convert_calibrated(conversion, tmp, progress or _NoProgress(), text)
+                conversion.calibration = calibration.as_config()
             finalize(conversion, tmp, writer)
     except OSError as e:
         raise disk_error(conversion.out, e) from None
@@ -301,5 +316,5 @@ def quantize(source: str | Path, out: str | Path, bits: int | None = None, group
         source_bytes=conversion.source_bytes, output_bytes=conversion.plan.nbytes,
         params=conversion.plan.params_total, tensors=conversion.tensors, shards=len(conversion.shards),
         seconds=time.perf_counter() - started, peak_memory_bytes=int(mx.get_peak_memory()),
-        skipped_files=tuple(name for name, _ in conversion.side.skipped),
+        skipped_files=tuple(name for name, _ in conversion.side.skipped), calibration=calibration,
     )
