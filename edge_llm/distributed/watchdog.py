@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import os
 import select
+import signal
 import socket
 import struct
 import sys
@@ -112,6 +113,20 @@ class Watchdog:
     def _relayed(self, failed: bytes) -> None:
         os._exit(1)  # rank 0 has said which rank failed; one line is enough
 
+    def check_now(self, wait: float) -> None:
+        """Ends this process with the fault line if a peer's connection is closed within ``wait`` seconds."""
+        deadline = time.monotonic() + wait
+        while self.peers and time.monotonic() < deadline:
+            ready, _, _ = select.select(list(self.peers.values()), [], [], 0.05)
+            for sock in ready:
+                rank = next((r for r, s in self.peers.items() if s is sock), None)
+                try:
+                    data = sock.recv(4096)  # beats are read past; a closed connection reads empty
+                except OSError:
+                    data = b""
+                if rank is not None and not data and rank not in self.leaving and not self.closing:
+                    self.fault(rank, "its connection closed")
+
     def leave(self) -> None:
         """An orderly exit: the peers will not count this process's closing connection as a fault."""
         self.closing = True
@@ -191,9 +206,20 @@ def start_watchdog(launch: Launch, join_timeout: float, peer_timeout: float) -> 
     _watchdog = Watchdog(launch, peers, peer_timeout)
     _watchdog.thread.start()
     _filter_ring_noise()
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminated)
     if launch.rank == 0:  # rank 0 says its own errors; the others leave in order only when told to stop
         atexit.register(_watchdog.leave)
     return _watchdog
+
+
+def _terminated(signum: int, _frame: object) -> None:
+    """``mlx.launch`` ends the other ranks with SIGTERM as soon as one exits with an error, which can beat the
+    watchdog to it: the fault line is said first if a peer is gone. Otherwise SIGTERM stops the command as
+    Ctrl-C does (rank 0 then tells the others to stop)."""
+    if _watchdog is not None:
+        _watchdog.check_now(1.0)
+    raise KeyboardInterrupt
 
 
 def current_watchdog() -> Watchdog:
