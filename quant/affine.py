@@ -25,6 +25,8 @@ import functools
 
 import mlx.core as mx
 
+from . import affine_native
+
 CLIP_GRID = (0.0, 0.04, 0.08, 0.12, 0.16, 0.2)
 REFINE_STEPS = 3
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
@@ -138,19 +140,15 @@ def _quantize_rows(w: mx.array, group_size: int, bits: int, dtype: mx.Dtype) -> 
     return packed, scales, biases
 
 
-def quantize(w: mx.array, group_size: int, bits: int, dtype: mx.Dtype) -> tuple[mx.array, mx.array, mx.array]:
-    """Error-minimising affine quantization of ``w [..., in]``: (packed uint32, scales, biases).
+class NonFinite(ValueError):
+    """``quantize`` met NaN or infinite weights, or scales or offsets that overflow the stored dtype."""
 
-    Shapes and dtypes equal ``mx.quantize(w.astype(dtype), group_size, bits)``'s. Large tensors are
-    processed in row chunks so temporaries stay small; the result is evaluated.
-    """
-    if bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
-    *lead, cols = w.shape
-    if cols % group_size:
-        raise ValueError(f"input size {cols} is not a multiple of the group size {group_size}")
-    flat = w.reshape(-1, cols)
-    step = max(1, CHUNK_ELEMENTS // cols)
+
+def _mlx_quantize(flat: mx.array, group_size: int, bits: int, dtype: mx.Dtype) -> tuple[mx.array, ...]:
+    """The search as MLX ops, in row chunks so temporaries stay small (where the compiled one is unavailable)."""
+    if not bool(mx.isfinite(flat).all().item()):
+        raise NonFinite("holds NaN or infinite values")
+    step = max(1, CHUNK_ELEMENTS // flat.shape[1])
     parts = []
     for start in range(0, flat.shape[0], step):
         part = _quantize_rows(flat[start : start + step], group_size, bits, dtype)
@@ -158,6 +156,34 @@ def quantize(w: mx.array, group_size: int, bits: int, dtype: mx.Dtype) -> tuple[
         parts.append(part)
     packed, scales, biases = (mx.concatenate([p[i] for p in parts]) if len(parts) > 1 else parts[0][i]
                               for i in range(3))
+    for what, a in (("scales", scales), ("offsets", biases)):
+        if not bool(mx.isfinite(a).all().item()):
+            raise NonFinite(f"has quantization {what} that overflow {dtype}")
+    return packed, scales, biases
+
+
+def quantize(w: mx.array, group_size: int, bits: int, dtype: mx.Dtype) -> tuple[mx.array, mx.array, mx.array]:
+    """Error-minimising affine quantization of ``w [..., in]``: (packed uint32, scales, biases), evaluated.
+
+    Shapes and dtypes equal ``mx.quantize(w.astype(dtype), group_size, bits)``'s. The search runs compiled
+    (``affine_native``: every core, one group at a time in registers) where a C compiler is found, else as
+    the MLX graph above, chunk by chunk. Raises NonFinite for NaN or infinite weights, or scales or offsets
+    that overflow ``dtype``.
+    """
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    *lead, cols = w.shape
+    if cols % group_size:
+        raise ValueError(f"input size {cols} is not a multiple of the group size {group_size}")
+    flat = w.reshape(-1, cols)
+    if affine_native.supports(flat, group_size, bits, dtype):
+        try:
+            packed, scales, biases = affine_native.quantize(flat, group_size, bits, dtype, CLIP_GRID, REFINE_STEPS)
+        except affine_native.NonFinite as e:
+            what = e.what if e.what.startswith("holds") else f"has quantization {e.what} that overflow {dtype}"
+            raise NonFinite(what) from None
+    else:
+        packed, scales, biases = _mlx_quantize(flat, group_size, bits, dtype)
     return (packed.reshape(*lead, -1), scales.reshape(*lead, -1), biases.reshape(*lead, -1))
 
 

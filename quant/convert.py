@@ -20,10 +20,14 @@ from .plan import MX_NAMES, PlannedTensor
 from .writer import ShardWriter
 
 
+def _corrupt(source: Path, name: str, what: str) -> CheckpointError:
+    return CheckpointError(f"{source}: tensor {name!r} {what}; the checkpoint is corrupt or needs a wider dtype "
+                           "(try --dtype bfloat16)")
+
+
 def _finite(source: Path, name: str, array: mx.array, what: str) -> None:
     if not bool(mx.isfinite(array).all().item()):
-        raise CheckpointError(f"{source}: tensor {name!r} {what}; the checkpoint is corrupt or "
-                              "needs a wider dtype (try --dtype bfloat16)")
+        raise _corrupt(source, name, what)
 
 
 def _dtype(t: PlannedTensor) -> mx.Dtype:
@@ -52,14 +56,14 @@ def convert_tensor(source: Path, name: str, w: mx.array, tensors: list[PlannedTe
     if copied is not None:
         return copied
     mx.eval(w)
-    _finite(source, name, w, "holds NaN or infinite values")
     first = tensors[0]
     if first.kind == "float":
+        _finite(source, name, w, "holds NaN or infinite values")
         out = w.astype(_dtype(first))
         _finite(source, name, out, f"overflows {MX_NAMES[first.dtype]}")
         return writer.write(first.name, out)
-    scales_dtype = _dtype(tensors[1])
-    packed, scales, biases = affine.quantize(w, first.spec.group_size, first.spec.bits, scales_dtype)
-    _finite(source, name, scales, f"has quantization scales that overflow {scales_dtype}")
-    _finite(source, name, biases, f"has quantization offsets that overflow {scales_dtype}")
+    try:  # checks the weights, scales and offsets finite on its way
+        packed, scales, biases = affine.quantize(w, first.spec.group_size, first.spec.bits, _dtype(tensors[1]))
+    except affine.NonFinite as e:
+        raise _corrupt(source, name, str(e)) from None
     return sum(writer.write(t.name, a) for t, a in zip(tensors, (packed, scales, biases), strict=True))

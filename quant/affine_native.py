@@ -1,0 +1,185 @@
+"""``affine.quantize``'s search compiled: ``affine_native.c``, built on first use with the system C compiler.
+
+The C routine runs affine.py's steps group by group in registers (no float32 copies of a tensor, one pass per
+candidate over 64 floats in L1 instead of a graph of whole-chunk MLX ops), rows split between the CPU's cores
+(ctypes releases the GIL). It is plain C with no tie to MLX: built into ``$EDGE_LLM_HOME/quant/<key>/``, the key
+hashing the source, the compiler and the machine; written to a temporary folder and renamed, so a second process
+never sees half a library. Without a compiler (or with ``EDGE_LLM_QUANT_NATIVE=0``) ``available()`` is False
+and ``affine.quantize`` runs its MLX graph instead; ``why_unavailable()`` says why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from edge_llm.machine.state import state_dir
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("affine_native.c")
+FLAGS = ["-O2", "-std=gnu11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-strict-aliasing", "-Wno-psabi"]
+GROUP_SIZES = (32, 64, 128)  # MLX's; the routine takes multiples of its 16-float vectors
+ENV = "EDGE_LLM_QUANT_NATIVE"
+BLOCK_WEIGHTS = 1 << 18  # weights per task: small enough to balance two cores, large enough to amortise a call
+_IN = {mx.float32: 0, mx.bfloat16: 1}
+_OUT = {mx.bfloat16: 1, mx.float16: 2}
+BAD_INPUT, BAD_SCALE, BAD_BIAS = 1, 2, 4
+
+
+class NonFinite(ValueError):
+    """The weights hold NaN or infinity, or their scales/offsets overflow the stored dtype (``what``)."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _version(compiler: str) -> str:
+    try:
+        return subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _build(compiler: str) -> Path:
+    h = hashlib.sha256(SOURCE.read_bytes())
+    for part in (" ".join(FLAGS), _version(compiler), platform.machine(), platform.system()):
+        h.update(part.encode())
+    target = state_dir() / "quant" / h.hexdigest()[:20]
+    library = target / "affine_native.so"
+    if library.exists():
+        return library
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
+    try:
+        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(work / library.name)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:200])
+            raise OSError(f"{Path(compiler).name} failed: {first.strip()}")
+        try:
+            os.replace(work, target)
+        except OSError:  # another process built the same library first: keep it (it may be loaded)
+            if not library.exists():
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return library
+
+
+@functools.cache
+def _library() -> tuple[ctypes.CDLL | None, str]:
+    if os.environ.get(ENV, "1") == "0":
+        return None, f"switched off ({ENV}=0)"
+    compiler = _compiler()
+    if compiler is None:
+        return None, "no C compiler on PATH (cc, gcc or clang)"
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except OSError as e:
+        log.info("quantize: the compiled search is unavailable (%s); using MLX's ops", e)
+        return None, str(e)
+    fn = lib.el_affine_quantize
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                   ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    return lib, ""
+
+
+def available() -> bool:
+    return _library()[0] is not None
+
+
+def why_unavailable() -> str:
+    return _library()[1]
+
+
+def threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS
+        return max(1, os.cpu_count() or 1)
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=threads(), thread_name_prefix="quantize")
+
+
+def supports(w: mx.array, group_size: int, bits: int, dtype: mx.Dtype) -> bool:
+    return (group_size in GROUP_SIZES and (group_size * bits) % 32 == 0 and dtype in _OUT
+            and w.shape[-1] % group_size == 0 and available())
+
+
+def _as_numpy(w: mx.array) -> tuple[np.ndarray, int]:
+    """Rows of ``w`` as a numpy view of MLX's memory where its dtype allows (float32, bfloat16 as bits), and
+    the routine's input code; other dtypes are converted to float32 block by block (``_block``)."""
+    if w.dtype == mx.bfloat16:
+        return np.asarray(memoryview(w.view(mx.uint16))), _IN[mx.bfloat16]
+    if w.dtype in (mx.float32, mx.float16):
+        return np.asarray(memoryview(w)), _IN[mx.float32]
+    return np.asarray(memoryview(w.astype(mx.float32))), _IN[mx.float32]
+
+
+def quantize(w: mx.array, group_size: int, bits: int, dtype: mx.Dtype, grid: tuple[float, ...],
+             steps: int) -> tuple[mx.array, mx.array, mx.array]:
+    """``affine.quantize`` of the rows of ``w [rows, cols]`` (see ``affine_native.c``); raises NonFinite."""
+    fn = _library()[0].el_affine_quantize
+    mx.eval(w)
+    rows, cols = w.shape
+    src, in_code = _as_numpy(w)
+    src = np.ascontiguousarray(src).reshape(-1, group_size)  # one group per row
+    groups = src.shape[0]
+    packed = np.empty((groups, group_size * bits // 32), dtype=np.uint32)
+    scales = np.empty(groups, dtype=np.float32)
+    biases = np.empty(groups, dtype=np.float32)
+    grid_arr = np.asarray(grid, dtype=np.float32)
+    out_code = _OUT[dtype]
+
+    def block(start: int, stop: int) -> int:
+        part = src[start:stop]
+        if part.dtype == np.float16:
+            part = part.astype(np.float32)
+        return fn(part.ctypes.data, in_code, stop - start, group_size, bits, out_code, grid_arr.ctypes.data,
+                  len(grid_arr), steps, packed[start:stop].ctypes.data, scales[start:stop].ctypes.data,
+                  biases[start:stop].ctypes.data)
+
+    step = max(16, BLOCK_WEIGHTS // group_size)
+    spans = [(s, min(groups, s + step)) for s in range(0, groups, step)]
+    if len(spans) == 1 or threads() == 1:
+        flags = [block(*s) for s in spans]
+    else:
+        flags = list(_pool().map(lambda s: block(*s), spans))
+    bad = 0
+    for f in flags:
+        if f < 0:
+            raise ValueError(f"group size {group_size} with {bits} bits is not supported by the compiled search")
+        bad |= f
+    if bad & BAD_INPUT:
+        raise NonFinite("holds NaN or infinite values")
+    if bad & BAD_SCALE:
+        raise NonFinite("scales")
+    if bad & BAD_BIAS:
+        raise NonFinite("offsets")
+    return (mx.array(packed.reshape(rows, -1)), mx.array(scales.reshape(rows, -1)).astype(dtype),
+            mx.array(biases.reshape(rows, -1)).astype(dtype))
