@@ -12,8 +12,10 @@ kernels run here, and why not when they do not (``edge-llm doctor`` prints it).
 
 from .extension import ENV, KernelStatus, status
 from .ops import (
+    ATTENTION_MAX_QUERIES,
     active,
     attention,
+    attention_step,
     float_matmul,
     gather_float_matmul,
     gather_quantized_matmul,
@@ -23,4 +25,4 @@ from .ops import (
 )
 
 __all__ = ["ENV", "active", "KernelStatus", "status", "quantized_matmul", "float_matmul", "gather_quantized_matmul",
-           "gather_float_matmul", "rms_norm", "rope", "attention"]
+           "gather_float_matmul", "rms_norm", "rope", "attention", "attention_step", "ATTENTION_MAX_QUERIES"]

@@ -118,3 +118,19 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: str | m
             or not _attention_shapes_ok(q, k, v, causal=mask is not None)):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     return kernels.attention(q, k, v, scale, mask == "causal")
+
+
+def attention_step(q: mx.array, k: mx.array, v: mx.array, k_cache: mx.array, v_cache: mx.array, offset: int,
+                   rope: tuple[int, bool, mx.array, float], scale: float) -> tuple[mx.array, mx.array, mx.array] | None:
+    """A decode step's attention in one op: ``q [B, L, Hq * D]``, ``k``/``v [B, L, Hkv * D]`` from the projections,
+    rotated (``rope``: dims, traditional, per-pair angles, position scale) at positions ``offset..``, written into
+    the float cache buffers ``[B, Hkv, capacity, D]`` at those rows, causal attention over all ``offset + L``.
+    Returns (out ``[B, L, Hq * D]``, the caches with the new rows), or None where the kernels do not apply: the
+    caller runs rope, the cache update and ``attention`` one by one (the same bits)."""
+    kernels = _kernels()
+    if (kernels is None or q.shape[1] > ATTENTION_MAX_QUERIES or offset + q.shape[1] > k_cache.shape[2]
+            or any(a.dtype != mx.float32 for a in (q, k, v, k_cache, v_cache))):
+        return None
+    dims, traditional, inv_freq, rope_scale = rope
+    return tuple(kernels.attention_step(q, k, v, k_cache, v_cache, offset, dims, traditional, inv_freq, rope_scale,
+                                        scale, q.shape[1] > 1))

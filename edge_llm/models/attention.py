@@ -20,6 +20,7 @@ from typing import Literal
 import mlx.core as mx
 import mlx.nn as nn
 
+from .. import kernels
 from .base import BaseModelArgs, attention, check_widths, require
 from .cache import BatchRows, KVCache, each_row
 from .layers import RMSNorm, sliding_window_mask
@@ -92,9 +93,31 @@ class Attention(nn.Module):
         q, k, v = (t.reshape(B, L, n, -1) for t, n in ((q, self.n_heads), (k, self.n_kv_heads), (v, self.n_kv_heads)))
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
+        out = self._fused_step(q, k, v, cache)  # [B, L, H*D]
+        if out is not None:
+            return self.o_proj(out)
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # [B, H, L, D]
         out = each_row(cache, self._attend, q, k, v)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def _fused_step(self, q: mx.array, k: mx.array, v: mx.array, cache: KVCache | BatchRows | None) -> mx.array | None:
+        """Decoding on the CPU: rope, the cache write and attention as one op (``kernels.attention_step``, the
+        same bits as ``_attend``'s ops), for q/k/v ``[B, L, H, D]``; None where it does not apply."""
+        B, L = q.shape[:2]
+        window = self.sliding_window
+        if (not isinstance(cache, KVCache) or L > kernels.ATTENTION_MAX_QUERIES or not kernels.active()
+                or q.dtype != mx.float32 or (window is not None and cache.offset + L > window)):
+            return None
+        rope = self.rope.kernel_args(cache.offset, L)
+        buffers = cache.buffers_for(B, self.n_kv_heads, L, self.head_dim, self.head_dim) if rope else None
+        if buffers is None:
+            return None
+        fused = kernels.attention_step(q, k, v, *buffers, cache.offset, rope, self.scale)
+        if fused is None:
+            return None
+        out, keys, values = fused
+        cache.advance(keys, values, L)
+        return out
 
     def _attend(self, q: mx.array, k: mx.array, v: mx.array, cache: KVCache | None) -> mx.array:
         """Rope at the cache's position, the cache extended, attention: for the sequences sharing ``cache``."""

@@ -37,12 +37,17 @@ def row_nbytes(width: int, itemsize: int, bits: int | None = None) -> int:
 
 def _grow(buffer: mx.array | None, used: int, new: mx.array, axis: int) -> mx.array:
     """Returns a buffer with room for ``new`` after ``used`` entries along ``axis``."""
-    needed = used + new.shape[axis]
+    return _room(buffer, used, new.shape, new.dtype, axis)
+
+
+def _room(buffer: mx.array | None, used: int, new_shape: tuple[int, ...], dtype: mx.Dtype, axis: int) -> mx.array:
+    """Returns a buffer with room for rows of ``new_shape`` after ``used`` entries along ``axis``."""
+    needed = used + new_shape[axis]
     if buffer is not None and needed <= buffer.shape[axis]:
         return buffer
-    shape = list(new.shape)
+    shape = list(new_shape)
     shape[axis] = ((needed + STEP - 1) // STEP) * STEP
-    grown = mx.zeros(shape, dtype=new.dtype)
+    grown = mx.zeros(shape, dtype=dtype)
     if buffer is not None and used:
         index = [slice(None)] * len(shape)
         index[axis] = slice(0, used)
@@ -140,6 +145,27 @@ class KVCache(_LayerCache):
         keys, values = self._rows[0].write(self.offset, keys), self._rows[1].write(self.offset, values)
         self.offset = keys.shape[2]
         return keys, values
+
+    def buffers_for(self, batch: int, heads: int, length: int, key_width: int,
+                    value_width: int) -> tuple[mx.array, mx.array] | None:
+        """Float32 key and value buffers ``[B, H, capacity, D]`` with room for ``length`` more tokens, for an op that
+        writes them itself (``kernels.attention_step``), which hands them back to ``advance``; None for a
+        quantized cache or rows of another shape or dtype."""
+        rows = self._rows
+        if self.bits is not None or not all(isinstance(r, _Rows) for r in rows):
+            return None
+        for r, width in zip(rows, (key_width, value_width), strict=True):
+            old = r.buffer
+            if old is not None and (old.dtype != mx.float32 or old.shape[:2] != (batch, heads)
+                                    or old.shape[3] != width):
+                return None
+            r.buffer = _room(old, self.offset, (batch, heads, length, width), mx.float32, axis=2)
+        return rows[0].buffer, rows[1].buffer
+
+    def advance(self, keys: mx.array, values: mx.array, length: int) -> None:
+        """Takes the buffers an op wrote ``length`` new tokens into (see ``buffers_for``)."""
+        self._rows[0].buffer, self._rows[1].buffer = keys, values
+        self.offset += length
 
 
 class LatentCache(_LayerCache):

@@ -116,22 +116,38 @@ class RoPE(nn.Module):
         ratio = self.factor * seq_len / self.max_position_embeddings - (self.factor - 1)
         return self.base * ratio ** (self.dims / (self.dims - 2))
 
+    def _variant(self, offset: int, length: int) -> tuple[float | None, float, mx.array | None]:
+        """(base, position scale, per-pair frequencies) of this variant for ``length`` positions from ``offset``."""
+        if self._freqs is not None:
+            return None, 1.0, self._freqs
+        if self.rope_type == "linear":
+            return self.base, 1.0 / self.factor, None
+        if self.rope_type == "dynamic":
+            return self._dynamic_base(offset + length), 1.0, None
+        return self.base, 1.0, None
+
     def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
         if self.value_scale != 1.0:
             rot = x[..., : self.dims] * self.value_scale
             x = rot if self.dims == x.shape[-1] else mx.concatenate([rot, x[..., self.dims :]], axis=-1)
-        if self._freqs is not None:
-            return self._rope(x, offset, None, 1.0, self._freqs)
-        base, scale = self.base, 1.0
-        if self.rope_type == "linear":
-            scale = 1.0 / self.factor
-        elif self.rope_type == "dynamic":
-            base = self._dynamic_base(offset + x.shape[-2])
-        return self._rope(x, offset, base, scale, None)
+        base, scale, freqs = self._variant(offset, x.shape[-2])
+        out = kernels.rope(x, self.dims, self.traditional, self._angles(base, freqs), scale, offset)
+        if out is not None:
+            return out
+        return mx.fast.rope(x, self.dims, traditional=self.traditional, base=base, scale=scale, offset=offset,
+                            freqs=freqs)
 
-    def _rope(self, x: mx.array, offset, base: float | None, scale: float, freqs: mx.array | None) -> mx.array:
-        """``mx.fast.rope``, through the CPU kernels where they apply (they take angles per pair: 1 / freqs, or
-        base^(-2i/dims) as MLX computes them)."""
+    def kernel_args(self, offset: int, length: int) -> tuple[int, bool, mx.array, float] | None:
+        """(dims, traditional, per-pair angles, position scale) for the CPU kernels' fused attention step
+        (``kernels.attention_step``), or None for yarn's value scale, which only the unfused path applies."""
+        if self.value_scale != 1.0:
+            return None
+        base, scale, freqs = self._variant(offset, length)
+        return self.dims, self.traditional, self._angles(base, freqs), scale
+
+    def _angles(self, base: float | None, freqs: mx.array | None) -> mx.array:
+        """The angle per pair and position unit the CPU kernels take: 1 / freqs, or base^(-2i/dims) as MLX
+        computes them; float32, remembered for the last (base, freqs)."""
         key = (base, id(freqs))
         if self._inv_freq is None or self._inv_freq[0] != key:
             # computed here, not left lazy: a lazy array belongs to the stream of the thread that made it, and
@@ -140,8 +156,4 @@ class RoPE(nn.Module):
             inv = (1.0 / np.asarray(freqs, dtype=np.float64) if freqs is not None
                    else np.exp(np.arange(half, dtype=np.float64) * (-math.log(base) / half)))
             self._inv_freq = (key, mx.array(inv.astype(np.float32)))
-        out = kernels.rope(x, self.dims, self.traditional, self._inv_freq[1], scale, offset)
-        if out is not None:
-            return out
-        return mx.fast.rope(x, self.dims, traditional=self.traditional, base=base, scale=scale, offset=offset,
-                            freqs=freqs)
+        return self._inv_freq[1]

@@ -19,30 +19,38 @@ void el_rms_norm(const float* x, const void* w, int w_dtype, float* y, int64_t r
   }
 }
 
-void el_rope(const float* x, float* y, int64_t heads, int64_t L, int64_t D, int64_t dims, int traditional,
-             const float* inv_freq, float scale, int64_t offset) {
-  const int64_t half = dims / 2;
-  float* cs = malloc(sizeof(float) * 2 * L * half);
-  if (!cs) return;
+/* cos and sin of each position's angles: [L][dims / 2][2]; NULL when out of memory. */
+static float* rope_table(int64_t L, int64_t half, const float* inv_freq, float scale, int64_t offset) {
+  float* cs = malloc(sizeof(float) * 2 * (L > 0 ? L : 1) * (half > 0 ? half : 1));
+  if (!cs) return NULL;
   for (int64_t l = 0; l < L; l++)
     for (int64_t i = 0; i < half; i++) {
       const float theta = (float)(offset + l) * scale * inv_freq[i];
       cs[(l * half + i) * 2] = cosf(theta);
       cs[(l * half + i) * 2 + 1] = sinf(theta);
     }
+  return cs;
+}
+
+/* One row of D features, its first dims rotated by the angles c ([dims / 2][2]); the rest copied. */
+static void rotate(const float* xr, float* yr, const float* c, int64_t D, int64_t dims, int traditional) {
+  const int64_t half = dims / 2;
+  for (int64_t i = 0; i < half; i++) {
+    const int64_t a = traditional ? 2 * i : i, b = traditional ? 2 * i + 1 : i + half;
+    const float x1 = xr[a], x2 = xr[b], co = c[2 * i], si = c[2 * i + 1];
+    yr[a] = x1 * co - x2 * si;
+    yr[b] = x1 * si + x2 * co;
+  }
+  for (int64_t i = dims; i < D; i++) yr[i] = xr[i];
+}
+
+void el_rope(const float* x, float* y, int64_t heads, int64_t L, int64_t D, int64_t dims, int traditional,
+             const float* inv_freq, float scale, int64_t offset) {
+  const int64_t half = dims / 2;
+  float* cs = rope_table(L, half, inv_freq, scale, offset);
+  if (!cs) return;
   for (int64_t h = 0; h < heads; h++)
-    for (int64_t l = 0; l < L; l++) {
-      const float* xr = x + (h * L + l) * D;
-      float* yr = y + (h * L + l) * D;
-      const float* c = cs + l * half * 2;
-      for (int64_t i = 0; i < half; i++) {
-        const int64_t a = traditional ? 2 * i : i, b = traditional ? 2 * i + 1 : i + half;
-        const float x1 = xr[a], x2 = xr[b], co = c[2 * i], si = c[2 * i + 1];
-        yr[a] = x1 * co - x2 * si;
-        yr[b] = x1 * si + x2 * co;
-      }
-      for (int64_t i = dims; i < D; i++) yr[i] = xr[i];
-    }
+    for (int64_t l = 0; l < L; l++) rotate(x + (h * L + l) * D, y + (h * L + l) * D, cs + l * half * 2, D, dims, traditional);
   free(cs);
 }
 
@@ -83,7 +91,7 @@ static void attention_rows(void* arg, int64_t task) {
       const float p = scores[t];
       for (int64_t i = 0; i < Dv; i++) acc[i] += p * vt[i];
     }
-    float* out = a->out + row * Dv;
+    float* out = a->out + (a->out_by_position ? (b * a->L + l) * a->Hq + h : row) * Dv;
     const float inv = visible > 0 ? 1.f / total : 0.f;
     for (int64_t i = 0; i < Dv; i++) out[i] = acc[i] * inv;
   }
@@ -97,4 +105,39 @@ void el_attention(const el_attention_args* a) {
   if (per_task < 1) per_task = 1;
   attention_job job = {a, per_task};
   el_parallel_for(attention_rows, &job, (rows + per_task - 1) / per_task);
+}
+
+void el_cache_write(const float* rows, float* cache, const el_cache_rows* c, const el_rotation* rot) {
+  const int64_t half = rot ? rot->dims / 2 : 0;
+  float* cs = rot ? rope_table(c->L, half, rot->inv_freq, rot->scale, c->offset) : NULL;
+  if (rot && !cs) return;
+  for (int64_t b = 0; b < c->B; b++)
+    for (int64_t l = 0; l < c->L; l++)
+      for (int64_t h = 0; h < c->H; h++) {
+        const float* src = rows + ((b * c->L + l) * c->H + h) * c->D;
+        float* dst = cache + ((b * c->H + h) * c->capacity + c->offset + l) * c->D;
+        if (rot) rotate(src, dst, cs + l * half * 2, c->D, rot->dims, rot->traditional);
+        else memcpy(dst, src, sizeof(float) * c->D);
+      }
+  free(cs);
+}
+
+void el_attention_cached(const float* q, const float* k_cache, const float* v_cache, float* out,
+                         const el_cache_rows* k, int64_t Hq, int64_t Dv, const el_rotation* rot, float scale,
+                         int causal) {
+  const int64_t B = k->B, L = k->L, D = k->D, cap = k->capacity, half = rot->dims / 2;
+  float* cs = rope_table(L, half, rot->inv_freq, rot->scale, k->offset);
+  float* qr = malloc(sizeof(float) * B * Hq * L * D);
+  if (cs && qr) {
+    for (int64_t b = 0; b < B; b++)
+      for (int64_t l = 0; l < L; l++)
+        for (int64_t h = 0; h < Hq; h++)
+          rotate(q + ((b * L + l) * Hq + h) * D, qr + ((b * Hq + h) * L + l) * D, cs + l * half * 2, D, rot->dims,
+                 rot->traditional);
+    const int64_t H = k->H;
+    el_attention_args a = {qr, k_cache, v_cache, out, B, Hq, H, L, k->offset + L, D, Dv,
+                           {H * cap * D, cap * D, D}, {H * cap * Dv, cap * Dv, Dv}, scale, causal, 1};
+    el_attention(&a);
+  }
+  free(cs), free(qr);
 }

@@ -29,8 +29,30 @@ typedef struct {
   int64_t k_strides[3], v_strides[3];
   float scale;
   int causal;
+  int out_by_position; /* 0: out [B, Hq, L, Dv]; 1: out [B, L, Hq, Dv] (what the output projection takes) */
 } el_attention_args;
 void el_attention(const el_attention_args* a);
+
+/* A decode step's attention against a cache of float rows [B, H, capacity, D] (a buffer the cache grows in
+ * steps), in two ops so that each can write into its input's buffer (MLX donates a buffer to a single-output
+ * op only): the new keys (rotated) and values written at rows offset.., then attention over offset + L rows.
+ * Bit for bit el_rope + a slice update + el_attention. */
+typedef struct {
+  int64_t B, H, L, D, capacity, offset; /* the rows [B, L, H, D] go to cache rows offset .. offset + L - 1 */
+} el_cache_rows;
+typedef struct {
+  int64_t dims; /* the first dims features rotated (even) */
+  int traditional;
+  const float* inv_freq; /* dims / 2 angles per position unit */
+  float scale;           /* multiplies positions */
+} el_rotation;
+/* cache[b, h, offset + l] = rotate(rows[b, l, h]) (rot NULL: copied). */
+void el_cache_write(const float* rows, float* cache, const el_cache_rows* c, const el_rotation* rot);
+/* out [B, L, Hq, Dv] = attention of rotate(q [B, L, Hq, D]) over the first offset + L rows of the caches (k
+ * gives their shape; v_cache's rows are Dv wide); causal: query l sees rows up to offset + l. */
+void el_attention_cached(const float* q, const float* k_cache, const float* v_cache, float* out,
+                         const el_cache_rows* k, int64_t Hq, int64_t Dv, const el_rotation* rot, float scale,
+                         int causal);
 
 #ifdef __cplusplus
 }

@@ -4,7 +4,9 @@
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/variant.h>
+#include <nanobind/stl/vector.h>
 
+#include "attention_step.h"
 #include "fused_ops.h"
 #include "primitive.h"
 
@@ -25,6 +27,8 @@ NB_MODULE(_edge_kernels, m) {
         "stream"_a = nb::none());
   m.def("attention", &edge::attention, "q"_a, "k"_a, "v"_a, "scale"_a, "causal"_a, nb::kw_only(),
         "stream"_a = nb::none());
+  m.def("attention_step", &edge::attention_step, "q"_a, "k"_a, "v"_a, "k_cache"_a, "v_cache"_a, "offset"_a, "dims"_a,
+        "traditional"_a, "inv_freq"_a, "rope_scale"_a, "scale"_a, "causal"_a, nb::kw_only(), "stream"_a = nb::none());
   m.def("isa", []() { return std::string(el_isa()); });
   m.def("threads", []() { return el_threads(); });
   m.def("set_threads", [](int n) { el_set_threads(n); }, "n"_a);

@@ -1,0 +1,63 @@
+#pragma once
+#include <vector>
+
+#include "mlx/ops.h"
+#include "mlx/primitives.h"
+
+namespace edge {
+namespace mx = mlx::core;
+
+// A decode step's attention in three ops (fused.h): q [B, L, Hq * D], k [B, L, Hkv * D] and v [B, L, Hkv * Dv]
+// straight from the projections; rotary embedding at positions offset.. (dims rotated, per-pair angles
+// inv_freq, positions times rope_scale); keys and values written into the cache buffers k_cache
+// [B, Hkv, capacity, D] and v_cache [B, Hkv, capacity, Dv] at rows offset.. (in place when the old buffers are
+// no longer referenced, as MLX's slice update, so a step writes L rows, not the cache); attention over the
+// offset + L rows. Returns {out [B, L, Hq * Dv], k_cache', v_cache'}.
+std::vector<mx::array> attention_step(const mx::array& q, const mx::array& k, const mx::array& v,
+                                      const mx::array& k_cache, const mx::array& v_cache, int offset, int dims,
+                                      bool traditional, const mx::array& inv_freq, float rope_scale, float scale,
+                                      bool causal, mx::StreamOrDevice s = {});
+
+struct StepParams {
+  int64_t offset, dims;  // dims 0: no rotation (values)
+  bool traditional, causal;
+  float rope_scale, scale;
+  bool operator==(const StepParams& o) const {
+    return offset == o.offset && dims == o.dims && traditional == o.traditional && causal == o.causal &&
+           rope_scale == o.rope_scale && scale == o.scale;
+  }
+};
+
+// cache' = cache with rows (rotated when dims > 0) at offset..; inputs {cache, rows[, inv_freq]}.
+class CpuCacheWrite : public mx::UnaryPrimitive {
+ public:
+  CpuCacheWrite(mx::Stream stream, StepParams p) : mx::UnaryPrimitive(stream), p_(p) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  const char* name() const override { return "EdgeCpuCacheWrite"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return p_ == static_cast<const CpuCacheWrite&>(other).p_;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override { return {inputs[0].shape()}; }
+
+ private:
+  StepParams p_;
+};
+
+// out [B, L, Hq * Dv]: rotated q over the first offset + L cache rows; inputs {q, k_cache, v_cache, inv_freq}.
+class CpuAttentionCached : public mx::UnaryPrimitive {
+ public:
+  CpuAttentionCached(mx::Stream stream, StepParams p) : mx::UnaryPrimitive(stream), p_(p) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  const char* name() const override { return "EdgeCpuAttentionCached"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return p_ == static_cast<const CpuAttentionCached&>(other).p_;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+
+ private:
+  StepParams p_;
+};
+
+}  // namespace edge

@@ -1,0 +1,98 @@
+"""The CPU kernels' fused decode attention (``kernels.attention_step``): rope, the cache write and attention in
+three ops instead of about fifteen. It must give the bits of the unfused ops (``kernels.rope``, the cache's
+slice update, ``kernels.attention``), which the architecture parity tests check against transformers; write
+into the cache's buffer in place only when nothing else holds it; and leave a model's logits unchanged."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from edge_llm import kernels
+from edge_llm.kernels import ops
+from edge_llm.models.cache import BatchRows, KVCache
+
+pytestmark = pytest.mark.skipif(not kernels.active(), reason="the CPU kernels are not active here")
+
+
+def normal(shape, seed: int) -> mx.array:
+    return mx.random.normal(shape, key=mx.random.key(seed))
+
+
+def unfused(q, k, v, k_cache, v_cache, offset, dims, traditional, inv_freq, rope_scale, scale):
+    """The same step through the separate ops the models ran before: [B, L, H, D] -> [B, H, L, D], rope, slice
+    update, attention over the filled rows, back to [B, L, H * D]."""
+    B, L = q.shape[:2]
+    hkv, d, dv = k_cache.shape[1], k_cache.shape[3], v_cache.shape[3]
+    q = q.reshape(B, L, -1, d).transpose(0, 2, 1, 3)
+    k = k.reshape(B, L, hkv, d).transpose(0, 2, 1, 3)
+    v = v.reshape(B, L, hkv, dv).transpose(0, 2, 1, 3)
+    q, k = (ops.rope(t, dims, traditional, inv_freq, rope_scale, offset) for t in (q, k))
+    k_cache[..., offset : offset + L, :] = k
+    v_cache[..., offset : offset + L, :] = v
+    end = offset + L
+    out = ops.attention(q, k_cache[..., :end, :], v_cache[..., :end, :], scale, "causal" if L > 1 else None)
+    return out.transpose(0, 2, 1, 3).reshape(B, L, -1), k_cache, v_cache
+
+
+@pytest.mark.parametrize("hq, hkv, d, dv, dims, traditional, length, offset", [
+    (6, 2, 16, 16, 16, False, 1, 0),   # GQA, first token
+    (6, 2, 16, 16, 16, False, 1, 37),  # GQA, deep in the cache
+    (4, 4, 8, 12, 4, True, 3, 5),      # MHA, partial rotary, pairs, values wider, 3 queries (causal)
+    (3, 1, 10, 10, 10, False, 8, 0),   # MQA, odd head size, the most queries the kernels take
+])
+def test_step_equals_the_unfused_ops_bit_for_bit(hq, hkv, d, dv, dims, traditional, length, offset):
+    B, capacity = 2, 64
+    q, k, v = normal((B, length, hq * d), 1), normal((B, length, hkv * d), 2), normal((B, length, hkv * dv), 3)
+    k_cache, v_cache = normal((B, hkv, capacity, d), 4), normal((B, hkv, capacity, dv), 5)
+    inv_freq = mx.array(np.exp(-np.arange(dims // 2) * 0.7).astype(np.float32))
+    rope = (dims, traditional, inv_freq, 0.5)
+    got = ops.attention_step(q, k, v, k_cache, v_cache, offset, rope, 0.3)
+    want = unfused(q, k, v, mx.array(k_cache), mx.array(v_cache), offset, *rope, 0.3)
+    for name, g, w in zip(("out", "keys", "values"), got, want, strict=True):
+        assert g.shape == w.shape, name
+        assert mx.array_equal(g, w).item(), name
+
+
+def test_cache_buffer_written_in_place_only_when_nothing_else_holds_it():
+    B, hkv, capacity, d = 1, 2, 1 << 16, 64  # 32 MB per buffer
+    q, k = normal((B, 1, 2 * d), 1), normal((B, 1, hkv * d), 2)
+    rope = (d, False, mx.ones((d // 2,)), 1.0)
+    # held elsewhere: the holder's array keeps its content (the op copies)
+    held_k, held_v = mx.zeros((B, hkv, capacity, d)), mx.zeros((B, hkv, capacity, d))
+    mx.eval(held_k, held_v)
+    out, k_buf, v_buf = ops.attention_step(q, k, k, held_k, held_v, 0, rope, 0.25)
+    mx.eval(out, k_buf, v_buf)  # (an output left unevaluated would hold the buffers through its graph)
+    assert float(mx.abs(held_k).max()) == 0.0 and float(mx.abs(k_buf[..., 0, :]).max()) > 0
+    del held_k, held_v
+    # the op's reference is the only one: written in place, no second buffer, whatever the cache's size
+    buffer_bytes = k_buf.nbytes
+    for offset in range(1, 4):
+        mx.reset_peak_memory()
+        before = mx.get_active_memory()
+        out, k_buf, v_buf = ops.attention_step(q, k, k, k_buf, v_buf, offset, rope, 0.25)
+        mx.eval(out, k_buf, v_buf)
+        assert mx.get_peak_memory() - before < buffer_bytes // 8, f"step at {offset} copied the cache"
+    assert not np.array_equal(np.array(k_buf[..., 0, :]), np.array(k_buf[..., 3, :]))  # rotated at 0 and 3
+    assert np.all(np.array(k_buf[..., 4:, :]) == 0)
+
+
+def test_model_decode_bits_unchanged_by_the_fused_step():
+    """The same SmolLM2 decode through the fused step (a plain cache) and through the unfused ops (the server's
+    row-by-row path, ``BatchRows``, which attends with the separate ops): identical logits at every step."""
+    import edge_llm
+    from edge_llm.default_model import default_model_path
+
+    model, _ = edge_llm.load(str(default_model_path()))
+    plain, rows = model.make_cache(), model.make_cache()
+    batched = [BatchRows([c]) for c in rows]
+    tokens = mx.array([[1, 504, 2798, 6330, 314, 42, 198]])
+    for cache in (plain, batched):
+        model(tokens, cache=cache)
+    token = mx.array([[9531]])
+    for _ in range(6):
+        a, b = model(token, cache=plain), model(token, cache=batched)
+        assert mx.array_equal(a, b).item()
+        token = mx.argmax(a[:, -1:], axis=-1)
+    assert all(isinstance(c, KVCache) and c.offset == 13 for c in plain)
