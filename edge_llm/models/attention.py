@@ -90,19 +90,21 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:
             q, k, v = (mx.clip(t, -self.clip_qkv, self.clip_qkv) for t in (q, k, v))
-        q, k, v = (t.reshape(B, L, n, -1) for t, n in ((q, self.n_heads), (k, self.n_kv_heads), (v, self.n_kv_heads)))
         if self.qk_norm == "head":
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = (norm(t.reshape(B, L, n, -1)) for norm, t, n in ((self.q_norm, q, self.n_heads),
+                                                                     (self.k_norm, k, self.n_kv_heads)))
         out = self._fused_step(q, k, v, cache)  # [B, L, H*D]
         if out is not None:
             return self.o_proj(out)
-        q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # [B, H, L, D]
+        q, k, v = (t.reshape(B, L, n, -1).transpose(0, 2, 1, 3)  # [B, H, L, D]
+                   for t, n in ((q, self.n_heads), (k, self.n_kv_heads), (v, self.n_kv_heads)))
         out = each_row(cache, self._attend, q, k, v)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
     def _fused_step(self, q: mx.array, k: mx.array, v: mx.array, cache: KVCache | BatchRows | None) -> mx.array | None:
         """Decoding on the CPU: rope, the cache write and attention as one op (``kernels.attention_step``, the
-        same bits as ``_attend``'s ops), for q/k/v ``[B, L, H, D]``; None where it does not apply."""
+        same bits as ``_attend``'s ops), for q/k/v ``[B, L, H * D]`` (or ``[B, L, H, D]``); None where it does not
+        apply."""
         B, L = q.shape[:2]
         window = self.sliding_window
         if (not isinstance(cache, KVCache) or L > kernels.ATTENTION_MAX_QUERIES or not kernels.active()
