@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import typer
@@ -19,28 +20,42 @@ from .signals import Stopped, exit_code, stop_signals_interrupt
 
 
 class RichProgress:
-    """Tensors and bytes written, as a bar on stderr when it is a terminal; nothing otherwise (the announcement
-    and the summary say what a log needs, and a bar's redraws would only litter it)."""
+    """Tensors and bytes written, and the speed (tensors/s, GB/s of source weights), as a bar on stderr when it is
+    a terminal; nothing otherwise (the announcement and the summary say what a log needs, and a bar's redraws
+    would only litter it)."""
 
     def __init__(self) -> None:
         self.bar = Progress(
             TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-            TextColumn("{task.fields[tensors]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-            console=err, transient=True,
+            TextColumn("{task.fields[tensors]}"), TextColumn("{task.fields[speed]}"), TimeElapsedColumn(),
+            TimeRemainingColumn(), console=err, transient=True,
         ) if err.is_terminal else None
         self.task = None
-        self.done = self.total = 0
+        self.done = self.total = self.written = self.nbytes = self.source_bytes = 0
+        self.started = 0.0
+
+    def announce(self, job: QuantizeJob) -> None:
+        self.source_bytes = job.source_bytes
+        announce(job)
 
     def start(self, tensors: int, nbytes: int) -> None:
-        self.total = tensors
+        self.total, self.nbytes, self.started = tensors, nbytes, time.perf_counter()
         if self.bar is not None:
             self.bar.start()
-            self.task = self.bar.add_task("quantizing", total=nbytes, tensors=f"0/{tensors} tensors")
+            self.task = self.bar.add_task("quantizing", total=nbytes, tensors=f"0/{tensors} tensors", speed="")
+
+    def speed(self) -> str:
+        """Tensors per second and source GB per second so far (the source read in proportion to the output
+        written)."""
+        seconds = max(time.perf_counter() - self.started, 1e-9)
+        read = self.written / self.nbytes * self.source_bytes if self.nbytes else 0
+        return f"{self.done / seconds:.1f} tensors/s, {read / seconds / 1e9:.2f} GB/s"
 
     def advance(self, name: str, nbytes: int) -> None:
         self.done += 1
+        self.written += nbytes
         if self.bar is not None:
-            self.bar.update(self.task, advance=nbytes, tensors=f"{self.done}/{self.total} tensors")
+            self.bar.update(self.task, advance=nbytes, tensors=f"{self.done}/{self.total} tensors", speed=self.speed())
 
     def stop(self) -> None:
         if self.bar is not None:
@@ -125,7 +140,7 @@ def quantize_cmd(
     try:
         with stop_signals_interrupt():
             result = quantize(model, out, bits=bits, group_size=group_size, dtype=dtype, recipe=recipe,
-                              force=force, progress=progress, announce=announce)
+                              force=force, progress=progress, announce=progress.announce)
     except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM, SIGHUP
         progress.stop()  # before printing, so the line is not drawn over
         _say_stopped(stop, out, before)

@@ -246,7 +246,7 @@ def convert(conversion: Conversion, folder: Path, progress: Progress) -> ShardWr
     c = conversion
     writer = ShardWriter(folder, c.shards)
     try:
-        progress.start(c.tensors, c.plan.nbytes)
+        progress.start(len(c.outputs), c.plan.nbytes)  # one advance per parameter (its codes, scales, offsets)
         for names, params in c.groups:
             # The group's source arrays leave ``weights``: once a tensor is converted nothing refers to it (or
             # to the per-expert sources of a stacked one) and its memory is freed.
