@@ -13,8 +13,10 @@ import mlx.nn as nn
 import numpy as np
 
 from ..formats.open import open_checkpoint
+from ..formats.tensors import FLOAT_DTYPES
 from ..hub.resolve import resolve_model
 from ..loader import build_model, check_vocabulary, load_checkpoint
+from ..machine.backend import dtype_policy
 from ..machine.memory import process_budget
 from .experts import localize_experts, slice_experts
 from .follower import Follower
@@ -85,11 +87,24 @@ def _gather_budgets(group: Group) -> list[int]:
     return [int(v) << 20 for v in np.array(collective(mx.distributed.all_sum, mx.array(mine), group=group.mlx))]
 
 
-def plan_for(checkpoint, mode: str, group: Group) -> ShardPlan:
+def held_bytes(checkpoint, dtype: str | None, tied: bool) -> dict[str, int]:
+    """Each tensor's bytes as loaded (the dtype policy's: a tied embedding is held in the compute dtype)."""
+    policy = dtype_policy(checkpoint.dtype, dtype)
+    out = {}
+    for name, t in checkpoint.tensors.items():
+        if t.dtype in FLOAT_DTYPES:
+            stored = {"F16": mx.float16, "BF16": mx.bfloat16}.get(t.dtype, mx.float32)
+            out[name] = t.size * policy.stored_dtype(name, stored, len(t.shape), tied).size
+        else:
+            out[name] = t.nbytes
+    return out
+
+
+def plan_for(checkpoint, mode: str, group: Group, dtype: str | None = None) -> ShardPlan:
     probe = build_model(checkpoint)  # the config checked, nothing allocated (parameters stay lazy)
     experts = probe.experts
     routed = experts.routed if experts else None
-    sizes = model_bytes({n: t.nbytes for n, t in checkpoint.tensors.items()}, probe.args.num_hidden_layers)
+    sizes = model_bytes(held_bytes(checkpoint, dtype, probe.tied_embeddings), probe.args.num_hidden_layers)
     budgets = _gather_budgets(group)
     plan = plan_shards(resolve_mode(mode, routed), sizes, budgets, routed)
     check_fits(plan, budgets, group.where)
@@ -111,7 +126,7 @@ def load_checkpoint_share(checkpoint, mode: str, dtype: str | None) -> ShardedLM
     """Rank 0: its ``ShardedLM``. Other ranks: load their share, follow rank 0 until it stops, then None."""
     group = join()
     assert group is not None
-    plan = plan_for(checkpoint, mode, group)
+    plan = plan_for(checkpoint, mode, group, dtype)
     model = load_checkpoint(checkpoint, dtype, shard=ShardHooks(plan, group))
     collective(mx.distributed.all_sum, mx.array([1]), group=group.mlx)  # every rank loaded its share
     shard = Shard(model, plan, group)
