@@ -29,6 +29,9 @@ from . import affine_native
 
 CLIP_GRID = (0.0, 0.04, 0.08, 0.12, 0.16, 0.2)
 REFINE_STEPS = 3
+# The compiled search refines from the two best clippings and keeps whichever is better as stored (rounded
+# to the dtype): per group never worse than refining from the best alone, 1-4% lower error in total.
+SEARCH_STARTS = 2
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 # Weights quantized per step: bounds the float32 temporaries (MLX keeps about 20 chunk-sized arrays
 # alive while evaluating one step's graph: 80 MB at this size).
@@ -178,7 +181,8 @@ def quantize(w: mx.array, group_size: int, bits: int, dtype: mx.Dtype) -> tuple[
     flat = w.reshape(-1, cols)
     if affine_native.supports(flat, group_size, bits, dtype):
         try:
-            packed, scales, biases = affine_native.quantize(flat, group_size, bits, dtype, CLIP_GRID, REFINE_STEPS)
+            packed, scales, biases = affine_native.quantize(flat, group_size, bits, dtype, CLIP_GRID, SEARCH_STARTS,
+                                                            REFINE_STEPS)
         except affine_native.NonFinite as e:
             what = e.what if e.what.startswith("holds") else f"has quantization {e.what} that overflow {dtype}"
             raise NonFinite(what) from None

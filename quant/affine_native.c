@@ -124,14 +124,17 @@ INLINE vf stored_error(const float *xt, int gs, vf by, int multiply, vf bias_for
     return acc;
 }
 
-/* Packs the codes of `lanes` groups (lane i from `ours` or `theirs` by `pick`) into MLX's bit stream. */
-INLINE void pack(const float *ours, const float *theirs, vi pick, int gs, int bits, int lanes, uint32_t *out) {
+/* Packs the codes of `lanes` groups into MLX's bit stream: lane i from `a` or `b` (by `first`) where `pick`
+ * says ours, else from `theirs`. */
+INLINE void pack(const float *a, const float *b, const float *theirs, vi first, vi pick, int gs, int bits, int lanes,
+                 uint32_t *out) {
     uint32_t words[MAX_GROUP * 8 / 32][L];
     vu acc[MAX_GROUP * 8 / 32];
     int n_words = gs * bits / 32;
     for (int k = 0; k < n_words; k++) acc[k] = (vu){0};
     for (int j = 0; j < gs; j++) {
-        vu q = (vu)__builtin_convertvector(vsel(pick, load(ours + j * L), load(theirs + j * L)), vi);
+        vf ours = vsel(first, load(a + j * L), load(b + j * L));
+        vu q = (vu)__builtin_convertvector(vsel(pick, ours, load(theirs + j * L)), vi);
         int bit = j * bits, k = bit / 32, off = bit % 32;
         acc[k] |= q << off;
         if (off + bits > 32) acc[k + 1] |= q >> (32 - off);
@@ -143,7 +146,7 @@ INLINE void pack(const float *ours, const float *theirs, vi pick, int gs, int bi
 
 /* Up to 16 groups, transposed into xt [gs][16] (unused lanes zero). Returns BAD_* flags. */
 INLINE int quantize_block(const float *xt, int gs, int bits, int dtype, int round_input, const float *grid,
-                          int n_grid, int steps, int lanes, uint32_t *packed, float *scales_out,
+                          int n_grid, int starts, int steps, int lanes, uint32_t *packed, float *scales_out,
                           float *biases_out) {
     float n = (float)((1 << bits) - 1);
     vf lo = load(xt), hi = lo, sw = splat(0.0f), nan = splat(0.0f), rlo = round_to(lo, dtype), rhi = rlo;
@@ -166,32 +169,57 @@ INLINE int quantize_block(const float *xt, int gs, int bits, int dtype, int roun
         rhi = hi;
     }
 
-    /* ours: the clipping search, then least-squares refinement, each step kept where it lowers the error */
-    vf span = hi - lo, best = splat(__builtin_inff()), scale = splat(1.0f), bias = splat(0.0f);
+    /* ours: the clipping search keeps its `starts` best candidates (1 or 2); least-squares refinement from
+     * each, every step kept where it lowers the error; each result is rounded to the dtype and measured as
+     * stored, so the choice below is made on what the file will hold */
+    vf span = hi - lo, top_e[2], top_s[2], top_b[2];
+    for (int k = 0; k < 2; k++) {
+        top_e[k] = splat(__builtin_inff());
+        top_s[k] = splat(1.0f);
+        top_b[k] = splat(0.0f);
+    }
+    if (starts > n_grid) starts = n_grid;
     for (int i = 0; i < n_grid; i++) {
         float t = grid[i];
         vf low = lo + t * span, s = vmax(span * (1 - 2 * t) / n, splat(1e-12f));
         vf e = search_error(xt, gs, s, low, n);
-        vi better = e < best;
-        best = vsel(better, e, best);
-        scale = vsel(better, s, scale);
-        bias = vsel(better, low, bias);
+        for (int k = 0; k < starts; k++) { /* into the sorted list of the best, pushing the rest down */
+            vi better = e < top_e[k];
+            vf pe = top_e[k], ps = top_s[k], pb = top_b[k];
+            top_e[k] = vsel(better, e, pe);
+            top_s[k] = vsel(better, s, ps);
+            top_b[k] = vsel(better, low, pb);
+            e = vsel(better, pe, e);
+            s = vsel(better, ps, s);
+            low = vsel(better, pb, low);
+        }
     }
-    for (int i = 0; i < steps; i++) {
-        vf s = scale, b = bias;
-        least_squares(xt, gs, sw, n, &s, &b);
-        vf e = search_error(xt, gs, s, b, n);
-        vi better = e < best;
-        best = vsel(better, e, best);
-        scale = vsel(better, s, scale);
-        bias = vsel(better, b, bias);
+    float codes[2][MAX_GROUP * L], mm_codes[MAX_GROUP * L];
+    vf err[2], stored_s[2], stored_b[2];
+    for (int k = 0; k < starts; k++) {
+        vf best = top_e[k], scale = top_s[k], bias = top_b[k];
+        for (int i = 0; i < steps; i++) {
+            vf s = scale, b = bias;
+            least_squares(xt, gs, sw, n, &s, &b);
+            vf e = search_error(xt, gs, s, b, n);
+            vi better = e < best;
+            best = vsel(better, e, best);
+            scale = vsel(better, s, scale);
+            bias = vsel(better, b, bias);
+        }
+        stored_s[k] = round_to(scale, dtype);
+        stored_b[k] = round_to(bias, dtype);
+        vf by = 1.0f / vsel(stored_s[k] == 0.0f, splat(1.0f), stored_s[k]);
+        err[k] = stored_error(xt, gs, by, 1, stored_b[k], stored_s[k], stored_b[k], n, dtype, 0, codes[k]);
     }
-    float codes[MAX_GROUP * L], mm_codes[MAX_GROUP * L];
-    scale = round_to(scale, dtype);
-    bias = round_to(bias, dtype);
-    vf ours = n_grid ? stored_error(xt, gs, 1.0f / vsel(scale == 0.0f, splat(1.0f), scale), 1, bias, scale, bias, n,
-                                    dtype, 0, codes)
-                     : splat(__builtin_inff());
+    vi first = splat(0.0f) == 0.0f; /* all lanes: the first start's result */
+    vf ours = splat(__builtin_inff()), scale = splat(0.0f), bias = splat(0.0f);
+    if (starts > 0) {
+        first = starts < 2 ? first : err[0] <= err[1];
+        ours = starts < 2 ? err[0] : vsel(first, err[0], err[1]);
+        scale = starts < 2 ? stored_s[0] : vsel(first, stored_s[0], stored_s[1]);
+        bias = starts < 2 ? stored_b[0] : vsel(first, stored_b[0], stored_b[1]);
+    }
 
     /* MLX's min-max, as mlx/backend/cpu/quantized.cpp computes it */
     vi mask = vabs(rlo) > vabs(rhi);
@@ -207,7 +235,7 @@ INLINE int quantize_block(const float *xt, int gs, int bits, int dtype, int roun
     vi pick = ours <= theirs;
     scale = vsel(pick, scale, mm_scale_st);
     bias = vsel(pick, bias, mm_bias_st);
-    pack(codes, mm_codes, pick, gs, bits, lanes, packed);
+    pack(codes[0], starts > 1 ? codes[1] : codes[0], mm_codes, first, pick, gs, bits, lanes, packed);
     float s_out[L], b_out[L];
     store(s_out, scale);
     store(b_out, bias);
@@ -290,9 +318,9 @@ INLINE void transpose_f32(const float *src, int gs, int lanes, float *xt) {
  * Returns the OR of BAD_* flags, -1 for a group size it does not take. An empty grid gives MLX's min-max
  * quantization alone. */
 CLONES int el_affine_quantize(const void *weights, int in_dtype, int64_t count, int gs, int bits, int dtype,
-                              const float *grid, int n_grid, int steps, uint32_t *packed, float *scales,
+                              const float *grid, int n_grid, int starts, int steps, uint32_t *packed, float *scales,
                               float *biases) {
-    if (gs % L || gs > MAX_GROUP || (gs * bits) % 32 || bits < 1 || bits > 8) return -1;
+    if (gs % L || gs > MAX_GROUP || (gs * bits) % 32 || bits < 1 || bits > 8 || starts < 0 || starts > 2) return -1;
     int words = gs * bits / 32, flags = 0, round_input = !(in_dtype == IN_BF16 && dtype == OUT_BF16);
     float xt[MAX_GROUP * L];
     for (int64_t k = 0; k < count; k += L) {
@@ -301,7 +329,7 @@ CLONES int el_affine_quantize(const void *weights, int in_dtype, int64_t count, 
             transpose_bf16((const uint16_t *)weights + k * gs, gs, lanes, xt);
         else
             transpose_f32((const float *)weights + k * gs, gs, lanes, xt);
-        flags |= quantize_block(xt, gs, bits, dtype, round_input, grid, n_grid, steps, lanes, packed + k * words,
+        flags |= quantize_block(xt, gs, bits, dtype, round_input, grid, n_grid, starts, steps, lanes, packed + k * words,
                                 scales + k, biases + k);
         if (flags & BAD_INPUT) return flags;
     }

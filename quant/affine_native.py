@@ -48,8 +48,10 @@ class NonFinite(ValueError):
 
 
 def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
+    """``$CC`` where set (and only it), else the first of cc, gcc, clang on PATH."""
+    chosen = os.environ.get("CC")
+    for name in (chosen,) if chosen else ("cc", "gcc", "clang"):
+        if shutil.which(name):
             return shutil.which(name)
     return None
 
@@ -93,17 +95,39 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         return None, f"switched off ({ENV}=0)"
     compiler = _compiler()
     if compiler is None:
-        return None, "no C compiler on PATH (cc, gcc or clang)"
+        return None, f"no C compiler ({os.environ.get('CC') or 'cc, gcc or clang'}) on PATH"
     try:
         lib = ctypes.CDLL(str(_build(compiler)))
     except OSError as e:
-        log.info("quantize: the compiled search is unavailable (%s); using MLX's ops", e)
+        log.warning("quantize: the compiled search is unavailable (%s); running it as MLX ops (slower)", e)
         return None, str(e)
     fn = lib.el_affine_quantize
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                   ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+                   ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_void_p]
+    if not _proven(fn):
+        log.warning("quantize: the compiled search differs from mx.quantize here; running it as MLX ops (slower)")
+        return None, "its min-max quantization differs from mx.quantize's on this machine"
     return lib, ""
+
+
+def _proven(fn) -> bool:
+    """Its min-max quantization (an empty grid) equals ``mx.quantize``'s bit for bit on a small random matrix,
+    as bfloat16 and float16: a miscompiled or misloaded routine is not used."""
+    w = mx.random.normal((16, 256), key=mx.random.key(0)) * 0.02
+    for dtype in (mx.bfloat16, mx.float16):
+        x = w.astype(dtype)
+        src = np.ascontiguousarray(_as_numpy(x)[0], dtype=np.float32 if dtype == mx.float16 else None)
+        packed, scales, biases = np.empty((64, 8), np.uint32), np.empty(64, np.float32), np.empty(64, np.float32)
+        if fn(src.ctypes.data, _IN.get(dtype, _IN[mx.float32]), 64, 64, 4, _OUT[dtype], None, 0, 0,
+              0, packed.ctypes.data, scales.ctypes.data, biases.ctypes.data) != 0:
+            return False
+        ref = [np.asarray(a.astype(mx.float32) if a.dtype != mx.uint32 else a)
+               for a in mx.quantize(x, group_size=64, bits=4)]
+        if not all(np.array_equal(a.reshape(b.shape), b) for a, b in zip(ref, (packed, scales, biases), strict=True)):
+            return False
+    return True
 
 
 def available() -> bool:
@@ -141,7 +165,7 @@ def _as_numpy(w: mx.array) -> tuple[np.ndarray, int]:
     return np.asarray(memoryview(w.astype(mx.float32))), _IN[mx.float32]
 
 
-def quantize(w: mx.array, group_size: int, bits: int, dtype: mx.Dtype, grid: tuple[float, ...],
+def quantize(w: mx.array, group_size: int, bits: int, dtype: mx.Dtype, grid: tuple[float, ...], starts: int,
              steps: int) -> tuple[mx.array, mx.array, mx.array]:
     """``affine.quantize`` of the rows of ``w [rows, cols]`` (see ``affine_native.c``); raises NonFinite."""
     fn = _library()[0].el_affine_quantize
@@ -161,7 +185,7 @@ def quantize(w: mx.array, group_size: int, bits: int, dtype: mx.Dtype, grid: tup
         if part.dtype == np.float16:
             part = part.astype(np.float32)
         return fn(part.ctypes.data, in_code, stop - start, group_size, bits, out_code, grid_arr.ctypes.data,
-                  len(grid_arr), steps, packed[start:stop].ctypes.data, scales[start:stop].ctypes.data,
+                  len(grid_arr), starts, steps, packed[start:stop].ctypes.data, scales[start:stop].ctypes.data,
                   biases[start:stop].ctypes.data)
 
     step = max(16, BLOCK_WEIGHTS // group_size)
