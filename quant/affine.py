@@ -5,13 +5,17 @@ MLX's affine format stores, per group of ``group_size`` weights along the input 
 packed little-endian into uint32 words; a weight is ``s * q + b``. ``mx.quantize`` picks ``s`` and ``b``
 from the group's minimum and maximum. That spends the code range on outliers: the error of the other
 weights grows with the span. Here each group instead gets the (s, b) that minimises the squared
-reconstruction error, found in three vectorized steps:
+reconstruction error, found in three steps:
 
 1. a search over clipping ranges ``[min + t·span, max - t·span]`` for a few ``t`` (keep the best per group),
 2. alternating refinement (Lloyd / k-means on a uniform grid): assign the nearest codes, then the
-   least-squares (s, b) for those codes, which never increases the error,
+   least-squares (s, b) for those codes, kept only where it lowers the error,
 3. rounding s and b to the stored dtype and re-assigning codes against the rounded values, and per
    group keeping whichever of this result and ``mx.quantize``'s min-max has the lower error.
+
+Where a C compiler is found the steps run compiled (``affine_native``: 16 groups per vector lane, every
+core, ~20x faster than the graph below), refining from the two best clippings (``SEARCH_STARTS``) and
+choosing between them as stored; elsewhere they run as the MLX graph below, chunk by chunk, from the best.
 
 The output is bit-identical in layout to ``mx.quantize`` (checked by ``mx.dequantize`` in the tests),
 so ``QuantizedLinear``, ``gather_qmm`` and mlx-lm read it unchanged. References: MLX
