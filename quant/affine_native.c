@@ -88,18 +88,34 @@ INLINE vf search_error(const float *xt, int gs, vf scale, vf bias, float n) {
     return acc0 + acc1;
 }
 
-/* The least-squares (scale, bias) per lane for the codes nearest under (scale, bias); a lane whose codes
- * are all equal (a degenerate fit) keeps its old pair. */
-INLINE void least_squares(const float *xt, int gs, vf sw, float n, vf *scale, vf *bias) {
-    vf s = *scale, b = *bias, inv = 1.0f / s, aq = splat(0.0f), aqq = splat(0.0f), aqw = splat(0.0f);
-    for (int j = 0; j < gs; j++) {
-        vf w = load(xt + j * L), q = clip_round((w - b) * inv, n);
-        aq += q;
-        aqq += q * q;
-        aqw += q * w;
+/* The sums a least-squares fit needs (of q, q², q·x) for the codes nearest under (scale, bias), in index
+ * order, and the squared error per lane of those codes, summed as search_error does. */
+INLINE vf error_and_sums(const float *xt, int gs, vf scale, vf bias, float n, vf *aq, vf *aqq, vf *aqw) {
+    vf inv = 1.0f / scale, acc0 = splat(0.0f), acc1 = splat(0.0f), sq = splat(0.0f), sqq = sq, sqw = sq;
+    for (int j = 0; j < gs; j += 2) {
+        vf w0 = load(xt + j * L), w1 = load(xt + (j + 1) * L);
+        vf q0 = clip_round((w0 - bias) * inv, n), q1 = clip_round((w1 - bias) * inv, n);
+        sq += q0;
+        sqq += q0 * q0;
+        sqw += q0 * w0;
+        sq += q1;
+        sqq += q1 * q1;
+        sqw += q1 * w1;
+        vf d0 = scale * q0 + bias - w0, d1 = scale * q1 + bias - w1;
+        acc0 += d0 * d0;
+        acc1 += d1 * d1;
     }
+    *aq = sq;
+    *aqq = sqq;
+    *aqw = sqw;
+    return acc0 + acc1;
+}
+
+/* The least-squares (scale, bias) per lane for codes with those sums; a lane whose codes are all equal (a
+ * degenerate fit) keeps its old pair. */
+INLINE void fit(vf aq, vf aqq, vf aqw, vf sw, int gs, vf *scale, vf *bias) {
     float g = (float)gs;
-    vf det = g * aqq - aq * aq;
+    vf s = *scale, b = *bias, det = g * aqq - aq * aq;
     vi ok = det > 0.0f;
     vf ns = vsel(ok, (g * aqw - aq * sw) / vsel(ok, det, splat(1.0f)), s);
     ns = vsel(vabs(ns) > 1e-12f, ns, s);
@@ -197,15 +213,21 @@ INLINE int quantize_block(const float *xt, int gs, int bits, int dtype, int roun
     float codes[2][MAX_GROUP * L], mm_codes[MAX_GROUP * L];
     vf err[2], stored_s[2], stored_b[2];
     for (int k = 0; k < starts; k++) {
-        vf best = top_e[k], scale = top_s[k], bias = top_b[k];
+        /* each step: the least-squares pair for the codes of the best so far, measured with its own codes,
+         * whose sums serve the next step where it becomes the best (one pass per step) */
+        vf best = top_e[k], scale = top_s[k], bias = top_b[k], aq, aqq, aqw;
+        if (steps > 0) error_and_sums(xt, gs, scale, bias, n, &aq, &aqq, &aqw);
         for (int i = 0; i < steps; i++) {
-            vf s = scale, b = bias;
-            least_squares(xt, gs, sw, n, &s, &b);
-            vf e = search_error(xt, gs, s, b, n);
+            vf s = scale, b = bias, cq, cqq, cqw;
+            fit(aq, aqq, aqw, sw, gs, &s, &b);
+            vf e = error_and_sums(xt, gs, s, b, n, &cq, &cqq, &cqw);
             vi better = e < best;
             best = vsel(better, e, best);
             scale = vsel(better, s, scale);
             bias = vsel(better, b, bias);
+            aq = vsel(better, cq, aq);
+            aqq = vsel(better, cqq, aqq);
+            aqw = vsel(better, cqw, aqw);
         }
         stored_s[k] = round_to(scale, dtype);
         stored_b[k] = round_to(bias, dtype);
