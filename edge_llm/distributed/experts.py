@@ -1,19 +1,22 @@
 """Expert parallelism: each rank holds a contiguous slice of every MoE layer's routed experts.
 
 ``LocalExperts`` takes a switch module's place (``switch_mlp``, the same parameter paths, so loading and
-quantization see nothing new). Router ids outside this rank's slice run through its first expert and are
-zeroed; one ``all_sum`` over the ranks then gives every rank the outputs of all k chosen experts,
-``[..., k, D]``. Each (token, expert) output is computed on exactly one rank and added to zeros elsewhere, so
-the sum is exact: the MoE block weights and sums the k outputs just as a single process does, bit for bit
-(the CPU kernels compute a row the same whatever rows surround it).
+quantization see nothing new). It reads the router's choice (one sync per MoE layer), runs only the (token,
+expert) pairs whose expert it holds, and puts their outputs in a zero buffer ``[..., k, D]``; one ``all_sum``
+over the ranks then gives every rank the outputs of all k chosen experts. Each (token, expert) output is
+computed on exactly one rank and added to zeros elsewhere, so the sum is exact: the MoE block weights and sums
+the k outputs just as a single process does, bit for bit (the CPU kernels compute a row the same whatever rows
+surround it).
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from ..models.switch import SwitchGLU, SwitchLinear
+from .protocol import count_sent
 
 
 class LocalExperts(SwitchGLU):
@@ -29,10 +32,16 @@ class LocalExperts(SwitchGLU):
         self._start, self._count, self._group = start, count, group
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
-        local = indices.astype(mx.int32) - self._start
-        mine = (local >= 0) & (local < self._count)
-        y = super().__call__(x, mx.where(mine, local, 0).astype(indices.dtype))  # [..., k, D]
-        y = mx.where(mine[..., None], y, mx.zeros((), y.dtype))
+        k, dim = indices.shape[-1], x.shape[-1]
+        local = np.array(indices, dtype=np.int64).reshape(-1) - self._start  # [N * k]
+        pairs = np.flatnonzero((local >= 0) & (local < self._count))  # the (token, slot) pairs run here
+        y = mx.zeros((local.size, dim), x.dtype)
+        if pairs.size:
+            rows = x.reshape(-1, dim)[mx.array(pairs // k)]  # [m, D]
+            out = super().__call__(rows, mx.array(local[pairs], dtype=indices.dtype)[:, None])  # [m, 1, D]
+            y[mx.array(pairs)] = out[:, 0, :]
+        y = y.reshape(*indices.shape, dim)  # [..., k, D]
+        count_sent(y.nbytes, self._group)
         return mx.distributed.all_sum(y, group=self._group)
 
 

@@ -103,6 +103,23 @@ class Group:
 _joined: Group | None = None
 
 
+def share_cores(launch: Launch) -> None:
+    """Ranks on one host split its cores: each kernel pool and BLAS takes its share, not all of them (two pools
+    that each poll every core slow both several times). An explicit EDGE_LLM_CPU_THREADS is kept."""
+    here = launch.hosts.count(launch.hosts[launch.rank])
+    if here < 2 or os.environ.get("EDGE_LLM_CPU_THREADS"):
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    share = max(1, cores // here)
+    os.environ["EDGE_LLM_CPU_THREADS"] = str(share)
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).openblas_set_num_threads(share)  # a preloaded OpenBLAS (machine.blas)
+    except (OSError, AttributeError):
+        pass
+
+
 def join() -> Group | None:
     """Joins the launch this process belongs to (once); None when it was not launched with two ranks or more."""
     global _joined
@@ -114,6 +131,7 @@ def join() -> Group | None:
     from .watchdog import start_watchdog
 
     start_watchdog(launch, seconds(JOIN_TIMEOUT_ENV, 60.0), seconds(PEER_TIMEOUT_ENV, 30.0))
+    share_cores(launch)
     _joined = Group(launch, mx.distributed.init(strict=True, backend="ring"))
     if _joined.mlx.size() != launch.size or _joined.mlx.rank() != launch.rank:
         raise DistributedError(f"MLX's ring has rank {_joined.mlx.rank()} of {_joined.mlx.size()}, MLX_HOSTFILE "

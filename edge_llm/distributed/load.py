@@ -106,7 +106,8 @@ def plan_for(checkpoint, mode: str, group: Group, dtype: str | None = None) -> S
     routed = experts.routed if experts else None
     sizes = model_bytes(held_bytes(checkpoint, dtype, probe.tied_embeddings), probe.args.num_hidden_layers)
     budgets = _gather_budgets(group)
-    plan = plan_shards(resolve_mode(mode, routed), sizes, budgets, routed)
+    layers = probe.args.num_hidden_layers
+    plan = plan_shards(resolve_mode(mode, routed, layers, group.size), sizes, budgets, routed)
     check_fits(plan, budgets, group.where)
     return plan
 

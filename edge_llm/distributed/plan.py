@@ -126,12 +126,14 @@ def plan_shards(mode: str, sizes: ModelBytes, budgets: list[int], experts: int |
     return plan
 
 
-def resolve_mode(mode: str, experts: int | None) -> str:
-    """``auto``: expert parallelism for a MoE (measured faster here: benchmarks/RESULTS.md), else pipeline."""
+def resolve_mode(mode: str, experts: int | None, layers: int, ranks: int) -> str:
+    """``auto``: the pipeline, for a MoE too: measured faster than expert parallelism for prefill and decode
+    (benchmarks/RESULTS.md, "Distributed"), with less memory per rank and ~30x fewer bytes per token; expert
+    parallelism where a MoE has fewer layers than there are ranks."""
     if mode not in MODES:
         raise DistributedError(f"--shard {mode!r}: expected one of {', '.join(MODES)}")
     if mode == "auto":
-        return "experts" if experts else "pipeline"
+        return "experts" if experts and layers < ranks else "pipeline"
     return mode
 
 

@@ -13,6 +13,19 @@ import numpy as np
 from .watchdog import peer_lost
 
 FORWARD, STOP = 1, 2
+_sent = [0]  # bytes this rank has sent to the others (an estimate for collectives: a ring all-sum's share)
+
+
+def count_sent(nbytes: int, group=None) -> None:
+    """Adds a point-to-point send of ``nbytes`` (``group`` given: an all-sum of that buffer, of which a ring
+    sends 2 (n - 1) / n per rank)."""
+    _sent[0] += nbytes if group is None else nbytes * 2 * (group.size() - 1) // group.size()
+
+
+def bytes_sent() -> int:
+    """Bytes this rank has sent to the other ranks so far (commands, activations, expert outputs)."""
+    return _sent[0]
+
 HEADER = 8  # op, batch, length, rows, frees, tokens sent, payload length, activation dtype
 NO_CACHE = -1
 
@@ -47,6 +60,7 @@ def collective(fn, *args, **kwargs):
 
 def _broadcast(values: np.ndarray, group, root: bool) -> np.ndarray:
     x = mx.array(values if root else np.zeros_like(values))
+    count_sent(x.nbytes, group)
     return np.array(collective(mx.distributed.all_sum, x, group=group))
 
 

@@ -22,7 +22,7 @@ from ..models.cache import BatchRows
 from ..models.layers import output_projection
 from .group import Group
 from .plan import ShardPlan
-from .protocol import FORWARD, NO_CACHE, STOP, Command, collective, send_command
+from .protocol import FORWARD, NO_CACHE, STOP, Command, collective, count_sent, send_command
 
 DTYPES = (mx.float32, mx.bfloat16, mx.float16)
 
@@ -70,6 +70,7 @@ class Shard:
         g = self.group.mlx
         h = mx.distributed.recv(shape, dtype, self.rank - 1, group=g)
         h = self.run_layers(h, cache)
+        count_sent(h.nbytes)
         collective(mx.distributed.send, h, (self.rank + 1) % self.size, group=g)
 
     def hidden(self, tokens: mx.array, cache: list | None) -> mx.array:
@@ -78,6 +79,7 @@ class Shard:
             return collective(lambda: self.model.model(tokens, cache))
         g = self.group.mlx
         h = self.run_layers(self.model.model.embed_tokens(tokens), cache)
+        count_sent(h.nbytes)
         collective(mx.distributed.send, h, 1, group=g)
         h = collective(mx.distributed.recv_like, h, self.size - 1, group=g)
         return self.model.model.norm(h)
