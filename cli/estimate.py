@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -14,6 +15,7 @@ from edge_llm.machine.memory import human_bytes
 from quant.estimate import Estimate, Row, estimate
 from quant.fit import place_here
 from quant.placement import Placement
+from quant.sharding import Host, ShardingEstimate, estimate_sharding, read_hostfile
 from quant.where import device_placements
 
 from .common import (
@@ -103,6 +105,12 @@ def estimate_cmd(
                                                           "from disk, or not) and how fast at best."),
     only: str | None = typer.Option(None, "--only", metavar="NAMES",
                                     help="With --devices: families (apple, nvidia, pc) or parts of names (m4, 4090)."),
+    hosts: int | None = typer.Option(None, "--hosts", min=2, metavar="N",
+                                     help="Sharded over N machines like this one (mlx.launch): what each rank holds, "
+                                          "whether it fits, bytes exchanged per token."),
+    hostfile: str | None = typer.Option(None, "--hostfile", metavar="FILE",
+                                         help="As --hosts, for the machines of an mlx.launch host file (an entry may "
+                                              "add \"memory\": \"96GB\"; else it counts as this machine)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """How much memory MODEL needs (weights + KV cache + runtime) at each precision, and whether it fits here."""
@@ -119,10 +127,12 @@ def estimate_cmd(
         if est.requested.footprint is None:
             raise ValueError("--devices needs a model's real shapes: give MODEL, not --params")
         placements = device_placements(read_model_headers(model, revision).named, est, only, est.folder)
+    shards = _sharding(est, model, revision, hosts, hostfile)
     if as_json:
         print(json.dumps({**est.as_dict(), "budget_source": est.machine.budget_source,
                           **({"placement": placement_dict(est, here)} if here else {}),
-                          **({"devices": [p.as_dict() for p in placements]} if devices else {})}))
+                          **({"devices": [p.as_dict() for p in placements]} if devices else {}),
+                          **({"sharding": [s.as_dict() for s in shards]} if shards else {})}))
         return
     out = Console(highlight=False, width=None if stdout_is_terminal() else 120)
     experts = f", {human_count(est.params_active)} active per token" if est.params_active != est.params_total else ""
@@ -138,3 +148,37 @@ def estimate_cmd(
     out.print(_speed(est), soft_wrap=True)
     if devices:
         out.print(devices_table(placements))
+    for shard in shards:
+        out.print(_sharding_table(shard))
+        out.print(_sharding_line(shard), soft_wrap=True)
+
+
+def _sharding(est: Estimate, model: str | None, revision: str | None, hosts: int | None,
+              hostfile: str | None) -> list[ShardingEstimate]:
+    if hosts is None and hostfile is None:
+        return []
+    if est.requested.footprint is None:
+        raise ValueError("--hosts/--hostfile need a model's real shapes: give MODEL, not --params")
+    if hostfile is not None:
+        machines = read_hostfile(Path(hostfile), est.machine.memory_bytes)
+    else:
+        machines = [Host(f"host {i}", est.machine.memory_bytes) for i in range(hosts)]
+    return estimate_sharding(est, read_model_headers(model, revision).named, machines)
+
+
+def _sharding_table(shard: ShardingEstimate) -> Table:
+    table = Table(title=f"{shard.mode} over {len(shard.ranks)} ranks", show_edge=False, header_style="bold")
+    for name in ("rank", "host", "layers", "experts", "weights", "KV cache", "runtime", "total", "memory", "fits"):
+        table.add_column(name, justify="left" if name in ("host", "layers", "experts") else "right", no_wrap=True)
+    for r in shard.ranks:
+        experts = f"{r.experts[0]}-{r.experts[1] - 1}" if r.experts else "-"
+        table.add_row(str(r.rank), escape(r.host), f"{r.layers[0]}-{r.layers[1] - 1}", experts,
+                      human_bytes(r.weights_bytes), human_bytes(r.kv_cache_bytes), human_bytes(r.runtime_bytes),
+                      human_bytes(r.total_bytes), human_bytes(r.memory_bytes), "yes" if r.fits else "no")
+    return table
+
+
+def _sharding_line(shard: ShardingEstimate) -> str:
+    verdict = "[green]every rank fits[/]" if shard.fits else "[red]a rank does not fit[/]"
+    return (f"{shard.mode}: {verdict}; the ranks exchange {human_bytes(shard.bytes_per_token)} per decoded token "
+            f"(mlx.launch --hostfile FILE --backend ring -- edge-llm run MODEL --shard {shard.mode})")

@@ -269,3 +269,26 @@ def test_serve_answers_on_rank_0_while_sharded(tiny):
             proc.kill()
     stderr = proc.stderr.read().decode()
     assert proc.returncode == 0 and "Traceback" not in stderr and "error" not in stderr, stderr
+
+
+def test_estimate_says_what_each_rank_holds(tiny, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    result = CliRunner().invoke(app, ["estimate", str(tiny["qwen3_moe"]), "--hosts", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    pipeline, experts = data["sharding"]
+    assert pipeline["mode"] == "pipeline" and experts["mode"] == "experts"
+    assert [r["layers"] for r in pipeline["ranks"]] == [[0, 2], [2, 4]]
+    assert [r["experts"] for r in experts["ranks"]] == [[0, 2], [2, 4]]
+    assert abs(sum(r["weights_bytes"] for r in pipeline["ranks"]) - data["weights_bytes"]) < 16
+    assert pipeline["bytes_per_token"] == 2 * 64 * 4  # the hidden state once around two ranks, float32 on the CPU
+    assert experts["bytes_per_token"] == 4 * 2 * 64 * 4 * 2  # 4 MoE layers: k=2 outputs all-summed by 2 ranks
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([{"ssh": "big", "ips": ["10.0.0.1"]},
+                                    {"ssh": "small", "ips": ["10.0.0.2"], "memory": "1MB"}]))
+    result = CliRunner().invoke(app, ["estimate", str(tiny["qwen3_moe"]), "--hostfile", str(hostfile)])
+    assert result.exit_code == 0, result.output
+    assert "a rank does not fit" in result.stdout and "small" in result.stdout
