@@ -17,12 +17,15 @@ from .ops import (
     attention,
     attention_step,
     float_matmul,
+    float_matmuls,
     gather_float_matmul,
     gather_quantized_matmul,
     quantized_matmul,
+    quantized_matmuls,
     rms_norm,
     rope,
 )
 
 __all__ = ["ENV", "active", "KernelStatus", "status", "quantized_matmul", "float_matmul", "gather_quantized_matmul",
-           "gather_float_matmul", "rms_norm", "rope", "attention", "attention_step", "ATTENTION_MAX_QUERIES"]
+           "gather_float_matmul", "rms_norm", "rope", "attention", "attention_step", "ATTENTION_MAX_QUERIES",
+           "quantized_matmuls", "float_matmuls"]

@@ -50,6 +50,33 @@ def float_matmul(x: mx.array, w: mx.array) -> mx.array | None:
     return kernels.matmul(x, w)
 
 
+MAX_WEIGHTS = 8  # csrc/kernels.h EL_MAX_WEIGHTS
+
+
+def quantized_matmuls(x: mx.array, weights: list[tuple[mx.array, mx.array, mx.array | None]], group_size: int,
+                      bits: int, mode: str = "affine") -> list[mx.array] | None:
+    """``[quantized_matmul(x, w, s, b, ...) for (w, s, b) in weights]`` as one product (one dispatch, one job for
+    the threads): a layer's q/k/v or gate/up. The same bits as one by one; None where the kernels do not apply
+    (the caller goes one by one)."""
+    kernels = _kernels()
+    if (kernels is None or not _quantized_ok(x, group_size, bits, mode) or not 1 <= len(weights) <= MAX_WEIGHTS
+            or len({(s.dtype, b is None) for _, s, b in weights}) != 1):
+        return None
+    has_biases = weights[0][2] is not None
+    flat = [a for w, s, b in weights for a in ((w, s, b) if has_biases else (w, s))]
+    return kernels.matmul_many(x, flat, bits=bits, group_size=group_size, has_biases=has_biases)
+
+
+def float_matmuls(x: mx.array, weights: list[mx.array]) -> list[mx.array] | None:
+    """``[float_matmul(x, w) for w in weights]`` as one product; None where the kernels do not apply."""
+    kernels = _kernels()
+    if kernels is None or x.dtype != mx.float32 or not 1 <= len(weights) <= MAX_WEIGHTS:
+        return None
+    if any(w.dtype not in FLOATS or w.ndim != 2 for w in weights):
+        return None
+    return kernels.matmul_many(x, weights)
+
+
 def _gathered_rows(x: mx.array, indices: mx.array) -> tuple[mx.array, mx.array, tuple[int, ...]]:
     """``x [..., M, K]`` and ``indices [...]`` broadcast together -> (rows [B * M, K], ids [B], batch shape)."""
     batch = tuple(mx.broadcast_shapes(x.shape[:-2], indices.shape))

@@ -23,7 +23,7 @@ import mlx.nn as nn
 from .. import kernels
 from .base import BaseModelArgs, attention, check_widths, require
 from .cache import BatchRows, KVCache, each_row
-from .layers import RMSNorm, sliding_window_mask
+from .layers import RMSNorm, projections, sliding_window_mask
 from .rope import RoPE
 
 
@@ -85,7 +85,7 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, cache: KVCache | BatchRows | None) -> mx.array:
         B, L, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, L, H*D]
+        q, k, v = projections(x, self.q_proj, self.k_proj, self.v_proj)  # [B, L, H*D]
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:

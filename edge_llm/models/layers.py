@@ -40,7 +40,8 @@ class MLP(nn.Module):
         self.act = activation(act)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = projections(x, self.gate_proj, self.up_proj)
+        return self.down_proj(self.act(gate) * up)
 
 
 def sliding_window_mask(queries: int, keys: int, window: int | None) -> str | mx.array | None:
@@ -155,3 +156,31 @@ class FloatLinear(nn.Linear):
         if out is None:
             return super().__call__(x)
         return out + self["bias"] if "bias" in self else out
+
+
+def projections(x: mx.array, *linears: nn.Module) -> list[mx.array]:
+    """``[linear(x) for linear in linears]``: a layer's q/k/v or gate/up projections of one input. Where the CPU
+    kernels take them one by one (few rows), they take them as one product instead: one dispatch and one job for
+    the threads, the same bits."""
+    together = _one_product(x, linears)
+    return together if together is not None else [linear(x) for linear in linears]
+
+
+def _one_product(x: mx.array, linears: tuple[nn.Module, ...]) -> list[mx.array] | None:
+    first = linears[0]
+    if len(linears) < 2 or mx.default_device() != mx.cpu:
+        return None
+    rows = x.size // x.shape[-1]
+    if all(type(m) is QuantizedLinear for m in linears):
+        fmt = (first.bits, first.group_size, first.mode)
+        if rows >= dequantize_min_rows() or any((m.bits, m.group_size, m.mode) != fmt for m in linears):
+            return None
+        outs = kernels.quantized_matmuls(x, [(m["weight"], m["scales"], m.get("biases")) for m in linears],
+                                         first.group_size, first.bits, first.mode)
+    elif all(type(m) is FloatLinear for m in linears) and rows < DEQUANTIZE_MIN_ROWS:
+        outs = kernels.float_matmuls(x, [m["weight"] for m in linears])
+    else:
+        return None
+    if outs is None:
+        return None
+    return [out + m["bias"] if "bias" in m else out for out, m in zip(outs, linears, strict=True)]

@@ -35,6 +35,11 @@ typedef struct {
 int el_matmul(const el_weights* W, const float* x, float* y, int64_t rows, const uint32_t* experts,
               int64_t rows_per_id);
 
+/* y_i = x @ W_i.T for n (at most EL_MAX_WEIGHTS) matrices sharing K, bits and group size (a layer's q/k/v or
+ * gate/up projections): one job on the pool, x prepared once. Each y_i is what el_matmul gives. */
+#define EL_MAX_WEIGHTS 8
+int el_matmul_many(const el_weights* const* Ws, int n, const float* x, float* const* ys, int64_t rows);
+
 /* Which instruction set the kernels run with ("avx2+fma+f16c", "generic"). */
 const char* el_isa(void);
 

@@ -14,9 +14,16 @@ typedef struct {
 
 typedef struct {
   el_job job;
-  el_rows_fn rows;
   const segment* segments;
+  int64_t count;         /* segments */
   int64_t chunk, chunks; /* output rows per task, tasks per segment */
+  int64_t first;         /* this part's first task */
+} part;
+
+typedef struct {
+  part parts[EL_MAX_WEIGHTS];
+  int n;
+  el_rows_fn rows;
 } plan;
 
 static el_rows_fn chosen;
@@ -55,10 +62,14 @@ const char* el_isa(void) {
 
 static void run_task(void* arg, int64_t task) {
   const plan* p = (const plan*)arg;
-  const segment* s = &p->segments[task / p->chunks];
-  int64_t n0 = (task % p->chunks) * p->chunk, n1 = n0 + p->chunk;
-  if (n1 > p->job.W->N) n1 = p->job.W->N;
-  p->rows(&p->job, s->expert, s->r0, s->r1, n0, n1);
+  int i = 0;
+  while (i + 1 < p->n && task >= p->parts[i + 1].first) i++;
+  const part* q = &p->parts[i];
+  task -= q->first;
+  const segment* s = &q->segments[task / q->chunks];
+  int64_t n0 = (task % q->chunks) * q->chunk, n1 = n0 + q->chunk;
+  if (n1 > q->job.W->N) n1 = q->job.W->N;
+  p->rows(&q->job, s->expert, s->r0, s->r1, n0, n1);
 }
 
 /* 4-bit: each 32-value block of x as its 16 even values, then its 16 odd ones (the nibble order). */
@@ -81,16 +92,53 @@ static void prepare_x(const el_weights* W, const float* x, int64_t rows, float* 
   }
 }
 
-int el_matmul(const el_weights* W, const float* x, float* y, int64_t rows, const uint32_t* experts,
-              int64_t rows_per_id) {
-  if (W->N <= 0 || W->K <= 0 || W->E <= 0 || rows < 0) return -1;
-  if (rows == 0) return 0;
+static int check_weights(const el_weights* W) {
+  if (W->N <= 0 || W->K <= 0 || W->E <= 0) return -1;
   if (W->bits) {
-    const int b = W->bits;
+    const int b = W->bits, gs = W->group_size;
     if (!(b == 2 || b == 3 || b == 4 || b == 5 || b == 6 || b == 8)) return -1;
-    const int gs = W->group_size;
     if (!(gs == 32 || gs == 64 || gs == 128) || W->K % gs) return -1;
   }
+  return 0;
+}
+
+/* x as the row kernels of W take it (4-bit: permuted; quantized: group sums), in *xp / *xsum (malloc'd, or NULL
+ * where x serves as is). */
+static int prepared_x(const el_weights* W, const float* x, int64_t rows, float** xp, float** xsum) {
+  *xp = *xsum = NULL;
+  if (!W->bits) return 0;
+  *xsum = malloc(sizeof(float) * rows * (W->K / W->group_size));
+  if (W->bits == 4) *xp = malloc(sizeof(float) * rows * W->K);
+  if (!*xsum || (W->bits == 4 && !*xp)) {
+    free(*xsum), free(*xp);
+    return -1;
+  }
+  prepare_x(W, x, rows, *xp, *xsum);
+  return 0;
+}
+
+/* Output rows per task: ~TASK_WEIGHT_BYTES of weights, and at least a few tasks per thread over ``work`` rows. */
+static int64_t chunk_rows(const el_weights* W, int64_t work) {
+  const int64_t row_bytes = W->bits ? W->K * W->bits / 8 : W->K * (W->w_dtype == EL_F32 ? 4 : 2);
+  int64_t chunk = TASK_WEIGHT_BYTES / row_bytes;
+  const int64_t threads = el_threads();
+  const int64_t balanced = (work + 4 * threads - 1) / (4 * threads);
+  if (chunk > balanced) chunk = balanced;
+  if (chunk < 4) chunk = 4;
+  return chunk > W->N ? W->N : chunk;
+}
+
+static part make_part(const el_weights* W, const float* x, const float* xsum, float* y, const segment* segments,
+                      int64_t count, int64_t work, int64_t first) {
+  part q = {{W, x, xsum, y}, segments, count, chunk_rows(W, work), 0, first};
+  q.chunks = (W->N + q.chunk - 1) / q.chunk;
+  return q;
+}
+
+int el_matmul(const el_weights* W, const float* x, float* y, int64_t rows, const uint32_t* experts,
+              int64_t rows_per_id) {
+  if (check_weights(W) || rows < 0) return -1;
+  if (rows == 0) return 0;
   if (experts) {
     if (rows_per_id <= 0 || rows % rows_per_id) return -1;
     for (int64_t i = 0; i < rows / rows_per_id; i++)
@@ -109,27 +157,39 @@ int el_matmul(const el_weights* W, const float* x, float* y, int64_t rows, const
       segments[count++] = (segment){e, experts ? i * rows_per_id : 0, experts ? (i + 1) * rows_per_id : rows};
     }
   }
-
-  float *xp = NULL, *xsum = NULL;
-  if (W->bits) {
-    xsum = malloc(sizeof(float) * rows * (W->K / W->group_size));
-    if (W->bits == 4) xp = malloc(sizeof(float) * rows * W->K);
-    if (!xsum || (W->bits == 4 && !xp)) {
-      free(segments), free(xsum), free(xp);
-      return -1;
-    }
-    prepare_x(W, x, rows, xp, xsum);
+  float *xp, *xsum;
+  if (prepared_x(W, x, rows, &xp, &xsum)) {
+    free(segments);
+    return -1;
   }
-
-  const int64_t row_bytes = W->bits ? W->K * W->bits / 8 : W->K * (W->w_dtype == EL_F32 ? 4 : 2);
-  int64_t chunk = TASK_WEIGHT_BYTES / row_bytes;
-  const int64_t threads = el_threads();
-  const int64_t balanced = (W->N * count + 4 * threads - 1) / (4 * threads); /* a few tasks per thread */
-  if (chunk > balanced) chunk = balanced;
-  if (chunk < 4) chunk = 4;
-  if (chunk > W->N) chunk = W->N;
-  plan p = {{W, xp ? xp : x, xsum, y}, chosen, segments, chunk, (W->N + chunk - 1) / chunk};
-  el_parallel_for(run_task, &p, count * p.chunks);
+  plan p = {.n = 1, .rows = chosen};
+  p.parts[0] = make_part(W, xp ? xp : x, xsum, y, segments, count, W->N * count, 0);
+  el_parallel_for(run_task, &p, count * p.parts[0].chunks);
   free(segments), free(xsum), free(xp);
+  return 0;
+}
+
+int el_matmul_many(const el_weights* const* Ws, int n, const float* x, float* const* ys, int64_t rows) {
+  if (n < 1 || n > EL_MAX_WEIGHTS || rows < 0) return -1;
+  for (int i = 0; i < n; i++) {
+    const el_weights* W = Ws[i];
+    if (check_weights(W) || W->E != 1 || W->K != Ws[0]->K || W->bits != Ws[0]->bits ||
+        (W->bits && W->group_size != Ws[0]->group_size))
+      return -1;
+  }
+  if (rows == 0) return 0;
+  choose_isa();
+  float *xp, *xsum;
+  if (prepared_x(Ws[0], x, rows, &xp, &xsum)) return -1;
+  const segment all = {0, 0, rows};
+  int64_t work = 0, tasks = 0;
+  for (int i = 0; i < n; i++) work += Ws[i]->N;
+  plan p = {.n = n, .rows = chosen};
+  for (int i = 0; i < n; i++) {
+    p.parts[i] = make_part(Ws[i], xp ? xp : x, xsum, ys[i], &all, 1, work, tasks);
+    tasks += p.parts[i].chunks;
+  }
+  el_parallel_for(run_task, &p, tasks);
+  free(xsum), free(xp);
   return 0;
 }

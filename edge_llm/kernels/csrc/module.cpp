@@ -22,6 +22,9 @@ NB_MODULE(_edge_kernels, m) {
   m.def("matmul", &edge::matmul, "x"_a, "w"_a, "scales"_a = nb::none(), "biases"_a = nb::none(),
         "indices"_a = nb::none(), "bits"_a = 0, "group_size"_a = 0, nb::kw_only(), "stream"_a = nb::none(),
         "x @ W.T on the CPU for quantized (bits > 0) or float W; with indices, one expert per run of rows");
+  m.def("matmul_many", &edge::matmul_many, "x"_a, "ws"_a, "bits"_a = 0, "group_size"_a = 0, "has_biases"_a = false,
+        nb::kw_only(), "stream"_a = nb::none(),
+        "[x @ W.T for each W] in one job: ws lists each weight (with its scales and biases when quantized)");
   m.def("rms_norm", &edge::rms_norm, "x"_a, "weight"_a, "eps"_a, nb::kw_only(), "stream"_a = nb::none());
   m.def("rope", &edge::rope, "x"_a, "dims"_a, "traditional"_a, "inv_freq"_a, "scale"_a, "offset"_a, nb::kw_only(),
         "stream"_a = nb::none());

@@ -1,5 +1,6 @@
 #pragma once
 #include <optional>
+#include <vector>
 
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
@@ -12,6 +13,28 @@ namespace mx = mlx::core;
 mx::array matmul(const mx::array& x, const mx::array& w, const std::optional<mx::array>& scales,
                  const std::optional<mx::array>& biases, const std::optional<mx::array>& indices, int bits,
                  int group_size, mx::StreamOrDevice s = {});
+
+// [x @ W_i.T for each W_i]: weights sharing K and format (all float, or all quantized alike, biases or none), one
+// job on the thread pool (a layer's q/k/v or gate/up projections). ws: w_i, or w_i, scales_i[, biases_i].
+std::vector<mx::array> matmul_many(const mx::array& x, const std::vector<mx::array>& ws, int bits, int group_size,
+                                   bool has_biases, mx::StreamOrDevice s = {});
+
+class CpuMatmulMany : public mx::Primitive {
+ public:
+  CpuMatmulMany(mx::Stream stream, int bits, int group_size, bool has_biases, int count)
+      : mx::Primitive(stream), bits_(bits), group_size_(group_size), has_biases_(has_biases), count_(count) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  const char* name() const override { return "EdgeCpuMatmulMany"; }
+  bool is_equivalent(const mx::Primitive& other) const override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+
+ private:
+  int per_weight() const { return bits_ ? (has_biases_ ? 3 : 2) : 1; }
+  int bits_, group_size_;
+  bool has_biases_;
+  int count_;
+};
 
 class CpuMatmul : public mx::Primitive {
  public:

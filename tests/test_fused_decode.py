@@ -1,17 +1,20 @@
-"""The CPU kernels' fused decode attention (``kernels.attention_step``): rope, the cache write and attention in
-three ops instead of about fifteen. It must give the bits of the unfused ops (``kernels.rope``, the cache's
-slice update, ``kernels.attention``), which the architecture parity tests check against transformers; write
-into the cache's buffer in place only when nothing else holds it; and leave a model's logits unchanged."""
+"""The CPU kernels' fused decode ops: the attention step (``kernels.attention_step``: rope, the cache write and
+attention in three ops instead of about fifteen) and a layer's projections of one input as one product
+(``layers.projections``: q/k/v, gate/up). Each must give the bits of the unfused ops (which the architecture
+parity tests check against transformers); the attention step writes into the cache's buffer in place only when
+nothing else holds it; a model's logits stay unchanged."""
 
 from __future__ import annotations
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
 from edge_llm import kernels
 from edge_llm.kernels import ops
 from edge_llm.models.cache import BatchRows, KVCache
+from edge_llm.models.layers import FloatLinear, QuantizedLinear, projections
 
 pytestmark = pytest.mark.skipif(not kernels.active(), reason="the CPU kernels are not active here")
 
@@ -96,3 +99,38 @@ def test_model_decode_bits_unchanged_by_the_fused_step():
         assert mx.array_equal(a, b).item()
         token = mx.argmax(a[:, -1:], axis=-1)
     assert all(isinstance(c, KVCache) and c.offset == 13 for c in plain)
+
+
+def linears(kind: str, widths: list[int], bias: bool, k: int = 192) -> list[nn.Module]:
+    out = []
+    for i, n in enumerate(widths):
+        float_linear = nn.Linear(k, n, bias=bias)
+        float_linear.update({"weight": normal((n, k), 10 + i)} | ({"bias": normal((n,), 20 + i)} if bias else {}))
+        if kind == "float":
+            m = FloatLinear.of(float_linear)
+            m.update({"weight": m["weight"].astype(mx.bfloat16)})
+        else:
+            bits, group = {"q4": (4, 64), "q8": (8, 32), "q3": (3, 64)}[kind]
+            m = QuantizedLinear.of(nn.QuantizedLinear.from_linear(float_linear, group_size=group, bits=bits))
+        out.append(m)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["q4", "q8", "q3", "float"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_projections_as_one_product_give_each_ones_bits(kind, bias):
+    layer = linears(kind, [96, 32, 32], bias)  # q, k, v of different widths
+    for rows in (1, 5):
+        x = normal((1, rows, 192), 3)
+        together = projections(x, *layer)
+        alone = [m(x) for m in layer]
+        for i, (a, b) in enumerate(zip(together, alone, strict=True)):
+            assert a.shape == b.shape and a.dtype == b.dtype
+            assert mx.array_equal(a, b).item(), f"projection {i}, {rows} rows"
+
+
+def test_projections_of_mixed_formats_go_one_by_one():
+    q4, q8 = linears("q4", [64], False)[0], linears("q8", [64], False)[0]
+    x = normal((1, 1, 192), 4)
+    got = projections(x, q4, q8)
+    assert all(mx.array_equal(g, m(x)).item() for g, m in zip(got, (q4, q8), strict=True))
