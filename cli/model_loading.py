@@ -54,8 +54,7 @@ def follow_if_follower(model: str, shard: str, dtype: str | None) -> bool:
 
     if join().rank == 0:
         return False
-    prepare_cpu_kernels()
-    load_share(model, shard, dtype)
+    load_share(model, shard, dtype)  # the CPU kernels build on first use if need be, silently
     return True
 
 

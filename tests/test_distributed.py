@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_llm.distributed.group import DistributedError
+from edge_llm.distributed.launch import DistributedError
 from edge_llm.distributed.plan import ModelBytes, expert_split, model_bytes, plan_shards, split_proportionally
 from tests.hf_oracle import build_tiny_checkpoint
 from tests.tiny_configs import TINY_CONFIGS

@@ -8,6 +8,6 @@ drives (the generation code, chat and server see an ordinary model) and ``follow
 ranks run; ``protocol`` carries rank 0's commands; ``experts`` is the expert-parallel switch layer.
 """
 
-from .group import launched
+from .launch import launched
 
 __all__ = ["launched"]

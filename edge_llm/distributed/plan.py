@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .group import DistributedError
+from .launch import DistributedError
 
 MODES = ("auto", "pipeline", "experts")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")

@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 
-from .group import DistributedError, Launch
+from .launch import DistributedError, Launch
 
 BEAT, LEAVING, FAULT = b"h", b"q", b"f"
 BEAT_EVERY = 0.5
