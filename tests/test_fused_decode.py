@@ -134,3 +134,41 @@ def test_projections_of_mixed_formats_go_one_by_one():
     x = normal((1, 1, 192), 4)
     got = projections(x, q4, q8)
     assert all(mx.array_equal(g, m(x)).item() for g, m in zip(got, (q4, q8), strict=True))
+
+
+def assert_close(got: mx.array, want: mx.array, what: str, rtol: float = 1e-5) -> None:
+    """Equal up to summation order (and, for rope's angles, one float rounding of the position x angle)."""
+    got, want = np.array(got), np.array(want)
+    assert got.shape == want.shape, what
+    error = np.abs(got - want).max() / max(np.abs(want).max(), 1e-6)
+    assert error <= rtol, f"{what}: {error:.2g} relative"
+
+
+def test_rms_norm_is_mlxs():
+    for shape, dtype in (((3, 7, 576), mx.float32), ((1, 1, 100), mx.bfloat16), ((2, 64), mx.float16)):
+        x, w = normal(shape, 1), normal(shape[-1:], 2).astype(dtype)
+        assert_close(ops.rms_norm(x, w, 1e-5), mx.fast.rms_norm(x, w.astype(mx.float32), 1e-5), str(shape))
+
+
+@pytest.mark.parametrize("dims, traditional, offset, scale", [(64, False, 0, 1.0), (32, True, 700, 0.25),
+                                                              (10, False, 5, 1.0)])
+def test_rope_is_mlxs(dims, traditional, offset, scale):
+    x = normal((2, 3, 4, 64), 3)  # [B, H, L, D]
+    base = 10000.0
+    inv_freq = mx.array(np.exp(np.arange(dims // 2) * (-np.log(base) / (dims // 2))).astype(np.float32))
+    got = ops.rope(x, dims, traditional, inv_freq, scale, offset)
+    want = mx.fast.rope(x, dims, traditional=traditional, base=base, scale=scale, offset=offset)
+    assert_close(got, want, f"rope dims {dims}", rtol=1e-4 if offset else 1e-6)
+
+
+@pytest.mark.parametrize("hq, hkv, d, dv, queries, keys, causal", [
+    (9, 3, 64, 64, 1, 700, False),   # SmolLM2's heads, a long cache
+    (4, 1, 10, 12, 3, 19, True),     # MQA, widths that leave vector tails, values wider, causal
+    (2, 2, 16, 16, 8, 8, True),      # the most queries the kernel takes, all keys new
+])
+def test_attention_is_mlxs(hq, hkv, d, dv, queries, keys, causal):
+    q, k, v = normal((1, hq, queries, d), 4), normal((1, hkv, keys, d), 5), normal((1, hkv, keys, dv), 6)
+    mask = "causal" if causal else None
+    got = ops.attention(q, k, v, 0.125, mask)
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=mask)
+    assert_close(got, want, f"{hq}x{queries} queries over {keys} keys")

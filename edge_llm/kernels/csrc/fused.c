@@ -59,6 +59,36 @@ typedef struct {
   int64_t rows_per_task;
 } attention_job;
 
+/* 8 floats: compiled to whatever vectors the target has (two SSE registers on baseline x86-64, NEON on arm64). */
+typedef float v8 __attribute__((vector_size(32)));
+
+static inline v8 load_v8(const float* p) {
+  v8 v;
+  memcpy(&v, p, sizeof v);
+  return v;
+}
+
+/* q . k over D features: 8 lanes, then the lanes summed pairwise, then the tail; one fixed order. */
+static inline float dot(const float* q, const float* k, int64_t D) {
+  v8 acc = {0};
+  int64_t i = 0;
+  for (; i + 8 <= D; i += 8) acc += load_v8(q + i) * load_v8(k + i);
+  float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+  for (; i < D; i++) s += q[i] * k[i];
+  return s;
+}
+
+/* acc += p * v over D features. */
+static inline void axpy(float* acc, float p, const float* v, int64_t D) {
+  int64_t i = 0;
+  const v8 pv = {p, p, p, p, p, p, p, p};
+  for (; i + 8 <= D; i += 8) {
+    v8 a = load_v8(acc + i) + pv * load_v8(v + i);
+    memcpy(acc + i, &a, sizeof a);
+  }
+  for (; i < D; i++) acc[i] += p * v[i];
+}
+
 static void attention_rows(void* arg, int64_t task) {
   const attention_job* job = (const attention_job*)arg;
   const el_attention_args* a = job->a;
@@ -77,20 +107,13 @@ static void attention_rows(void* arg, int64_t task) {
     const int64_t visible = a->causal ? a->T - a->L + l + 1 : a->T;
     float top = -INFINITY;
     for (int64_t t = 0; t < visible; t++) {
-      const float* kt = k + t * a->k_strides[2];
-      float s = 0.f;
-      for (int64_t i = 0; i < D; i++) s += q[i] * kt[i];
-      scores[t] = s * a->scale;
+      scores[t] = dot(q, k + t * a->k_strides[2], D) * a->scale;
       if (scores[t] > top) top = scores[t];
     }
     float total = 0.f;
     for (int64_t t = 0; t < visible; t++) total += scores[t] = expf(scores[t] - top);
     for (int64_t i = 0; i < Dv; i++) acc[i] = 0.f;
-    for (int64_t t = 0; t < visible; t++) {
-      const float* vt = v + t * a->v_strides[2];
-      const float p = scores[t];
-      for (int64_t i = 0; i < Dv; i++) acc[i] += p * vt[i];
-    }
+    for (int64_t t = 0; t < visible; t++) axpy(acc, scores[t], v + t * a->v_strides[2], Dv);
     float* out = a->out + (a->out_by_position ? (b * a->L + l) * a->Hq + h : row) * Dv;
     const float inv = visible > 0 ? 1.f / total : 0.f;
     for (int64_t i = 0; i < Dv; i++) out[i] = acc[i] * inv;
