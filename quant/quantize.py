@@ -38,7 +38,7 @@ from edge_llm.loader import build_model
 from edge_llm.machine.backend import DTYPE_NAMES
 from edge_llm.models.base import CausalLM
 
-from .calibrate import Calibration, convert_calibrated, read_text
+from .calibrate import Calibration, calibration_input, convert_calibrated, read_text
 from .convert import convert_tensor
 from .destination import QuantizeError, check_destination, check_space, disk_error
 from .plan import MX_NAMES, ST_DTYPES, Plan, PlannedTensor, plan_quantized, quantizable_paths, source_dtype_of
@@ -293,20 +293,19 @@ def quantize(source: str | Path, out: str | Path, bits: int | None = None, group
     built-in text, or a text file's path) rounds with GPTQ on the model's activations (``quant.calibrate``).
     """
     started = time.perf_counter()
-    text = read_text(None if calibrate is True else calibrate) if calibrate else None
+    text = None if calibrate is None or calibrate is False else read_text(None if calibrate is True else calibrate)
     conversion = plan_conversion(source, out, bits, group_size, dtype, recipe, force, max_shard_bytes)
-    if text is not None and not conversion.plan.quantization:
-        raise QuantizeError("--calibrate needs a quantized output (--bits 2..8), not a float conversion")
+    calibrating = None if text is None else calibration_input(conversion, text)  # checked before any write
     calibration = None
     if announce is not None:
         announce(conversion.job())
     mx.reset_peak_memory()
     try:
         with AtomicFolder(conversion.out, force) as tmp:
-            if text is None:
+            if calibrating is None:
                 writer = convert(conversion, tmp, progress or _NoProgress())
             else:
-                writer, calibration = convert_calibrated(conversion, tmp, progress or _NoProgress(), text)
+                writer, calibration = convert_calibrated(conversion, tmp, progress or _NoProgress(), calibrating)
                 conversion.calibration = calibration.as_config()
             finalize(conversion, tmp, writer)
     except OSError as e:

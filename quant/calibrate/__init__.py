@@ -6,7 +6,8 @@
 - ``layerwise``: the conversion itself, one decoder layer at a time, writing into the planned shards.
 """
 
-from .layerwise import MIN_EXPERT_TOKENS, Calibration, convert_calibrated
+from .layerwise import MIN_EXPERT_TOKENS, Calibration, CalibrationInput, calibration_input, convert_calibrated
 from .text import CalibrationText, read_text
 
-__all__ = ["MIN_EXPERT_TOKENS", "Calibration", "CalibrationText", "convert_calibrated", "read_text"]
+__all__ = ["MIN_EXPERT_TOKENS", "Calibration", "CalibrationInput", "CalibrationText", "calibration_input",
+           "convert_calibrated", "read_text"]

@@ -27,6 +27,7 @@ from edge_llm.errors import CheckpointError
 
 from .. import affine
 from ..convert import convert_tensor
+from ..destination import QuantizeError
 from ..plan import MX_NAMES, PlannedTensor
 from ..recipes import layer_of
 from ..writer import ShardWriter
@@ -224,15 +225,29 @@ def _finish(job: _Job, held: dict[str, mx.array], stream: list[mx.array]) -> Non
             job.write_default(name, w)
 
 
-def convert_calibrated(conversion, folder: Path, progress, text: CalibrationText) -> tuple[ShardWriter, Calibration]:
-    """``quantize.convert`` with GPTQ calibration on ``text``: every planned tensor into its shard in ``folder``."""
-    c = conversion
-    sequences = calibration_tokens(text, c.source.tokenizer().encode)
+@dataclass(frozen=True)
+class CalibrationInput:
+    text: CalibrationText
+    sequences: list[mx.array]  # token ids, [1, L] each
+
+
+def calibration_input(conversion, text: CalibrationText) -> CalibrationInput:
+    """The tokens a planned conversion calibrates on, checked before anything is written: QuantizeError for a
+    float conversion or a text too short."""
+    if not conversion.plan.quantization:
+        raise QuantizeError("--calibrate needs a quantized output (--bits 2..8), not a float conversion")
+    return CalibrationInput(text, calibration_tokens(text, conversion.source.tokenizer().encode))
+
+
+def convert_calibrated(conversion, folder: Path, progress, calibrating: CalibrationInput
+                       ) -> tuple[ShardWriter, Calibration]:
+    """``quantize.convert`` with GPTQ calibration: every planned tensor into its shard in ``folder``."""
+    c, text, sequences = conversion, calibrating.text, calibrating.sequences
     calibration = Calibration(text=text.name, tokens=sum(s.size for s in sequences))
     writer = ShardWriter(folder, c.shards)
     job = _Job(c, writer, progress, calibration)
     try:
-        progress.start(c.tensors, c.plan.nbytes)
+        progress.start(len(c.outputs), c.plan.nbytes)  # one advance per parameter, as quantize.convert
         held: dict[str, mx.array] = {}  # embedding, final norm, head: the stream's two ends
         pending: dict[int, dict[str, mx.array]] = {}
         stream: list[mx.array] | None = None

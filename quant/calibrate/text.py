@@ -38,13 +38,13 @@ def read_text(path: str | Path | None) -> CalibrationText:
     """The built-in text for ``None``, else the user's file, checked; QuantizeError says what is wrong in one line."""
     if path is None:
         return CalibrationText(BUILTIN_NAME, BUILTIN.read_text(encoding="utf-8"))
-    where = f"--calibrate {path}"
+    where = f"calibration text {path}"
     try:
         with open(Path(path).expanduser(), "rb") as f:
             raw = f.read(MAX_FILE_BYTES)
     except FileNotFoundError:
-        raise QuantizeError(f"{where}: no such file; pass a UTF-8 text file, or --calibrate alone for the "
-                            "built-in text") from None
+        raise QuantizeError(f"{where}: no such file; pass a UTF-8 text file, or --calibrate alone for "
+                            "the built-in text") from None
     except IsADirectoryError:
         raise QuantizeError(f"{where}: is a folder; pass a UTF-8 text file") from None
     except OSError as e:
@@ -67,6 +67,6 @@ def calibration_tokens(text: CalibrationText, encode) -> list[mx.array]:
     ``encode`` is the model's tokenizer; QuantizeError when the text is too short to calibrate on."""
     tokens = encode(text.text)[:MAX_TOKENS]
     if len(tokens) < MIN_TOKENS:
-        raise QuantizeError(f"--calibrate {text.name}: only {len(tokens)} tokens; calibration needs at least "
+        raise QuantizeError(f"calibration text {text.name}: only {len(tokens)} tokens; calibration needs at least "
                             f"{MIN_TOKENS} (a few KB of text)")
     return [mx.array(tokens[i : i + SEQUENCE_LENGTH])[None] for i in range(0, len(tokens), SEQUENCE_LENGTH)]
