@@ -72,7 +72,11 @@ static uint32_t poll_for_job(uint32_t seen) {
   const long until = now_ns() + SPIN_NS;
   for (unsigned i = 1;; i++) {
     uint32_t job = (uint32_t)(atomic_load(&pool.claim) >> 32);
-    if (job != seen || ((i & 63) == 0 && now_ns() > until)) return job;
+    if (job != seen) return job;
+    if ((i & 63) == 0) {
+      if (now_ns() > until) return job;
+      sched_yield(); /* a runnable thread (the one building the next step's graph) gets this core first */
+    }
     cpu_relax();
   }
 }
@@ -141,6 +145,10 @@ void el_parallel_for(el_task_fn fn, void* arg, int64_t tasks) {
     pthread_mutex_unlock(&pool.lock);
   }
   run_tasks(job);
-  while (atomic_load(&pool.done) < tasks) cpu_relax(); /* only tasks others claimed and are running */
+  /* only tasks others claimed and are running; yielding now and then lets a worker that lost its core finish */
+  for (unsigned i = 1; atomic_load(&pool.done) < tasks; i++) {
+    if ((i & 255) == 0) sched_yield();
+    cpu_relax();
+  }
   pthread_mutex_unlock(&run_lock);
 }
