@@ -1,7 +1,7 @@
 """Quantization speed: ``edge-llm quantize`` vs ``mlx_lm.convert``, time, peak memory and the error each leaves.
 
 Each conversion (4-bit, group 64) runs in a fresh process, the tools alternating (A B C A B C ...), medians
-reported: wall time (process start to exit, imports included), source GB/s and peak RSS (``wait4``). The third
+reported: wall time (process start to exit, imports included), source GB/s, CPU time and peak RSS (``wait4``). The third
 column is ``edge-llm quantize`` with its search as MLX ops (``EDGE_LLM_QUANT_NATIVE=0``: what ran before the
 compiled search, and what runs where no C compiler is found). Then, from each tool's last output, the error:
 sum of squared differences between every quantized matrix and its source (as ``mx.dequantize``
@@ -17,8 +17,12 @@ Usage: ``python -m benchmarks.quantize_speed [--rounds 3] [--no-write]``
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,7 +33,6 @@ from benchmarks.harness import alternate, machine_load, table, write_section
 from edge_llm.loader import load_model
 from quant import affine
 from quant.quality import compare_log_probs, log_probs, sample_tokens
-from tests.peak_rss import measure
 
 BITS, GROUP = 4, 64
 TOOLS = ("edge-llm quantize", "mlx_lm.convert", "edge-llm quantize, MLX-op search")
@@ -44,12 +47,26 @@ def _command(tool: str, source: Path, out: Path) -> tuple[list[str], dict[str, s
              "--group-size", str(GROUP)], env)
 
 
+def measure(cmd: list[str], env: dict[str, str]) -> dict[str, float]:
+    """``cmd`` in a fresh process: wall time, CPU time (user + system, all its threads) and peak RSS, from
+    ``wait4`` on exactly that child. CPU time is the figure a busy machine disturbs least."""
+    with tempfile.TemporaryFile() as log:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=log, env={**os.environ, **env})
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            log.seek(0)
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{log.read()[-2000:].decode()}")
+    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "rss_mb": usage.ru_maxrss * 1024 / 1e6}
+
+
 def _runner(tool: str, source: Path, out: Path, source_bytes: int) -> Callable[[], dict[str, float]]:
     def run() -> dict[str, float]:
         shutil.rmtree(out, ignore_errors=True)
-        cmd, env = _command(tool, source, out)
-        r = measure(cmd, env=env)
-        return {"wall_s": r.wall_s, "gbps": source_bytes / r.wall_s / 1e9, "rss_mb": r.max_rss_bytes / 1e6}
+        r = measure(*_command(tool, source, out))
+        return {**r, "gbps": source_bytes / r["wall_s"] / 1e9}
 
     return run
 
@@ -81,7 +98,8 @@ def model_case(label: str, source: Path, rounds: int, kl: bool) -> list[str]:
     load_after = machine_load()
     lines = [f"### {label}, bf16 source of {source_bytes / 1e6:.0f} MB, 4-bit group 64", "",
              table(results, [("wall_s", "wall time (s)", True), ("gbps", "speed (source GB/s)", True),
-                             ("rss_mb", "peak RSS (MB)", True)]), ""]
+                             ("cpu_s", "CPU time, user + system (s)", True), ("rss_mb", "peak RSS (MB)", True)]),
+             ""]
     if kl:
         tokens = sample_tokens(source)
         reference = log_probs(load_model(source), tokens)

@@ -74,8 +74,11 @@ def _build(compiler: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
     try:
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(work / library.name)],
-                              capture_output=True, text=True)
+        try:
+            done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(work / library.name)],
+                                  capture_output=True, text=True, timeout=300)
+        except subprocess.TimeoutExpired:
+            raise OSError(f"{Path(compiler).name} took over 300 s") from None
         if done.returncode != 0:
             first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:200])
             raise OSError(f"{Path(compiler).name} failed: {first.strip()}")
