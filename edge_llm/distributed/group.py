@@ -39,14 +39,20 @@ _joined: Group | None = None
 
 
 def share_cores(launch: Launch) -> None:
-    """Ranks on one host split its cores: each kernel pool and BLAS takes its share, not all of them (two pools
-    that each poll every core slow both several times). An explicit EDGE_LLM_CPU_THREADS is kept."""
+    """Ranks that compute at the same time on one host (expert parallelism) split its cores: each kernel pool and
+    BLAS takes its share, not all of them (two pools that each want every core slow both several times). Pipeline
+    ranks take turns, sleeping while they wait, so each keeps every core. An explicit EDGE_LLM_CPU_THREADS is
+    kept."""
     here = launch.hosts.count(launch.hosts[launch.rank])
     if here < 2 or os.environ.get("EDGE_LLM_CPU_THREADS"):
         return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    share = max(1, cores // here)
+    from ..kernels import extension
+
+    share = max(1, extension.usable_cores() // here)
     os.environ["EDGE_LLM_CPU_THREADS"] = str(share)
+    module = extension.load(build_if_missing=False)
+    if module is not None:  # already loaded (rank 0 builds the kernels before loading): set its threads again
+        extension.configure(module)
     try:
         import ctypes
 
@@ -64,7 +70,6 @@ def join() -> Group | None:
     if launch is None:
         return None
     start_watchdog(launch, seconds(JOIN_TIMEOUT_ENV, 60.0), seconds(PEER_TIMEOUT_ENV, 30.0))
-    share_cores(launch)
     _joined = Group(launch, mx.distributed.init(strict=True, backend="ring"))
     if _joined.mlx.size() != launch.size or _joined.mlx.rank() != launch.rank:
         raise DistributedError(f"MLX's ring has rank {_joined.mlx.rank()} of {_joined.mlx.size()}, MLX_HOSTFILE "

@@ -20,7 +20,7 @@ from ..machine.backend import dtype_policy
 from ..machine.memory import process_budget
 from .experts import localize_experts, slice_experts
 from .follower import Follower
-from .group import Group, join
+from .group import Group, join, share_cores
 from .plan import ShardPlan, check_fits, model_bytes, plan_shards, resolve_mode
 from .protocol import collective
 from .sharded import Shard, ShardedLM, strip_outer
@@ -128,6 +128,8 @@ def load_checkpoint_share(checkpoint, mode: str, dtype: str | None) -> ShardedLM
     group = join()
     assert group is not None
     plan = plan_for(checkpoint, mode, group, dtype)
+    if plan.mode == "experts":
+        share_cores(group.launch)
     model = load_checkpoint(checkpoint, dtype, shard=ShardHooks(plan, group))
     collective(mx.distributed.all_sum, mx.array([1]), group=group.mlx)  # every rank loaded its share
     shard = Shard(model, plan, group)

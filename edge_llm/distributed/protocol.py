@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
-from .watchdog import peer_lost
+from .watchdog import current_watchdog, peer_lost
 
 FORWARD, STOP = 1, 2
 _sent = [0]  # bytes this rank has sent to the others (an estimate for collectives: a ring all-sum's share)
@@ -27,6 +27,7 @@ def bytes_sent() -> int:
     return _sent[0]
 
 HEADER = 8  # op, batch, length, rows, frees, tokens sent, payload length, activation dtype
+INLINE = 56  # payload values sent with the header (a decode step's), so most commands are one collective
 NO_CACHE = -1
 
 
@@ -65,17 +66,26 @@ def _broadcast(values: np.ndarray, group, root: bool) -> np.ndarray:
 
 
 def send_command(command: Command, group) -> None:
+    watchdog = current_watchdog()
+    for rank in range(1, group.size()):
+        watchdog.ring(rank)
     payload = command.payload()
     header = [command.op, command.batch, command.length, len(command.cache_ids), len(command.frees),
               len(command.tokens), len(payload), command.dtype]
-    _broadcast(np.array(header, dtype=np.int32), group, True)
-    if payload:
+    inline = payload if len(payload) <= INLINE else []
+    _broadcast(np.array(header + inline + [0] * (INLINE - len(inline)), dtype=np.int32), group, True)
+    if not inline and payload:
         _broadcast(np.array(payload, dtype=np.int32), group, True)
 
 
 def receive_command(group) -> Command:
-    op, batch, length, rows, frees, tokens, size, dtype = _broadcast(np.zeros(HEADER, np.int32), group, False).tolist()
-    payload = _broadcast(np.zeros(size, np.int32), group, False).tolist() if size else []
+    current_watchdog().wait_bell(0)
+    first = _broadcast(np.zeros(HEADER + INLINE, np.int32), group, False).tolist()
+    op, batch, length, rows, frees, tokens, size, dtype = first[:HEADER]
+    if size <= INLINE:
+        payload = first[HEADER : HEADER + size]
+    else:
+        payload = _broadcast(np.zeros(size, np.int32), group, False).tolist()
     ids, offsets, bits = payload[:rows], payload[rows : 2 * rows], payload[2 * rows : 3 * rows]
     rest = payload[3 * rows :]
     return Command(op, batch, length, ids, offsets, bits, rest[:frees], rest[frees : frees + tokens], dtype)

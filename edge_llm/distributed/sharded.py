@@ -23,6 +23,7 @@ from ..models.layers import output_projection
 from .group import Group
 from .plan import ShardPlan
 from .protocol import FORWARD, NO_CACHE, STOP, Command, collective, count_sent, send_command
+from .watchdog import current_watchdog
 
 DTYPES = (mx.float32, mx.bfloat16, mx.float16)
 
@@ -67,20 +68,25 @@ class Shard:
 
     def follow_pipeline(self, shape: tuple[int, ...], dtype: mx.Dtype, cache: list | None) -> None:
         """A follower's part of a pipeline pass: receive, run its layers, hand on (the last rank back to 0)."""
-        g = self.group.mlx
-        h = mx.distributed.recv(shape, dtype, self.rank - 1, group=g)
-        h = self.run_layers(h, cache)
+        g, watchdog, after = self.group.mlx, current_watchdog(), (self.rank + 1) % self.size
+        if self.rank == 1:
+            watchdog.wait_bell(0)
+        h = collective(lambda: self.run_layers(mx.distributed.recv(shape, dtype, self.rank - 1, group=g), cache))
         count_sent(h.nbytes)
-        collective(mx.distributed.send, h, (self.rank + 1) % self.size, group=g)
+        if after == 0:
+            watchdog.ring(0)
+        collective(mx.distributed.send, h, after, group=g)
 
     def hidden(self, tokens: mx.array, cache: list | None) -> mx.array:
         """The final hidden states (normed), evaluated; on rank 0 after the whole ring in pipeline mode."""
         if self.plan.mode == "experts":
             return collective(lambda: self.model.model(tokens, cache))
-        g = self.group.mlx
-        h = self.run_layers(self.model.model.embed_tokens(tokens), cache)
+        g, watchdog = self.group.mlx, current_watchdog()
+        h = collective(lambda: self.run_layers(self.model.model.embed_tokens(tokens), cache))
         count_sent(h.nbytes)
+        watchdog.ring(1)
         collective(mx.distributed.send, h, 1, group=g)
+        watchdog.wait_bell(self.size - 1)
         h = collective(mx.distributed.recv_like, h, self.size - 1, group=g)
         return self.model.model.norm(h)
 

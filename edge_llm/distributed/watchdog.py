@@ -25,7 +25,7 @@ import time
 
 from .launch import DistributedError, Launch
 
-BEAT, LEAVING, FAULT = b"h", b"q", b"f"
+BEAT, LEAVING, FAULT, BELL = b"h", b"q", b"f", b"c"
 BEAT_EVERY = 0.5
 RING_NOISE = b"[ring]"
 
@@ -49,6 +49,7 @@ class Watchdog:
         self.launch, self.peers, self.peer_timeout = launch, peers, peer_timeout
         self.last = {r: time.monotonic() for r in peers}
         self.leaving: set[int] = set()
+        self.bells = {r: threading.Semaphore(0) for r in peers}
         self.closing = False
         self.lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="edge-llm-watchdog", daemon=True)
@@ -79,6 +80,8 @@ class Watchdog:
                     self._gone(rank, "its connection closed")
                     continue
                 self.last[rank] = time.monotonic()
+                for _ in range(data.count(BELL)):
+                    self.bells[rank].release()
                 if LEAVING in data:
                     self.leaving.add(rank)
                 if FAULT in data:
@@ -126,6 +129,21 @@ class Watchdog:
                     data = b""
                 if rank is not None and not data and rank not in self.leaving and not self.closing:
                     self.fault(rank, "its connection closed")
+
+    bells_on = os.environ.get("EDGE_LLM_DIST_BELLS", "1") != "0"  # 0: wait inside MLX's ring (it polls)
+
+    def ring(self, rank: int) -> None:
+        """Tells ``rank`` that a collective or a send for it follows: it waits here, asleep, instead of inside
+        MLX's ring, which polls (~40% of a core while it waits: a follower idle between chat turns, or a rank
+        waiting for the other's half of a pass, would take that from the ranks computing on a shared host)."""
+        if self.bells_on:
+            with self.lock:
+                self._send(rank, BELL)
+
+    def wait_bell(self, rank: int) -> None:
+        """Sleeps until ``rank`` rings (a peer that dies meanwhile ends this process from the watchdog thread)."""
+        if self.bells_on:
+            self.bells[rank].acquire()
 
     def leave(self) -> None:
         """An orderly exit: the peers will not count this process's closing connection as a fault."""
@@ -203,6 +221,8 @@ def start_watchdog(launch: Launch, join_timeout: float, peer_timeout: float) -> 
     JOIN_SECONDS[0] = join_timeout
     deadline = time.monotonic() + join_timeout
     peers = (_meet_as_root if launch.rank == 0 else _meet_as_follower)(launch, deadline)
+    for sock in peers.values():  # a bell is one byte that must go at once (Nagle would hold it ~40 ms)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     _watchdog = Watchdog(launch, peers, peer_timeout)
     _watchdog.thread.start()
     _filter_ring_noise()
