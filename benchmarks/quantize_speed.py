@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,19 +47,25 @@ def _command(tool: str, source: Path, out: Path) -> tuple[list[str], dict[str, s
              "--group-size", str(GROUP)], env)
 
 
+# A small parent that forks and waits for exactly one child: its rusage (CPU time, peak RSS) is that child's
+# alone. (Forking from this process would count our own memory into the child's peak.)
+WRAPPER = ("import os, sys\npid = os.fork()\nif pid == 0:\n    os.execvp(sys.argv[1], sys.argv[1:])\n"
+           "_, status, u = os.wait4(pid, 0)\n"
+           "sys.stderr.write(f'\\n@@usage {u.ru_utime} {u.ru_stime} {u.ru_maxrss}\\n')\n"
+           "sys.exit(os.waitstatus_to_exitcode(status))\n")
+
+
 def measure(cmd: list[str], env: dict[str, str]) -> dict[str, float]:
-    """``cmd`` in a fresh process: wall time, CPU time (user + system, all its threads) and peak RSS, from
-    ``wait4`` on exactly that child. CPU time is the figure a busy machine disturbs least."""
-    with tempfile.TemporaryFile() as log:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=log, env={**os.environ, **env})
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode != 0:
-            log.seek(0)
-            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{log.read()[-2000:].decode()}")
-    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "rss_mb": usage.ru_maxrss * 1024 / 1e6}
+    """``cmd`` in a fresh process: wall time, CPU time (user + system, all its threads) and peak RSS.
+    CPU time is the figure a busy machine disturbs least."""
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], capture_output=True, text=True,
+                          env={**os.environ, **env})
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    utime, stime, rss_kb = re.search(r"@@usage (\S+) (\S+) (\d+)", proc.stderr).groups()
+    return {"wall_s": wall, "cpu_s": float(utime) + float(stime), "rss_mb": int(rss_kb) * 1024 / 1e6}
 
 
 def _runner(tool: str, source: Path, out: Path, source_bytes: int) -> Callable[[], dict[str, float]]:
