@@ -38,8 +38,16 @@ def prepare_cpu_kernels() -> None:
             cpu_kernels.load()
 
 
+def _shard_mode(value: str) -> str:
+    from edge_llm.distributed.plan import MODES
+
+    if value not in MODES:
+        raise typer.BadParameter(f"{value!r}: expected one of {', '.join(MODES)}", param_hint="--shard")
+    return value
+
+
 def shard_option():
-    return typer.Option("auto", "--shard", metavar="MODE",
+    return typer.Option("auto", "--shard", metavar="MODE", parser=_shard_mode,
                         help="Under mlx.launch: how the ranks split the model: pipeline (layer ranges), experts "
                              "(each MoE layer's experts) or auto (the pipeline: measured faster, for MoE models too).")
 

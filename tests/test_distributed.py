@@ -292,3 +292,12 @@ def test_estimate_says_what_each_rank_holds(tiny, tmp_path):
     result = CliRunner().invoke(app, ["estimate", str(tiny["qwen3_moe"]), "--hostfile", str(hostfile)])
     assert result.exit_code == 0, result.output
     assert "a rank does not fit" in result.stdout and "small" in result.stdout
+
+
+@pytest.mark.slow
+def test_bench_measures_the_sharded_model(tiny):
+    proc = launched([*EDGE, "bench", str(tiny["qwen3_moe"]), "--prompt-lengths", "16", "--decode-tokens", "8",
+                     "--json", "--shard", "experts"])
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    result = one_json(proc.stdout)
+    assert result["decode_tps"] > 0 and result["decode_tokens"] == 8
