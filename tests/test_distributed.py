@@ -80,6 +80,15 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     for arch in ("llama", "qwen3_moe", "deepseek_v3"):
         cfg = dict(TINY_CONFIGS[arch], num_hidden_layers=4)
         out[arch] = build_tiny_checkpoint(root / arch, with_tokenizer=True, **cfg)
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    # MLX-format 4-bit: experts stored stacked (sliced per rank), quantized switch layers
+    quantized = CliRunner().invoke(app, ["quantize", str(out["qwen3_moe"]), "-o", str(root / "q4"), "--bits", "4",
+                                         "--group-size", "32"])
+    assert quantized.exit_code == 0, quantized.output
+    out["qwen3_moe_4bit"] = root / "q4"
     return out
 
 
@@ -127,7 +136,7 @@ def test_smollm2_pipeline_answers_as_one_process(smollm2_folder):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3", "qwen3_moe_4bit"])
 def test_moe_answers_as_one_process_in_both_modes(tiny, arch):
     single = answer(tiny[arch])["tokens"]
     assert answer(tiny[arch], shard="pipeline")["tokens"] == single
