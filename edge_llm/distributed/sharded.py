@@ -132,7 +132,11 @@ class ShardedLM:
         send_command(Command(FORWARD, batch, length, ids, offsets, bits, freed,
                              mx.array(tokens).flatten().tolist() if experts else [], DTYPES.index(dtype)),
                      shard.group.mlx)
-        h = shard.hidden(tokens, cache)
+        try:
+            h = shard.hidden(tokens, cache)
+        except Exception as e:  # the other ranks are inside this pass: no later command could reach them
+            current_watchdog().abort(f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
+            raise
         if cache is not None and not experts:
             for i, layer_cache in enumerate(cache):
                 if not shard.start <= i < shard.end:

@@ -113,6 +113,10 @@ class Watchdog:
                     self._send(r, FAULT + bytes([rank % 256]))
         os._exit(1)
 
+    def abort(self, what: str) -> None:
+        """This rank failed inside a pass, where the others wait for its part: ends every rank."""
+        self.fault(self.launch.rank, what)
+
     def _relayed(self, failed: bytes) -> None:
         os._exit(1)  # rank 0 has said which rank failed; one line is enough
 
