@@ -310,3 +310,36 @@ def test_bench_measures_the_sharded_model(tiny):
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     result = one_json(proc.stdout)
     assert result["decode_tps"] > 0 and result["decode_tokens"] == 8
+
+
+@pytest.mark.slow
+def test_a_hung_rank_is_named_after_the_peer_timeout(tiny, tmp_path):
+    """A rank that stops answering (SIGSTOP: alive, its connections open) is named after EDGE_LLM_PEER_TIMEOUT.
+    The ranks are started by hand as mlx.launch would (it waits for a stopped process forever)."""
+    port = free_base_port()
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"], [f"127.0.0.1:{port + 1}"]]))
+    args = [*EDGE, "run", str(tiny["qwen3_moe"]), *PROMPT, "-n", "100000"]
+    env = {**ENV, "MLX_HOSTFILE": str(hostfile), "EDGE_LLM_PEER_TIMEOUT": "3"}
+    ranks = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                              env={**env, "MLX_RANK": str(r)}) for r in (0, 1)]
+    try:
+        os.set_blocking(ranks[0].stdout.fileno(), False)
+        deadline, seen = time.monotonic() + 240, b""
+        while len(seen) < 40:
+            assert time.monotonic() < deadline and ranks[0].poll() is None, ranks[0].stderr.read().decode()
+            seen += ranks[0].stdout.read() or b""
+            time.sleep(0.1)
+        ranks[1].send_signal(signal.SIGSTOP)
+        stopped = time.monotonic()
+        ranks[0].wait(timeout=60)
+        took = time.monotonic() - stopped
+    finally:
+        for p in ranks:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    stderr = ranks[0].stderr.read().decode()
+    assert ranks[0].returncode == 1 and 3 <= took < 10, (took, stderr)
+    assert "error: rank 1 (127.0.0.1) stopped: sent nothing for 3 s (hung or unreachable)" in stderr, stderr
+    assert "Traceback" not in stderr, stderr
