@@ -61,6 +61,12 @@ class Watchdog:
             pass  # the reader sees the closed connection
 
     def _run(self) -> None:
+        try:
+            self._watch()
+        except Exception as e:  # a watchdog that stopped would leave the ranks unguarded: say so once
+            say(f"warning: the distributed watchdog stopped ({type(e).__name__}: {e}); a failed rank may go unnoticed")
+
+    def _watch(self) -> None:
         next_beat = 0.0
         while True:
             now = time.monotonic()
