@@ -1,4 +1,4 @@
-/* The error-minimising affine search of quant/affine.py, compiled: 16 groups at a time, one per vector lane.
+/* The error-minimising affine search of quant/affine.py, compiled: a group per vector lane.
  *
  * Per group of `gs` weights (float32 or bfloat16 in, float32 arithmetic) it runs affine.py's steps: a
  * clipping search over `grid`, `steps` least-squares refinements (each kept only where it lowers the
@@ -8,7 +8,8 @@
  * (two roundings to the dtype: T(T(s*q) + b)). Codes are packed in MLX's layout (one little-endian bit
  * stream per row).
  *
- * Sixteen consecutive groups are transposed into a [gs][16] block, so every per-group quantity (range,
+ * L consecutive groups (L = the vector width in floats) are transposed into a [gs][L] block, so every
+ * per-group quantity (range,
  * scale, offset, error, least-squares sums) is one vector and every step is plain vertical arithmetic:
  * no horizontal sums, no branches. Codes are assigned with a reciprocal (one division per candidate),
  * except min-max's, which divide as MLX does so that they are MLX's bit for bit. No allocation, no
@@ -20,17 +21,23 @@
 #include <stdint.h>
 #include <string.h>
 
-#define L 16 /* groups per block: the vector width in floats */
+/* Built once per instruction set (affine_native.py): EL_WIDTH floats per vector, the machine's own width
+ * (16: AVX-512, 8: AVX2, 4: SSE2 or NEON), so no operation is split or scalarised; EL_ISA names the entry
+ * point. Every width gives the same bits: lanes are independent groups and each sums in index order. */
+#ifndef EL_WIDTH
+#define EL_WIDTH 4
+#endif
+#ifndef EL_ISA
+#define EL_ISA generic
+#endif
+#define L EL_WIDTH /* groups per block: the vector width in floats */
 typedef float vf __attribute__((vector_size(L * 4)));
 typedef int32_t vi __attribute__((vector_size(L * 4)));
 typedef uint32_t vu __attribute__((vector_size(L * 4)));
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define CLONES
-#endif
 #define INLINE static inline __attribute__((always_inline))
+#define NAME2(a, b) a##_##b
+#define NAME(a, b) NAME2(a, b)
 
 #define MAGIC 12582912.0f /* 1.5 * 2^23: x + MAGIC - MAGIC rounds 0 <= x < 2^22 to the nearest even integer */
 #define MAX_GROUP 128
@@ -160,7 +167,7 @@ INLINE void pack(const float *a, const float *b, const float *theirs, vi first, 
         for (int k = 0; k < n_words; k++) out[i * n_words + k] = words[k][i];
 }
 
-/* Up to 16 groups, transposed into xt [gs][16] (unused lanes zero). Returns BAD_* flags. */
+/* Up to L groups, transposed into xt [gs][L] (unused lanes zero). Returns BAD_* flags. */
 INLINE int quantize_block(const float *xt, int gs, int bits, int dtype, int round_input, const float *grid,
                           int n_grid, int starts, int steps, int lanes, uint32_t *packed, float *scales_out,
                           float *biases_out) {
@@ -271,34 +278,48 @@ INLINE int quantize_block(const float *xt, int gs, int bits, int dtype, int roun
     return flags;
 }
 
-/* Sixteen rows of 16 floats, r[i][c] -> r[c][i], in registers: four stages, each swapping one bit of the row
- * index with the same bit of the column index. */
+/* L rows of L floats, r[i][c] -> r[c][i], in registers: one stage per bit of the index, each swapping that
+ * bit of the row index with the same bit of the column index (lo[c] = c & h ? L + c - h : c, hi[c] = c & h ?
+ * L + c : c + h for the stage of bit h). */
 #if defined(__GNUC__) && !defined(__clang__)
-INLINE void transpose16(vf r[L]) {
-    static const vi lo[4] = {{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
-                             {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
-                             {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
-                             {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}};
-    static const vi hi[4] = {{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31},
-                             {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31},
-                             {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31},
-                             {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31}};
-    for (int stage = 0, h = 8; stage < 4; stage++, h /= 2)
+#if L == 16
+#define STAGES 4
+static const vi lo_mask[4] = {{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+                              {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
+                              {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
+                              {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}};
+static const vi hi_mask[4] = {{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31},
+                              {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31},
+                              {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31},
+                              {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31}};
+#elif L == 8
+#define STAGES 3
+static const vi lo_mask[3] = {{0, 1, 2, 3, 8, 9, 10, 11}, {0, 1, 8, 9, 4, 5, 12, 13}, {0, 8, 2, 10, 4, 12, 6, 14}};
+static const vi hi_mask[3] = {{4, 5, 6, 7, 12, 13, 14, 15}, {2, 3, 10, 11, 6, 7, 14, 15}, {1, 9, 3, 11, 5, 13, 7, 15}};
+#elif L == 4
+#define STAGES 2
+static const vi lo_mask[2] = {{0, 1, 4, 5}, {0, 4, 2, 6}};
+static const vi hi_mask[2] = {{2, 3, 6, 7}, {1, 5, 3, 7}};
+#endif
+#endif
+
+#ifdef STAGES
+INLINE void transpose(vf r[L]) {
+    for (int stage = 0, h = L / 2; stage < STAGES; stage++, h /= 2)
         for (int a = 0; a < L; a++) {
             if (a & h) continue;
             vf x = r[a], y = r[a + h];
-            r[a] = __builtin_shuffle(x, y, lo[stage]);
-            r[a + h] = __builtin_shuffle(x, y, hi[stage]);
+            r[a] = __builtin_shuffle(x, y, lo_mask[stage]);
+            r[a + h] = __builtin_shuffle(x, y, hi_mask[stage]);
         }
 }
-#define HAVE_TRANSPOSE16 1
 #endif
 
 typedef uint16_t vh __attribute__((vector_size(L * 2)));
 
 /* Groups (rows of `gs` weights) -> xt [gs][16], lane i = group i; lanes past `lanes` are zero. */
 INLINE void transpose_bf16(const uint16_t *src, int gs, int lanes, float *xt) {
-#ifdef HAVE_TRANSPOSE16
+#ifdef STAGES
     if (lanes == L) {
         for (int c = 0; c < gs; c += L) {
             vf r[L];
@@ -307,7 +328,7 @@ INLINE void transpose_bf16(const uint16_t *src, int gs, int lanes, float *xt) {
                 memcpy(&h, src + (int64_t)i * gs + c, sizeof h);
                 r[i] = (vf)(__builtin_convertvector(h, vu) << 16);
             }
-            transpose16(r);
+            transpose(r);
             for (int j = 0; j < L; j++) store(xt + (c + j) * L, r[j]);
         }
         return;
@@ -319,12 +340,12 @@ INLINE void transpose_bf16(const uint16_t *src, int gs, int lanes, float *xt) {
 }
 
 INLINE void transpose_f32(const float *src, int gs, int lanes, float *xt) {
-#ifdef HAVE_TRANSPOSE16
+#ifdef STAGES
     if (lanes == L) {
         for (int c = 0; c < gs; c += L) {
             vf r[L];
             for (int i = 0; i < L; i++) r[i] = load(src + (int64_t)i * gs + c);
-            transpose16(r);
+            transpose(r);
             for (int j = 0; j < L; j++) store(xt + (c + j) * L, r[j]);
         }
         return;
@@ -339,7 +360,7 @@ INLINE void transpose_f32(const float *src, int gs, int lanes, float *xt) {
  * group) and float32 scales and biases (one per group), exactly representable in the stored dtype.
  * Returns the OR of BAD_* flags, -1 for a group size it does not take. An empty grid gives MLX's min-max
  * quantization alone. */
-CLONES int el_affine_quantize(const void *weights, int in_dtype, int64_t count, int gs, int bits, int dtype,
+int NAME(el_affine_quantize, EL_ISA)(const void *weights, int in_dtype, int64_t count, int gs, int bits, int dtype,
                               const float *grid, int n_grid, int starts, int steps, uint32_t *packed, float *scales,
                               float *biases) {
     if (gs % L || gs > MAX_GROUP || (gs * bits) % 32 || bits < 1 || bits > 8 || starts < 0 || starts > 2) return -1;

@@ -1,11 +1,13 @@
 """``affine.quantize``'s search compiled: ``affine_native.c``, built on first use with the system C compiler.
 
-The C routine runs affine.py's steps group by group in registers (no float32 copies of a tensor, one pass per
-candidate over 64 floats in L1 instead of a graph of whole-chunk MLX ops), rows split between the CPU's cores
-(ctypes releases the GIL). It is plain C with no tie to MLX: built into ``$EDGE_LLM_HOME/quant/<key>/``, the key
-hashing the source, the compiler and the machine; written to a temporary folder and renamed, so a second process
-never sees half a library. Without a compiler (or with ``EDGE_LLM_QUANT_NATIVE=0``) ``available()`` is False
-and ``affine.quantize`` runs its MLX graph instead; ``why_unavailable()`` says why.
+The C routine runs affine.py's steps a group per vector lane (no float32 copies of a tensor, no graph of
+whole-chunk MLX ops), rows split between the CPU's cores (ctypes releases the GIL). It is plain C with no tie
+to MLX, compiled once per instruction set at that set's vector width (x86-64: AVX-512, AVX2, SSE2; ARM: NEON)
+into one library in ``$EDGE_LLM_HOME/quant/<key>/``, the key hashing the source, flags, compiler and machine;
+written to a temporary folder and renamed, so a second process never sees half a library. The CPU's flags pick
+the variant; every variant gives the same bits. Before use it is proven against ``mx.quantize``. Without a
+compiler (or with ``EDGE_LLM_QUANT_NATIVE=0``) ``available()`` is False and ``affine.quantize`` runs its MLX
+graph instead; ``why_unavailable()`` says why.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -30,13 +33,24 @@ from edge_llm.machine.state import state_dir
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("affine_native.c")
-FLAGS = ["-O2", "-std=gnu11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-strict-aliasing", "-Wno-psabi"]
+FLAGS = ["-O2", "-std=gnu11", "-fPIC", "-ffp-contract=off", "-fno-strict-aliasing", "-Wno-psabi"]
+# The routine once per instruction set, at that set's vector width (floats), best first; the CPU's flags
+# (/proc/cpuinfo) pick one at run time, EDGE_LLM_QUANT_ISA a lesser one (the tests check each).
+ISA_VARIANTS = {
+    "x86_64": {"avx512": (16, ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma", "-mf16c"],
+                          {"avx512f", "avx512bw", "avx512vl", "avx2", "fma", "f16c"}),
+               "avx2": (8, ["-mavx2", "-mfma", "-mf16c"], {"avx2", "fma", "f16c"}),
+               "generic": (4, [], set())},
+    "aarch64": {"generic": (4, [], set())},
+}
+ISA_ENV = "EDGE_LLM_QUANT_ISA"
 GROUP_SIZES = (32, 64, 128)  # MLX's; the routine takes multiples of its 16-float vectors
 ENV = "EDGE_LLM_QUANT_NATIVE"
 BLOCK_WEIGHTS = 1 << 18  # weights per task: small enough to balance two cores, large enough to amortise a call
 _IN = {mx.float32: 0, mx.bfloat16: 1}
 _OUT = {mx.bfloat16: 1, mx.float16: 2}
 BAD_INPUT, BAD_SCALE, BAD_BIAS = 1, 2, 4
+_LOADED: dict[str, ctypes.CDLL] = {}  # the library stays loaded while its function is in use
 
 
 class NonFinite(ValueError):
@@ -63,9 +77,14 @@ def _version(compiler: str) -> str:
         return ""
 
 
+def _variants() -> dict[str, tuple[int, list[str], set[str]]]:
+    return ISA_VARIANTS.get(platform.machine(), {"generic": (4, [], set())})
+
+
 def _build(compiler: str) -> Path:
+    """The library (every variant of this machine's architecture), compiled once into the state folder."""
     h = hashlib.sha256(SOURCE.read_bytes())
-    for part in (" ".join(FLAGS), _version(compiler), platform.machine(), platform.system()):
+    for part in (" ".join(FLAGS), repr(_variants()), _version(compiler), platform.machine(), platform.system()):
         h.update(part.encode())
     target = state_dir() / "quant" / h.hexdigest()[:20]
     library = target / "affine_native.so"
@@ -74,14 +93,14 @@ def _build(compiler: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
     try:
-        try:
-            done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(work / library.name)],
-                                  capture_output=True, text=True, timeout=300)
-        except subprocess.TimeoutExpired:
-            raise OSError(f"{Path(compiler).name} took over 300 s") from None
-        if done.returncode != 0:
-            first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:200])
-            raise OSError(f"{Path(compiler).name} failed: {first.strip()}")
+        objects = []
+        for isa, (width, flags, _) in _variants().items():
+            objects.append(str(work / f"{isa}.o"))
+            _compile([compiler, *FLAGS, *flags, f"-DEL_WIDTH={width}", f"-DEL_ISA={isa}", "-c", str(SOURCE), "-o",
+                      objects[-1]], compiler)
+        _compile([compiler, "-shared", *objects, "-o", str(work / library.name)], compiler)
+        for obj in objects:
+            os.unlink(obj)
         try:
             os.replace(work, target)
         except OSError:  # another process built the same library first: keep it (it may be loaded)
@@ -92,19 +111,49 @@ def _build(compiler: str) -> Path:
     return library
 
 
+def _compile(command: list[str], compiler: str) -> None:
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        raise OSError(f"{Path(compiler).name} took over 300 s") from None
+    if done.returncode != 0:
+        first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:200])
+        raise OSError(f"{Path(compiler).name} failed: {first.strip()}")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def isa() -> str:
+    """The variant that runs here: the best the CPU has, or ``$EDGE_LLM_QUANT_ISA`` where it names one the CPU
+    has."""
+    flags, variants = _cpu_flags(), _variants()
+    usable = [name for name, (_, _, needs) in variants.items() if needs <= flags]
+    chosen = os.environ.get(ISA_ENV)
+    return chosen if chosen in usable else usable[0]
+
+
 @functools.cache
-def _library() -> tuple[ctypes.CDLL | None, str]:
+def _library() -> tuple[Any, str]:
+    """The routine for this CPU (a ctypes function), or None and why not."""
     if os.environ.get(ENV, "1") == "0":
         return None, f"switched off ({ENV}=0)"
     compiler = _compiler()
     if compiler is None:
         return None, f"no C compiler ({os.environ.get('CC') or 'cc, gcc or clang'}) on PATH"
     try:
-        lib = ctypes.CDLL(str(_build(compiler)))
+        lib = _LOADED["lib"] = ctypes.CDLL(str(_build(compiler)))
     except OSError as e:
         log.warning("quantize: the compiled search is unavailable (%s); running it as MLX ops (slower)", e)
         return None, str(e)
-    fn = lib.el_affine_quantize
+    fn = getattr(lib, f"el_affine_quantize_{isa()}")
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                    ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
@@ -112,7 +161,7 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     if not _proven(fn):
         log.warning("quantize: the compiled search differs from mx.quantize here; running it as MLX ops (slower)")
         return None, "its min-max quantization differs from mx.quantize's on this machine"
-    return lib, ""
+    return fn, ""
 
 
 def _proven(fn) -> bool:
@@ -171,7 +220,7 @@ def _as_numpy(w: mx.array) -> tuple[np.ndarray, int]:
 def quantize(w: mx.array, group_size: int, bits: int, dtype: mx.Dtype, grid: tuple[float, ...], starts: int,
              steps: int) -> tuple[mx.array, mx.array, mx.array]:
     """``affine.quantize`` of the rows of ``w [rows, cols]`` (see ``affine_native.c``); raises NonFinite."""
-    fn = _library()[0].el_affine_quantize
+    fn = _library()[0]
     mx.eval(w)
     rows, cols = w.shape
     src, in_code = _as_numpy(w)

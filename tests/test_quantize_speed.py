@@ -124,6 +124,33 @@ def test_per_group_no_worse_than_before_on_smollm2(smollm2_folder):
         _no_worse_than_the_graph(m, 64, 4, mx.bfloat16)
 
 
+@pytest.fixture
+def variant(monkeypatch):
+    """Runs the routine compiled for a given instruction set (one the CPU has), then the best again."""
+    def use(name: str) -> None:
+        monkeypatch.setenv(affine_native.ISA_ENV, name)
+        affine_native._library.cache_clear()
+        assert affine_native.isa() == name and affine_native.available(), affine_native.why_unavailable()
+
+    yield use
+    monkeypatch.delenv(affine_native.ISA_ENV, raising=False)
+    affine_native._library.cache_clear()
+
+
+def test_every_instruction_set_gives_the_same_bits(variant):
+    """Each variant this CPU can run (AVX-512, AVX2, SSE2 on x86-64), at its own vector width, against the
+    numpy restatement: the same words, scales and offsets."""
+    names = [n for n, (_, _, needs) in affine_native._variants().items() if needs <= affine_native._cpu_flags()]
+    assert names[-1] == "generic"
+    w = weights(37, 512, mx.bfloat16, seed=11)
+    ref = reference(w, 64, 4, mx.bfloat16, starts=2)
+    for name in names:
+        variant(name)
+        ours = affine.quantize(w, 64, 4, mx.bfloat16)
+        for a, b in zip(ours, ref, strict=True):
+            assert mx.array_equal(a, b).item(), name
+
+
 def test_threads_and_blocks_do_not_change_the_result(monkeypatch):
     w = weights(96, 512, mx.bfloat16, seed=5)
     whole = affine.quantize(w, 64, 4, mx.bfloat16)
