@@ -37,10 +37,10 @@ from .text import CalibrationText, calibration_tokens
 
 METHOD = "gptq"
 MIN_EXPERT_TOKENS = 32
-# A tied embedding table is also the input lookup, whose error GPTQ does not see: ten times the damping keeps
-# its rows closer to the weights (on SmolLM2 4-bit g64: KL 0.143 at the default damping but wrong everyday
-# answers, 0.147 and right answers at 0.1; benchmarks/RESULTS.md, "Calibrated quantization")
-TIED_DAMP = 0.1
+# A tied embedding table is also the input lookup, whose error GPTQ does not see: a hundred times the damping
+# keeps its rows closer to the weights (SmolLM2 4-bit g64: at the default 0.01 KL 0.143 but the capital of France
+# goes wrong; at 1.0 KL 0.147 and the everyday answers of the float model; benchmarks/RESULTS.md)
+TIED_DAMP = 1.0
 
 
 @dataclass
@@ -236,7 +236,7 @@ def calibration_input(conversion, text: CalibrationText) -> CalibrationInput:
     float conversion or a text too short."""
     if not conversion.plan.quantization:
         raise QuantizeError("--calibrate needs a quantized output (--bits 2..8), not a float conversion")
-    return CalibrationInput(text, calibration_tokens(text, conversion.source.tokenizer().encode))
+    return CalibrationInput(text, calibration_tokens(text, conversion.source.tokenizer()))
 
 
 def convert_calibrated(conversion, folder: Path, progress, calibrating: CalibrationInput
