@@ -84,7 +84,8 @@ def _variants() -> dict[str, tuple[int, list[str], set[str]]]:
 def _build(compiler: str) -> Path:
     """The library (every variant of this machine's architecture), compiled once into the state folder."""
     h = hashlib.sha256(SOURCE.read_bytes())
-    for part in (" ".join(FLAGS), repr(_variants()), _version(compiler), platform.machine(), platform.system()):
+    variants = [(name, width, flags) for name, (width, flags, _) in _variants().items()]
+    for part in (" ".join(FLAGS), repr(variants), _version(compiler), platform.machine(), platform.system()):
         h.update(part.encode())
     target = state_dir() / "quant" / h.hexdigest()[:20]
     library = target / "affine_native.so"

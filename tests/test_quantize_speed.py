@@ -182,3 +182,15 @@ def test_without_a_compiler_the_mlx_graph_runs(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.startswith("False True no C compiler (/nonexistent/cc)"), out.stdout + out.stderr
     assert not (tmp_path / "home" / "quant").exists()
+
+
+def test_built_once_and_reused_by_later_processes(tmp_path):
+    """The library's key is the same in every process (it once hashed a set's order, which Python varies per
+    process: every run rebuilt it)."""
+    env = {**os.environ, "EDGE_LLM_HOME": str(tmp_path / "home")}
+    code = "from quant import affine_native as n; print(n.available(), n.isa())"
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.startswith("True"), out.stdout + out.stderr
+    built = list((tmp_path / "home" / "quant").iterdir())
+    assert len(built) == 1 and (built[0] / "affine_native.so").is_file(), built
