@@ -128,7 +128,11 @@ def model_case(label: str, source: Path, rounds: int, kl: bool) -> list[str]:
             row += f" | {q.kl_mean:.4f} | {q.ppl_quantized:.3f} (source {q.ppl_source:.3f}) | {q.top1_agreement:.1%}"
         lines.append(row + " |")
         print(row, flush=True)
-    lines += ["", f"Error ratio edge-llm / mlx_lm.convert: {errors[TOOLS[0]] / errors[TOOLS[1]]:.3f}. "
+    mlx_lm = results[TOOLS[1]]["wall_s"].median
+    against = ", ".join(f"{tool.removeprefix('edge-llm quantize, ') if tool != TOOLS[0] else 'default'} "
+                        f"{mlx_lm / results[tool]['wall_s'].median:.2f}x" for tool in TOOLS if tool != TOOLS[1])
+    lines += ["", f"Speed against mlx_lm.convert (its wall time / ours): {against}. "
+              f"Error ratio edge-llm / mlx_lm.convert: {errors[TOOLS[0]] / errors[TOOLS[1]]:.3f}. "
               f"Machine load average (1/5/15 min) before: {load_before}, after: {load_after} (2 cores, shared "
               "with other agents' work)."]
     return lines
