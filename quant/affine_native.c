@@ -48,8 +48,24 @@ enum { BAD_INPUT = 1, BAD_SCALE = 2, BAD_BIAS = 4 };
 
 INLINE vf splat(float x) { return (vf){0} + x; }
 INLINE vf vsel(vi m, vf a, vf b) { return (vf)((m & (vi)a) | (~m & (vi)b)); }
+/* min and max as x86's minps/maxps define them (a < b ? a : b, a > b ? a : b): one instruction where the
+ * vector is the machine's own, a compare and a select elsewhere; the same bits either way. */
+#if defined(__AVX512F__) && L == 16
+#include <immintrin.h>
+INLINE vf vmin(vf a, vf b) { return (vf)_mm512_min_ps((__m512)a, (__m512)b); }
+INLINE vf vmax(vf a, vf b) { return (vf)_mm512_max_ps((__m512)a, (__m512)b); }
+#elif defined(__AVX__) && L == 8
+#include <immintrin.h>
+INLINE vf vmin(vf a, vf b) { return (vf)_mm256_min_ps((__m256)a, (__m256)b); }
+INLINE vf vmax(vf a, vf b) { return (vf)_mm256_max_ps((__m256)a, (__m256)b); }
+#elif defined(__SSE2__) && L == 4
+#include <emmintrin.h>
+INLINE vf vmin(vf a, vf b) { return (vf)_mm_min_ps((__m128)a, (__m128)b); }
+INLINE vf vmax(vf a, vf b) { return (vf)_mm_max_ps((__m128)a, (__m128)b); }
+#else
 INLINE vf vmin(vf a, vf b) { return vsel(a < b, a, b); }
 INLINE vf vmax(vf a, vf b) { return vsel(a > b, a, b); }
+#endif
 INLINE vf vabs(vf x) { return (vf)((vu)x & 0x7fffffffu); }
 INLINE vf clip_round(vf x, float n) { return (vmin(vmax(x, splat(0.0f)), splat(n)) + MAGIC) - MAGIC; }
 
