@@ -21,12 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 from benchmarks.estimate_calibration import WORK, smollm2
 from benchmarks.harness import write_section
+from edge_llm.errors import CheckpointError
 from edge_llm.generation.chat import ChatSession
 from edge_llm.generation.sampling import SamplingParams
 from edge_llm.loader import load, load_model
@@ -41,7 +43,7 @@ QUESTIONS = {  # question -> words one of which a right answer contains (None: c
     "List three primary colors.": ("red",),
     "Translate 'good morning' into Spanish.": ("buenos días", "buenos dias"),
 }
-MLX_LM_TIMEOUT = 420
+MLX_LM_TIMEOUT = 300
 CALIBRATED_MLX_LM = ("mlx_lm awq", "mlx_lm gptq", "mlx_lm dwq")
 
 
@@ -95,6 +97,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--skip-mlx-lm-calibrated", action="store_true")
+    parser.add_argument("--only", help="comma-separated parts of conversion names to run (default: all)")
     args = parser.parse_args()
     source = smollm2(WORK, bits=16)
     mlx_source = mlx_lm_source(source)
@@ -107,6 +110,8 @@ def main() -> None:
     float_answers = answers(source)
     rows, answer_rows, failures = [], [], []
     for name, cmd in conversions(source, mlx_source, not args.skip_mlx_lm_calibrated).items():
+        if args.only and not any(part.strip() in name for part in args.only.split(",")):
+            continue
         out = WORK / ("cal-" + "".join(c if c.isalnum() else "-" for c in name))
         shutil.rmtree(out, ignore_errors=True)
         started = time.perf_counter()
@@ -114,11 +119,18 @@ def main() -> None:
             env = {"HOME": str(home)} if name.startswith(CALIBRATED_MLX_LM) else None  # ours keep their caches
             run = measure([c.replace("{out}", str(out)) for c in cmd], env=env, timeout=MLX_LM_TIMEOUT)
         except Exception as e:  # noqa: BLE001 - a tool that cannot run here is a result, said as such
-            last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            failures.append(f"- `{name}`: did not run here after {time.perf_counter() - started:.0f} s: {last[:300]}")
+            said = [line for line in str(e).strip().splitlines() if line.strip() and not line.startswith("@@")]
+            last = "timed out" if isinstance(e, subprocess.TimeoutExpired) else (said[-1] if said else type(e).__name__)
+            failures.append(f"- `{name}`: did not complete here ({time.perf_counter() - started:.0f} s): {last[:300]}")
             print(failures[-1], flush=True)
             continue
-        q = compare_log_probs(reference, log_probs(load_model(out), tokens), tokens)
+        try:
+            model = load_model(out)
+        except CheckpointError as e:  # e.g. a tool that wrote NaN scales
+            failures.append(f"- `{name}`: ran ({run.wall_s:.0f} s) but its output does not load: {str(e)[-200:]}")
+            print(failures[-1], flush=True)
+            continue
+        q = compare_log_probs(reference, log_probs(model, tokens), tokens)
         size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
         said = answers(out)
         right = sum(any(w in a.lower() for w in words) for a, words in zip(said, QUESTIONS.values(), strict=True))
