@@ -12,6 +12,7 @@ from edge_llm.kernels import status
 from edge_llm.machine.backend import available_ram_bytes, blas_library, detect
 from edge_llm.machine.bandwidth import machine_bandwidth
 from edge_llm.machine.memory import human_bytes
+from quant import affine_native
 
 from .common import user_errors
 
@@ -33,6 +34,7 @@ def doctor(
         "mlx_version": b.mlx_version,
         "blas": blas_library(),
         "cpu_kernels": status(build_if_missing=False).detail,
+        "quantize_search": affine_native.status(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
     }
@@ -43,4 +45,4 @@ def doctor(
     for key, value in facts.items():
         shown = human_bytes(value) if key.endswith("_bytes") else value
         shown = f"{human_bytes(value)}/s (measured)" if key == "bandwidth_bytes_per_s" else shown
-        print(f"{labels.get(key, key.replace('_', ' ')):>14}: {shown}")
+        print(f"{labels.get(key, key.replace('_', ' ')):>15}: {shown}")

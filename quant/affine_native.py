@@ -191,6 +191,13 @@ def why_unavailable() -> str:
     return _library()[1]
 
 
+def status() -> str:
+    """One line for ``edge-llm doctor``: how ``quantize`` searches here."""
+    if available():
+        return f"compiled ({isa()}, {threads()} threads)"
+    return f"MLX ops, slower ({why_unavailable()})"
+
+
 def threads() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))

@@ -33,4 +33,9 @@ def test_doctor():
     assert facts["backend"] == BACKEND and facts["memory_bytes"] > 1e9
     assert facts["mlx_version"] and facts["blas"]
     assert facts["cpu_kernels"] == status().detail and "\n" not in facts["cpu_kernels"]
-    assert f"cpu kernels: {facts['cpu_kernels']}" in CliRunner().invoke(app, ["doctor"]).stdout
+    text = CliRunner().invoke(app, ["doctor"]).stdout
+    assert f"cpu kernels: {facts['cpu_kernels']}" in text
+    from quant import affine_native
+
+    assert facts["quantize_search"] == affine_native.status() and f"quantize search: {affine_native.status()}" in text
+    assert facts["quantize_search"].startswith("compiled (") or "MLX ops" in facts["quantize_search"]
