@@ -18,9 +18,6 @@ import hashlib
 import logging
 import os
 import platform
-import shutil
-import subprocess
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -28,6 +25,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from edge_llm.machine.native_build import BuildError, build_once, find_tool, run_compiler, tool_version
 from edge_llm.machine.state import state_dir
 
 log = logging.getLogger(__name__)
@@ -61,22 +59,6 @@ class NonFinite(ValueError):
         self.what = what
 
 
-def _compiler() -> str | None:
-    """``$CC`` where set (and only it), else the first of cc, gcc, clang on PATH."""
-    chosen = os.environ.get("CC")
-    for name in (chosen,) if chosen else ("cc", "gcc", "clang"):
-        if shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-def _version(compiler: str) -> str:
-    try:
-        return subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
 def _variants() -> dict[str, tuple[int, list[str], set[str]]]:
     return ISA_VARIANTS.get(platform.machine(), {"generic": (4, [], set())})
 
@@ -85,41 +67,18 @@ def _build(compiler: str) -> Path:
     """The library (every variant of this machine's architecture), compiled once into the state folder."""
     h = hashlib.sha256(SOURCE.read_bytes())
     variants = [(name, width, flags) for name, (width, flags, _) in _variants().items()]
-    for part in (" ".join(FLAGS), repr(variants), _version(compiler), platform.machine(), platform.system()):
+    for part in (" ".join(FLAGS), repr(variants), tool_version(compiler), platform.machine(), platform.system()):
         h.update(part.encode())
-    target = state_dir() / "quant" / h.hexdigest()[:20]
-    library = target / "affine_native.so"
-    if library.exists():
-        return library
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
-    try:
+
+    def make(work: Path) -> None:
         objects = []
         for isa, (width, flags, _) in _variants().items():
             objects.append(str(work / f"{isa}.o"))
-            _compile([compiler, *FLAGS, *flags, f"-DEL_WIDTH={width}", f"-DEL_ISA={isa}", "-c", str(SOURCE), "-o",
-                      objects[-1]], compiler)
-        _compile([compiler, "-shared", *objects, "-o", str(work / library.name)], compiler)
-        for obj in objects:
-            os.unlink(obj)
-        try:
-            os.replace(work, target)
-        except OSError:  # another process built the same library first: keep it (it may be loaded)
-            if not library.exists():
-                raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return library
+            run_compiler([compiler, *FLAGS, *flags, f"-DEL_WIDTH={width}", f"-DEL_ISA={isa}", "-c", str(SOURCE),
+                          "-o", objects[-1]])
+        run_compiler([compiler, "-shared", *objects, "-o", str(work / "affine_native.so")])
 
-
-def _compile(command: list[str], compiler: str) -> None:
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired:
-        raise OSError(f"{Path(compiler).name} took over 300 s") from None
-    if done.returncode != 0:
-        first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:200])
-        raise OSError(f"{Path(compiler).name} failed: {first.strip()}")
+    return build_once(state_dir() / "quant" / h.hexdigest()[:20], "affine_native.so", make)
 
 
 def _cpu_flags() -> set[str]:
@@ -146,12 +105,9 @@ def _library() -> tuple[Any, str]:
     """The routine for this CPU (a ctypes function), or None and why not."""
     if os.environ.get(ENV, "1") == "0":
         return None, f"switched off ({ENV}=0)"
-    compiler = _compiler()
-    if compiler is None:
-        return None, f"no C compiler ({os.environ.get('CC') or 'cc, gcc or clang'}) on PATH"
     try:
-        lib = _LOADED["lib"] = ctypes.CDLL(str(_build(compiler)))
-    except OSError as e:
+        lib = _LOADED["lib"] = ctypes.CDLL(str(_build(find_tool(("cc", "gcc", "clang"), "CC"))))
+    except (BuildError, OSError) as e:
         log.warning("quantize: the compiled search is unavailable (%s); running it as MLX ops (slower)", e)
         return None, str(e)
     fn = getattr(lib, f"el_affine_quantize_{isa()}")

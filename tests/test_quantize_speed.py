@@ -180,7 +180,7 @@ def test_without_a_compiler_the_mlx_graph_runs(tmp_path):
             "print(n.available(), e < 0.95 * m, n.why_unavailable())")
     env = {**os.environ, "CC": "/nonexistent/cc", "EDGE_LLM_HOME": str(tmp_path / "home")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.startswith("False True no C compiler (/nonexistent/cc)"), out.stdout + out.stderr
+    assert out.stdout.startswith("False True no /nonexistent/cc compiler on PATH"), out.stdout + out.stderr
     assert not (tmp_path / "home" / "quant").exists()
 
 

@@ -17,16 +17,14 @@ import functools
 import hashlib
 import os
 import platform
-import shutil
-import subprocess
 import sys
 import sysconfig
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from ..machine.native_build import BuildError, build_once, find_tool, run_compiler, tool_version
 from ..machine.state import state_dir
 
 SOURCES = Path(__file__).parent / "csrc"
@@ -41,10 +39,6 @@ ISA_VARIANTS = {"x86_64": {"avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "
                 "aarch64": {"generic": []}}
 
 
-class BuildError(RuntimeError):
-    """Why the kernels could not be built here (one line, for ``edge-llm doctor``)."""
-
-
 @dataclass(frozen=True)
 class Toolchain:
     cc: str
@@ -52,16 +46,6 @@ class Toolchain:
     mlx_dir: Path
     nanobind_dir: Path
     python_include: Path
-
-
-def _which(names: tuple[str, ...], env: str) -> str:
-    chosen = os.environ.get(env)
-    for name in ((chosen,) if chosen else names):
-        path = shutil.which(name)
-        if path:
-            return path
-    wanted = " or ".join((chosen,) if chosen else names)
-    raise BuildError(f"no {wanted} compiler on PATH (install gcc/g++ or set {env})")
 
 
 def toolchain() -> Toolchain:
@@ -82,15 +66,8 @@ def toolchain() -> Toolchain:
     python_include = Path(sysconfig.get_paths()["include"])
     if not (python_include / "Python.h").exists():
         raise BuildError(f"Python's headers are missing ({python_include}/Python.h: install python3-dev)")
-    return Toolchain(_which(("cc", "gcc", "clang"), "CC"), _which(("c++", "g++", "clang++"), "CXX"), mlx_dir,
+    return Toolchain(find_tool(("cc", "gcc", "clang"), "CC"), find_tool(("c++", "g++", "clang++"), "CXX"), mlx_dir,
                      Path(nanobind.__file__).parent, python_include)
-
-
-def _compiler_version(compiler: str) -> str:
-    try:
-        return subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return ""
 
 
 @functools.lru_cache(maxsize=4)  # `run` asks whether a build is needed, then loads: one hashing, one compiler query
@@ -101,7 +78,7 @@ def build_key(tools: Toolchain) -> str:
         h.update(path.name.encode())
         h.update(path.read_bytes())
     for part in (metadata.version("mlx"), metadata.version("nanobind"), sysconfig.get_config_var("SOABI") or "",
-                 platform.machine(), _compiler_version(tools.cc), _compiler_version(tools.cxx)):
+                 platform.machine(), tool_version(tools.cc), tool_version(tools.cxx)):
         h.update(part.encode())
     return h.hexdigest()[:20]
 
@@ -139,40 +116,17 @@ def _compile_commands(tools: Toolchain, out: Path) -> tuple[list[list[str]], lis
     return jobs, link
 
 
-def _run(command: list[str]) -> None:
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        lines = (done.stderr or done.stdout).strip().splitlines()
-        first_error = next((line for line in lines if "error" in line), lines[0] if lines else "")
-        raise BuildError(f"{Path(command[0]).name} failed: {first_error.strip()}")
-
-
 def build(force: bool = False, jobs: int | None = None) -> Path:
     """Path of the compiled extension for this MLX, building it first if needed; BuildError if it cannot be."""
     tools = toolchain()
-    target = cache_root() / build_key(tools)
-    library = target / library_name()
-    if library.exists() and not force:
-        return library
-    cache_root().mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".build-", dir=cache_root()))
-    try:
+
+    def make(work: Path) -> None:
         compiles, link = _compile_commands(tools, work)
         with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
-            list(pool.map(_run, compiles))
-        _run(link)
-        for obj in work.glob("*.o"):
-            obj.unlink()
-        if force and target.exists():
-            shutil.rmtree(target)
-        try:
-            os.replace(work, target)
-        except OSError:  # another process finished the same build first: keep its library (it may be loaded)
-            if not library.exists():
-                raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return library
+            list(pool.map(run_compiler, compiles))
+        run_compiler(link)
+
+    return build_once(cache_root() / build_key(tools), library_name(), make, force)
 
 
 def built_library() -> Path | None:
