@@ -174,6 +174,8 @@ def _calibrate_layer(job: _Job, index: int, arrays: dict[str, mx.array], stream:
     for group in groups:
         names = [f"{prefix}{p}.weight" for p in group]
         record = recorders[group[0]].record
+        if not record.inputs:  # never called on these tokens (a module the forward pass skips): default path
+            continue
         if isinstance(recorders[group[0]], ExpertInputs):
             parts, counts = job.experts(names, weights, record)
             _expert_counts_summary(job, index, counts, expert_layers)
