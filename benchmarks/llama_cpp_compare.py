@@ -29,8 +29,10 @@ the load average says the machine is busy.
     python -m benchmarks.llama_cpp_compare [--rounds 3] [--files q4_1,q8_0] [--tokens 64] [--threads 2]
         [--edge-env EDGE_LLM_CPU_KERNELS=0] [--json-out FILE]
 
-Needs ``pip install -e '.[bench]'`` (llama-cpp-python, compiled at install). Prints the tables; it does not
-write RESULTS.md.
+Needs ``pip install -e '.[bench]'`` (llama-cpp-python, compiled at install). On a CPU with AMX in a VM that does
+not grant AMX tiles, llama.cpp's native build segfaults in ``ggml_backend_amx_mul_mat``: rebuild it without AMX
+(the CMAKE_ARGS in RESULTS.md, section "fewer ops per decode step"). Prints the tables; it does not write
+RESULTS.md.
 """
 
 from __future__ import annotations
