@@ -162,8 +162,10 @@ def compare_log_probs(reference: mx.array, candidate: mx.array, tokens: list[int
 
 
 def evaluate(source: str | Path, quantized: str | Path, text: str = SAMPLE, max_tokens: int | None = None) -> Quality:
-    """KL divergence and perplexity of ``quantized`` against ``source`` (both checkpoint folders)."""
-    tokens = sample_tokens(source, text, max_tokens)
+    """KL divergence and perplexity of ``quantized`` (a checkpoint folder) against ``source`` (a folder or a GGUF
+    file). The text is tokenized with the quantized folder's tokenizer: the source's, as quantize wrote it (a GGUF
+    file has no tokenizer.json beside it)."""
+    tokens = sample_tokens(quantized, text, max_tokens)
     if len(tokens) < 2:
         raise ValueError("the evaluation text must be at least two tokens long")
     model = load_model(source, dtype="float32")

@@ -127,6 +127,17 @@ def test_quantize_the_smollm2_gguf_to_mlx_safetensors(tmp_path):
     assert answer.exit_code == 0 and "Paris" in answer.stdout, answer.output
 
 
+def test_quantize_the_smollm2_gguf_with_eval(tmp_path):
+    """``--eval`` against a GGUF source (no tokenizer.json beside it): the text is tokenized as the output folder's
+    tokenizer, the file's own; 8-bit of the file is nearly lossless."""
+    out = tmp_path / "smollm2-q8"
+    result = CliRunner().invoke(app, ["quantize", str(gguf_path()), "-o", str(out), "--bits", "8", "--eval", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["eval_tokens"] > 100 and summary["kl_divergence"] < 0.01, summary
+    assert summary["top1_agreement"] > 0.95 and not summary["verdict"]["poor"], summary
+
+
 def test_quantize_a_k_quant_file(kquant_file, tmp_path):
     """Q4_K is copied (its float32 scales rounded to float16); Q6_K, which MLX cannot run, becomes 6-bit."""
     import mlx.core as mx
