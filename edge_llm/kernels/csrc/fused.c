@@ -54,9 +54,12 @@ void el_rope(const float* x, float* y, int64_t heads, int64_t L, int64_t D, int6
   free(cs);
 }
 
+/* A task: `heads` query heads (of one key/value head's group, at one query position) over the same keys and
+ * values, so each key and value row is read once for all of them (GQA: the cache is read group times less). */
 typedef struct {
   const el_attention_args* a;
-  int64_t rows_per_task;
+  int64_t heads;  /* query heads per task, dividing the group */
+  int64_t chunks; /* tasks per (b, key/value head, l) */
 } attention_job;
 
 /* 8 floats: compiled to whatever vectors the target has (two SSE registers on baseline x86-64, NEON on arm64). */
@@ -89,6 +92,8 @@ static inline void axpy(float* acc, float p, const float* v, int64_t D) {
   for (; i < D; i++) acc[i] += p * v[i];
 }
 
+#define EL_MAX_GROUP 16 /* query heads one task takes at most */
+
 /* Compiled for AVX-512, AVX2 and the baseline, the best picked when the library loads (an ifunc): the 8-lane
  * vectors above are one instruction each on AVX2 and later, two on baseline x86-64; the same operations in the
  * same order on every one, so the same bits. */
@@ -101,42 +106,59 @@ static inline void axpy(float* acc, float p, const float* v, int64_t D) {
 CLONED static void attention_rows(void* arg, int64_t task) {
   const attention_job* job = (const attention_job*)arg;
   const el_attention_args* a = job->a;
-  const int64_t rows = a->B * a->Hq * a->L, group = a->Hq / a->Hkv, D = a->D, Dv = a->Dv;
-  float* scores = malloc(sizeof(float) * a->T);
-  float* acc = malloc(sizeof(float) * Dv);
+  const int64_t group = a->Hq / a->Hkv, D = a->D, Dv = a->Dv, n = job->heads;
+  const int64_t unit = task / job->chunks, l = unit % a->L, hk = (unit / a->L) % a->Hkv, b = unit / (a->L * a->Hkv);
+  const int64_t h0 = hk * group + (task % job->chunks) * n;
+  const int64_t visible = a->causal ? a->T - a->L + l + 1 : a->T;
+  float* scores = malloc(sizeof(float) * n * (visible > 0 ? visible : 1));
+  float* acc = malloc(sizeof(float) * n * Dv);
   if (!scores || !acc) {
     free(scores), free(acc);
     return;
   }
-  for (int64_t row = task * job->rows_per_task; row < rows && row < (task + 1) * job->rows_per_task; row++) {
-    const int64_t l = row % a->L, h = (row / a->L) % a->Hq, b = row / (a->L * a->Hq), hk = h / group;
-    const float* q = a->q + row * D;
-    const float* k = a->k + b * a->k_strides[0] + hk * a->k_strides[1];
-    const float* v = a->v + b * a->v_strides[0] + hk * a->v_strides[1];
-    const int64_t visible = a->causal ? a->T - a->L + l + 1 : a->T;
-    float top = -INFINITY;
-    for (int64_t t = 0; t < visible; t++) {
-      scores[t] = dot(q, k + t * a->k_strides[2], D) * a->scale;
-      if (scores[t] > top) top = scores[t];
+  const float* k = a->k + b * a->k_strides[0] + hk * a->k_strides[1];
+  const float* v = a->v + b * a->v_strides[0] + hk * a->v_strides[1];
+  const float* q[EL_MAX_GROUP];
+  float top[EL_MAX_GROUP], total[EL_MAX_GROUP];
+  for (int64_t j = 0; j < n; j++) q[j] = a->q + ((b * a->Hq + h0 + j) * a->L + l) * D, top[j] = -INFINITY;
+  for (int64_t t = 0; t < visible; t++) {
+    const float* kt = k + t * a->k_strides[2];
+    for (int64_t j = 0; j < n; j++) {
+      const float s = dot(q[j], kt, D) * a->scale;
+      scores[j * visible + t] = s;
+      if (s > top[j]) top[j] = s;
     }
-    float total = 0.f;
-    for (int64_t t = 0; t < visible; t++) total += scores[t] = expf(scores[t] - top);
-    for (int64_t i = 0; i < Dv; i++) acc[i] = 0.f;
-    for (int64_t t = 0; t < visible; t++) axpy(acc, scores[t], v + t * a->v_strides[2], Dv);
-    float* out = a->out + (a->out_by_position ? (b * a->L + l) * a->Hq + h : row) * Dv;
-    const float inv = visible > 0 ? 1.f / total : 0.f;
-    for (int64_t i = 0; i < Dv; i++) out[i] = acc[i] * inv;
+  }
+  for (int64_t j = 0; j < n; j++) {
+    float* sj = scores + j * visible;
+    total[j] = 0.f;
+    for (int64_t t = 0; t < visible; t++) total[j] += sj[t] = expf(sj[t] - top[j]);
+    for (int64_t i = 0; i < Dv; i++) acc[j * Dv + i] = 0.f;
+  }
+  for (int64_t t = 0; t < visible; t++) {
+    const float* vt = v + t * a->v_strides[2];
+    for (int64_t j = 0; j < n; j++) axpy(acc + j * Dv, scores[j * visible + t], vt, Dv);
+  }
+  for (int64_t j = 0; j < n; j++) {
+    const int64_t h = h0 + j;
+    float* out = a->out + (a->out_by_position ? (b * a->L + l) * a->Hq + h : (b * a->Hq + h) * a->L + l) * Dv;
+    const float inv = visible > 0 ? 1.f / total[j] : 0.f;
+    for (int64_t i = 0; i < Dv; i++) out[i] = acc[j * Dv + i] * inv;
   }
   free(scores), free(acc);
 }
 
 void el_attention(const el_attention_args* a) {
-  const int64_t rows = a->B * a->Hq * a->L;
-  const int64_t work = a->T * (a->D + a->Dv); /* multiply-adds per row */
-  int64_t per_task = (1 << 15) / (work > 0 ? work : 1);
-  if (per_task < 1) per_task = 1;
-  attention_job job = {a, per_task};
-  el_parallel_for(attention_rows, &job, (rows + per_task - 1) / per_task);
+  const int64_t group = a->Hq / a->Hkv, units = a->B * a->Hkv * a->L;
+  /* all of a group's heads in one task, unless that leaves too few tasks for the threads to share */
+  int64_t heads = group;
+  while (heads > 1 && (heads > EL_MAX_GROUP || units * (group / heads) < el_threads())) {
+    int64_t smaller = heads - 1;
+    while (group % smaller) smaller--;
+    heads = smaller;
+  }
+  attention_job job = {a, heads, group / heads};
+  el_parallel_for(attention_rows, &job, units * job.chunks);
 }
 
 void el_cache_write(const float* rows, float* cache, const el_cache_rows* c, const el_rotation* rot) {
