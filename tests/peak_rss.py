@@ -34,14 +34,15 @@ def measure(cmd: Sequence[str], env: dict[str, str] | None = None, timeout: floa
     return Run(proc.stdout, proc.stderr, wall, _parse_rss(proc.stderr))
 
 
-# A parent that waits for exactly one child, so ru_maxrss is that child's peak alone.
+# A parent that waits for exactly one child, so ru_maxrss is that child's peak alone (under mlx.launch, each
+# rank's: the line names the rank, "single" outside a launch).
 RSS_WRAPPER = (
     "import os, sys\n"
     "pid = os.fork()\n"
     "if pid == 0:\n"
     "    os.execvp(sys.argv[1], sys.argv[1:])\n"
     "_, status, usage = os.wait4(pid, 0)\n"
-    "sys.stderr.write(f'\\n@@max_rss_kb={usage.ru_maxrss}\\n')\n"
+    "sys.stderr.write(f\"\\n@@max_rss_kb={usage.ru_maxrss} rank={os.environ.get('MLX_RANK', 'single')}\\n\")\n"
     "sys.exit(os.waitstatus_to_exitcode(status))\n"
 )
 

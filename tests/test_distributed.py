@@ -24,6 +24,7 @@ import pytest
 from edge_llm.distributed.launch import DistributedError
 from edge_llm.distributed.plan import ModelBytes, expert_split, model_bytes, plan_shards, split_proportionally
 from tests.hf_oracle import build_tiny_checkpoint
+from tests.peak_rss import RSS_WRAPPER
 from tests.tiny_configs import TINY_CONFIGS
 
 BIN = Path(sys.executable).parent
@@ -143,15 +144,6 @@ def test_moe_answers_as_one_process_in_both_modes(tiny, arch):
     assert answer(tiny[arch], shard="experts")["tokens"] == single
 
 
-RSS_WRAPPER = (
-    "import os, sys\n"
-    "pid = os.fork()\n"
-    "if pid == 0:\n"
-    "    os.execvp(sys.argv[1], sys.argv[1:])\n"
-    "_, status, usage = os.wait4(pid, 0)\n"
-    "sys.stderr.write(f\"\\n@@rank{os.environ.get('MLX_RANK', 'single')}={usage.ru_maxrss}\\n\")\n"
-    "sys.exit(os.waitstatus_to_exitcode(status))\n"
-)
 
 
 @pytest.mark.slow
@@ -162,7 +154,7 @@ def test_each_rank_holds_about_half_the_weights(smollm2_folder):
     assert single.returncode == 0, single.stderr
     sharded = launched([*args, "--shard", "pipeline"])
     assert sharded.returncode == 0, sharded.stderr
-    rss = {k: int(v) * 1024 for k, v in re.findall(r"@@rank(\w+)=(\d+)", single.stderr + sharded.stderr)}
+    rss = {k: int(v) * 1024 for v, k in re.findall(r"@@max_rss_kb=(\d+) rank=(\w+)", single.stderr + sharded.stderr)}
     assert set(rss) == {"single", "0", "1"}, rss
     for rank in ("0", "1"):  # one process holds all the weights; a rank about half of them
         saved = rss["single"] - rss[rank]

@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..models.base import CausalLM
-from ..models.cache import BatchRows
+from ..models.cache import BatchRows, LayerCache
 from ..models.layers import output_projection
 from .group import Group
 from .plan import ShardPlan
@@ -28,24 +28,13 @@ from .watchdog import current_watchdog
 DTYPES = (mx.float32, mx.bfloat16, mx.float16)
 
 
-class ShadowCache:
-    """Rank 0's stand-in for the cache of a layer another rank holds: how many tokens it holds."""
+class ShadowCache(LayerCache):
+    """Rank 0's stand-in for the cache of a layer another rank holds: how many tokens it holds (no rows, so its
+    state is empty and it holds no bytes)."""
 
     def __init__(self, bits: int | None) -> None:
-        self.bits, self.offset = bits, 0
-
-    def trim(self, n: int) -> int:
-        n = min(self.offset, n)
-        self.offset -= n
-        return n
-
-    @property
-    def state(self) -> list[mx.array]:
-        return []
-
-    @property
-    def nbytes(self) -> int:
-        return 0
+        super().__init__([])
+        self.bits = bits
 
 
 def row_caches(layer_cache) -> list:

@@ -111,7 +111,7 @@ def _rows(bits: int | None) -> _Rows | _QuantizedRows:
     return _Rows() if bits is None else _QuantizedRows(bits)
 
 
-class _LayerCache:
+class LayerCache:
     """What both caches share: an offset, trimming, and the bytes their row buffers hold."""
 
     def __init__(self, rows: list[_Rows | _QuantizedRows]) -> None:
@@ -133,7 +133,7 @@ class _LayerCache:
         return sum(a.nbytes for a in self.state)
 
 
-class KVCache(_LayerCache):
+class KVCache(LayerCache):
     """Standard per-head cache; ``update_and_fetch`` appends and returns everything so far."""
 
     def __init__(self, bits: int | None = None) -> None:
@@ -168,7 +168,7 @@ class KVCache(_LayerCache):
         self.offset += length
 
 
-class LatentCache(_LayerCache):
+class LatentCache(LayerCache):
     """MLA cache: one ``[B, 1, T, kv_lora_rank + rope_dim]`` latent per token, split on fetch."""
 
     def __init__(self, bits: int | None = None) -> None:
