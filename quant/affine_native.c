@@ -333,34 +333,25 @@ INLINE void transpose(vf r[L]) {
 
 typedef uint16_t vh __attribute__((vector_size(L * 2)));
 
-/* Groups (rows of `gs` weights) -> xt [gs][16], lane i = group i; lanes past `lanes` are zero. */
-INLINE void transpose_bf16(const uint16_t *src, int gs, int lanes, float *xt) {
-#ifdef STAGES
-    if (lanes == L) {
-        for (int c = 0; c < gs; c += L) {
-            vf r[L];
-            for (int i = 0; i < L; i++) {
-                vh h;
-                memcpy(&h, src + (int64_t)i * gs + c, sizeof h);
-                r[i] = (vf)(__builtin_convertvector(h, vu) << 16);
-            }
-            transpose(r);
-            for (int j = 0; j < L; j++) store(xt + (c + j) * L, r[j]);
-        }
-        return;
-    }
-#endif
-    memset(xt, 0, sizeof(float) * gs * L);
-    for (int i = 0; i < lanes; i++)
-        for (int j = 0; j < gs; j++) xt[j * L + i] = bits_f((uint32_t)src[(int64_t)i * gs + j] << 16);
+/* L weights of group i from column c: bfloat16 (widened exactly) or float32; bf16 is a constant once inlined. */
+INLINE vf load_lanes(const void *src, int bf16, int gs, int i, int c) {
+    if (!bf16) return load((const float *)src + (int64_t)i * gs + c);
+    vh h;
+    memcpy(&h, (const uint16_t *)src + (int64_t)i * gs + c, sizeof h);
+    return (vf)(__builtin_convertvector(h, vu) << 16);
 }
 
-INLINE void transpose_f32(const float *src, int gs, int lanes, float *xt) {
+INLINE float load_one(const void *src, int bf16, int64_t at) {
+    return bf16 ? bits_f((uint32_t)((const uint16_t *)src)[at] << 16) : ((const float *)src)[at];
+}
+
+/* Groups (rows of `gs` bfloat16 or float32 weights) -> xt [gs][L], lane i = group i; lanes past `lanes` are zero. */
+INLINE void transpose_groups(const void *src, int bf16, int gs, int lanes, float *xt) {
 #ifdef STAGES
     if (lanes == L) {
         for (int c = 0; c < gs; c += L) {
             vf r[L];
-            for (int i = 0; i < L; i++) r[i] = load(src + (int64_t)i * gs + c);
+            for (int i = 0; i < L; i++) r[i] = load_lanes(src, bf16, gs, i, c);
             transpose(r);
             for (int j = 0; j < L; j++) store(xt + (c + j) * L, r[j]);
         }
@@ -369,7 +360,7 @@ INLINE void transpose_f32(const float *src, int gs, int lanes, float *xt) {
 #endif
     memset(xt, 0, sizeof(float) * gs * L);
     for (int i = 0; i < lanes; i++)
-        for (int j = 0; j < gs; j++) xt[j * L + i] = src[(int64_t)i * gs + j];
+        for (int j = 0; j < gs; j++) xt[j * L + i] = load_one(src, bf16, (int64_t)i * gs + j);
 }
 
 /* `count` groups of `gs` consecutive float32 or bfloat16 weights -> packed codes (gs*bits/32 words per
@@ -385,9 +376,9 @@ int NAME(el_affine_quantize, EL_ISA)(const void *weights, int in_dtype, int64_t 
     for (int64_t k = 0; k < count; k += L) {
         int lanes = count - k < L ? (int)(count - k) : L;
         if (in_dtype == IN_BF16)
-            transpose_bf16((const uint16_t *)weights + k * gs, gs, lanes, xt);
+            transpose_groups((const uint16_t *)weights + k * gs, 1, gs, lanes, xt);
         else
-            transpose_f32((const float *)weights + k * gs, gs, lanes, xt);
+            transpose_groups((const float *)weights + k * gs, 0, gs, lanes, xt);
         flags |= quantize_block(xt, gs, bits, dtype, round_input, grid, n_grid, starts, steps, lanes, packed + k * words,
                                 scales + k, biases + k);
         if (flags & BAD_INPUT) return flags;
