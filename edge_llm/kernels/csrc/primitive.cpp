@@ -230,7 +230,7 @@ std::vector<mx::array> matmul_many(const mx::array& x, const std::vector<mx::arr
   check(stream.device == mx::Device::cpu, "CPU streams only");
   check(is_float(x.dtype()) && x.ndim() >= 1, "x must be a float array");
   const size_t per = bits ? (has_biases ? 3 : 2) : 1;
-  const size_t count = per ? ws.size() / per : 0;
+  const size_t count = ws.size() / per;
   check(count >= 1 && count <= EL_MAX_WEIGHTS && ws.size() == count * per, "matmul_many: 1 to 8 weights, each with "
         "its scales (and biases) when quantized");
   std::vector<mx::Shape> shapes;
