@@ -176,16 +176,17 @@ def test_gathered_float_experts_are_gather_mm(dtype):
 def weights_and_rows():
     """The products the bit-for-bit checks compare across processes: inputs from fixed seeds."""
     x = normal((9, 384), seed=11)
-    q4 = quantized((300, 384), 4, 32, mx.bfloat16, seed=12)
-    q3 = quantized((300, 384), 3, 128, mx.float16, seed=13)
+    q4 = quantized((301, 384), 4, 32, mx.bfloat16, seed=12)  # 301: a decoded row comes in tiles of four rows of
+    q3 = quantized((300, 384), 3, 128, mx.float16, seed=13)  # weights, and one alone
+    q8 = quantized((303, 384), 8, 64, mx.float16, seed=15)
     half = normal((300, 100), seed=14, dtype=mx.bfloat16)
-    return x, q4, q3, half
+    return x, q4, q3, q8, half
 
 
 def products() -> dict[str, np.ndarray]:
-    x, q4, q3, half = weights_and_rows()
+    x, q4, q3, q8, half = weights_and_rows()
     out = {"q4": ops.quantized_matmul(x, *q4, 32, 4), "q3": ops.quantized_matmul(x, *q3, 128, 3),
-           "half": ops.float_matmul(x[:, :100], half)}
+           "q8": ops.quantized_matmul(x, *q8, 64, 8), "half": ops.float_matmul(x[:, :100], half)}
     mx.eval(out)
     return {name: np.array(v) for name, v in out.items()}
 
@@ -204,10 +205,11 @@ def products_in_subprocess(tmp_path: Path, env: dict[str, str]) -> tuple[dict[st
 
 
 def test_a_row_is_the_same_bits_alone_or_among_others():
-    x, q4, q3, half = weights_and_rows()
+    x, q4, q3, q8, half = weights_and_rows()
     xh = x[:, :100]
     for name, f, rows in (("4-bit", lambda r: ops.quantized_matmul(r, *q4, 32, 4), x),
                           ("3-bit", lambda r: ops.quantized_matmul(r, *q3, 128, 3), x),
+                          ("8-bit", lambda r: ops.quantized_matmul(r, *q8, 64, 8), x),
                           ("bf16", lambda r: ops.float_matmul(r, half), xh)):
         together = f(rows)
         for r in range(rows.shape[0]):
@@ -238,8 +240,9 @@ def test_threads_do_not_change_the_bits_and_the_portable_kernels_agree(tmp_path)
     for name in here:
         assert np.array_equal(one[name], two[name]), f"{name}: 1 thread vs 2"
         assert np.array_equal(one[name], here[name]), f"{name}: 1 thread vs this process"
-    x, q4, q3, half = weights_and_rows()
+    x, q4, q3, q8, half = weights_and_rows()
     references = {"q4": x @ dequantized(*q4, 32, 4).T, "q3": x @ dequantized(*q3, 128, 3).T,
+                  "q8": x @ dequantized(*q8, 64, 8).T,
                   "half": x[:, :100] @ half.astype(mx.float32).T}
     # every lesser instruction set this CPU can run (AVX-512 machines pick it first, AVX2 ones AVX2)
     lesser = ["generic"] + (["avx2+fma+f16c"] if facts_one["isa"] == "avx512" else [])

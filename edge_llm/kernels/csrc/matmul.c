@@ -124,7 +124,7 @@ static int64_t chunk_rows(const el_weights* W, int64_t work) {
   const int64_t threads = el_threads();
   const int64_t balanced = (work + 4 * threads - 1) / (4 * threads);
   if (chunk > balanced) chunk = balanced;
-  if (chunk < 4) chunk = 4;
+  chunk = chunk < 4 ? 4 : chunk & ~(int64_t)3; /* whole tiles of four rows (csrc/rows.c decodes four at a time) */
   return chunk > W->N ? W->N : chunk;
 }
 

@@ -60,6 +60,9 @@ INLINE vf bytes_to_float(vb8 b) { return __builtin_convertvector(__builtin_conve
 /* 8 float weights of dtype at p -> floats. */
 INLINE vf load8_weights(const void* p, int dtype) {
   if (dtype == EL_F32) return load8((const float*)p);
+#if defined(__F16C__) /* GCC 12 converts the vector below one value at a time */
+  if (dtype == EL_F16) return (vf)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
+#endif
   if (dtype == EL_F16) {
     vf16x8 h;
     memcpy(&h, p, sizeof h);
@@ -258,12 +261,113 @@ INLINE void lut4_block_rows(const el_job* job, int R, const uint8_t* wrow, const
     job->y[(r + i) * N + n] =
         _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]), _mm512_add_ps(acc[i][2], acc[i][3])));
 }
+
+/* The lane sums of four vectors, each in the order _mm512_reduce_add_ps sums one (lane i + lane i+8, then + i+4,
+ * then + i+2, then + i+1), so a row's bits do not depend on whether it was reduced alone or in a tile of four. */
+INLINE __m128 reduce_add4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
+  const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(v0, v1, 0x44), _mm512_shuffle_f32x4(v0, v1, 0xEE));
+  const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(v2, v3, 0x44), _mm512_shuffle_f32x4(v2, v3, 0xEE));
+  const __m512 t = _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xDD));
+  const __m512 u = _mm512_add_ps(t, _mm512_permute_ps(t, 0x4E));
+  const __m512 v = _mm512_add_ps(u, _mm512_permute_ps(u, 0xB1));
+  return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), v));
+}
+
+/* Block blk of four weight rows into accumulators a and a + 1 of each (a a compile-time constant once inlined). */
+INLINE void lut4_tile4_block(const uint8_t* w, int64_t row_bytes, const float* sf, const float* bf, int64_t ng,
+                             const float* x, int64_t blk, int gshift, __m512 lut[4], __m512 acc[4][4], const int a) {
+  const __m512 x0 = _mm512_loadu_ps(x + blk * 32), x1 = _mm512_loadu_ps(x + blk * 32 + 16);
+  const int fresh = (blk & ((1 << gshift) - 1)) == 0;
+  for (int i = 0; i < 4; i++) {
+    if (fresh) lut[i] = lut4(sf + i * ng, bf ? bf + i * ng : NULL, blk >> gshift);
+    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(w + i * row_bytes + blk * 16)));
+    acc[i][a] = _mm512_fmadd_ps(_mm512_permutexvar_ps(q, lut[i]), x0, acc[i][a]);
+    acc[i][a + 1] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), lut[i]), x1, acc[i][a + 1]);
+  }
+}
+
+/* One x row r times four weight rows n..n+3 (decoding): lut4_block_rows' arithmetic for each of them, with x
+ * read once per block for all four. sf and bf hold the four rows' scales and biases, ng apart. */
+INLINE void lut4_tile4(const el_job* job, const uint8_t* w, int64_t row_bytes, const float* sf, const float* bf,
+                       int64_t r, int64_t n) {
+  const el_weights* W = job->W;
+  const int64_t K = W->K, N = W->N, blocks = K / 32, ng = K / W->group_size;
+  const int gshift = W->group_size == 32 ? 0 : W->group_size == 64 ? 1 : 2;
+  const float* x = job->x + r * K;
+  __m512 acc[4][4], lut[4];
+  for (int i = 0; i < 4; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = lut[i] = _mm512_setzero_ps();
+  int64_t blk = 0;
+  for (; blk + 2 <= blocks; blk += 2) {
+    lut4_tile4_block(w, row_bytes, sf, bf, ng, x, blk, gshift, lut, acc, 0);
+    lut4_tile4_block(w, row_bytes, sf, bf, ng, x, blk + 1, gshift, lut, acc, 2);
+  }
+  if (blk < blocks) lut4_tile4_block(w, row_bytes, sf, bf, ng, x, blk, gshift, lut, acc, 0);
+  __m512 sum[4];
+  for (int i = 0; i < 4; i++)
+    sum[i] = _mm512_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]), _mm512_add_ps(acc[i][2], acc[i][3]));
+  float out[4];
+  _mm_storeu_ps(out, reduce_add4(sum[0], sum[1], sum[2], sum[3]));
+  for (int i = 0; i < 4; i++) job->y[r * N + n + i] = out[i];
+}
+
+/* Block blk of four 8-bit weight rows into accumulator a of each: wide_block_rows' arithmetic, x read once. */
+INLINE void q8_tile4_block(const uint8_t* w, int64_t row_bytes, const float* sf, int64_t ng, const float* x,
+                           int64_t blk, int gshift, __m512 acc[4][2], const int a) {
+  const __m512 x0 = _mm512_loadu_ps(x + blk * 32), x1 = _mm512_loadu_ps(x + blk * 32 + 16);
+  for (int i = 0; i < 4; i++) {
+    const uint8_t* p = w + i * row_bytes + blk * 32;
+    const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)));
+    const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(p + 16))));
+    const __m512 d = _mm512_fmadd_ps(w1, x1, _mm512_mul_ps(w0, x0));
+    acc[i][a] = _mm512_fmadd_ps(_mm512_set1_ps(sf[i * ng + (blk >> gshift)]), d, acc[i][a]);
+  }
+}
+
+/* One x row r times four 8-bit weight rows n..n+3 (decoding), as wide_block_rows computes each. */
+INLINE void q8_tile4(const el_job* job, const uint8_t* w, int64_t row_bytes, const float* sf, const float* bf,
+                     int64_t r, int64_t n) {
+  const el_weights* W = job->W;
+  const int64_t K = W->K, N = W->N, blocks = K / 32, ng = K / W->group_size;
+  const int gshift = W->group_size == 32 ? 0 : W->group_size == 64 ? 1 : 2;
+  const float* x = job->x + r * K;
+  __m512 acc[4][2];
+  for (int i = 0; i < 4; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  int64_t blk = 0;
+  for (; blk + 2 <= blocks; blk += 2) {
+    q8_tile4_block(w, row_bytes, sf, ng, x, blk, gshift, acc, 0);
+    q8_tile4_block(w, row_bytes, sf, ng, x, blk + 1, gshift, acc, 1);
+  }
+  if (blk < blocks) q8_tile4_block(w, row_bytes, sf, ng, x, blk, gshift, acc, 0);
+  float out[4];
+  _mm_storeu_ps(out, reduce_add4(_mm512_add_ps(acc[0][0], acc[0][1]), _mm512_add_ps(acc[1][0], acc[1][1]),
+                                 _mm512_add_ps(acc[2][0], acc[2][1]), _mm512_add_ps(acc[3][0], acc[3][1])));
+  for (int i = 0; i < 4; i++) job->y[r * N + n + i] = out[i] + bias_term(job, bf ? bf + i * ng : NULL, r, ng);
+}
+
+/* Four weight rows of 4 or 8 bits times one x row. */
+INLINE void tile4(const el_job* job, int bits, const uint8_t* w, int64_t row_bytes, const float* sf,
+                  const float* bf, int64_t r, int64_t n) {
+  if (bits == 4)
+    lut4_tile4(job, w, row_bytes, sf, bf, r, n);
+  else
+    q8_tile4(job, w, row_bytes, sf, bf, r, n);
+}
+#define TILE4(bits) ((bits) == 4 || (bits) == 8)
 #define WIDE(bits) ((bits) == 4 || (bits) == 8)
 #else
 #define lut4_block_rows(job, R, wrow, sf, bf, r, n) quantized_block_rows(job, 4, R, wrow, sf, bf, r, n)
 #define wide_block_rows quantized_block_rows
+#define TILE4(bits) 0
+#define tile4(job, bits, w, row_bytes, sf, bf, r, n) ((void)0)
 #define WIDE(bits) 0
 #endif
+
+/* Weights a few tiles ahead into the cache: four rows in lockstep are four short streams, which the hardware
+ * prefetchers pick up late (a step's loads stalled on them; the prefetch hint never faults past the end). */
+#define TILE_AHEAD 2
+INLINE void prefetch(const uint8_t* p, int64_t bytes) {
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(p + i);
+}
 
 INLINE void quantized_rows(const el_job* job, int bits, int64_t e, int64_t r0, int64_t r1, int64_t n0,
                            int64_t n1) {
@@ -273,8 +377,16 @@ INLINE void quantized_rows(const el_job* job, int bits, int64_t e, int64_t r0, i
   const int ssize = W->s_dtype == EL_F32 ? 4 : 2;
   const uint8_t* sbase = (const uint8_t*)W->scales + (e * N) * ng * ssize;
   const uint8_t* bbase = W->biases ? (const uint8_t*)W->biases + (e * N) * ng * ssize : NULL;
-  float sf[ng], bf[ng];
-  for (int64_t n = n0; n < n1; n++) {
+  float sf[4 * ng], bf[4 * ng];
+  int64_t n = n0;
+  if (r1 - r0 == 1 && TILE4(bits)) /* decoding: four weight rows at a time, then the rest as below */
+    for (; n + 4 <= n1; n += 4) {
+      prefetch(wbase + (n + 4 * TILE_AHEAD) * row_bytes, 4 * row_bytes);
+      convert_row(sbase + n * ng * ssize, W->s_dtype, sf, 4 * ng);
+      if (bbase) convert_row(bbase + n * ng * ssize, W->s_dtype, bf, 4 * ng);
+      tile4(job, bits, wbase + n * row_bytes, row_bytes, sf, bbase ? bf : NULL, r0, n);
+    }
+  for (; n < n1; n++) {
     convert_row(sbase + n * ng * ssize, W->s_dtype, sf, ng);
     if (bbase) convert_row(bbase + n * ng * ssize, W->s_dtype, bf, ng);
     const uint8_t* wrow = wbase + n * row_bytes;
