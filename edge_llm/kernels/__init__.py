@@ -13,19 +13,20 @@ kernels run here, and why not when they do not (``edge-llm doctor`` prints it).
 from .extension import ENV, KernelStatus, status
 from .ops import (
     ATTENTION_MAX_QUERIES,
+    Weights,
     active,
     attention,
     attention_step,
     float_matmul,
-    float_matmuls,
     gather_float_matmul,
     gather_quantized_matmul,
+    matmuls,
+    mlp_block,
     quantized_matmul,
-    quantized_matmuls,
     rms_norm,
     rope,
 )
 
 __all__ = ["ENV", "active", "KernelStatus", "status", "quantized_matmul", "float_matmul", "gather_quantized_matmul",
            "gather_float_matmul", "rms_norm", "rope", "attention", "attention_step", "ATTENTION_MAX_QUERIES",
-           "quantized_matmuls", "float_matmuls"]
+           "Weights", "matmuls", "mlp_block"]

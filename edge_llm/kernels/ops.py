@@ -7,6 +7,8 @@ short prompts, MoE experts); Metal and CUDA keep MLX's own kernels.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import mlx.core as mx
 
 from . import extension
@@ -53,28 +55,64 @@ def float_matmul(x: mx.array, w: mx.array) -> mx.array | None:
 MAX_WEIGHTS = 8  # csrc/kernels.h EL_MAX_WEIGHTS
 
 
-def quantized_matmuls(x: mx.array, weights: list[tuple[mx.array, mx.array, mx.array | None]], group_size: int,
-                      bits: int, mode: str = "affine") -> list[mx.array] | None:
-    """``[quantized_matmul(x, w, s, b, ...) for (w, s, b) in weights]`` as one product (one dispatch, one job for
-    the threads): a layer's q/k/v or gate/up. The same bits as one by one; None where the kernels do not apply
-    (the caller goes one by one)."""
-    kernels = _kernels()
-    if (kernels is None or not _quantized_ok(x, group_size, bits, mode) or not 1 <= len(weights) <= MAX_WEIGHTS
-            or len({(s.dtype, b is None) for _, s, b in weights}) != 1):
-        return None
-    has_biases = weights[0][2] is not None
-    flat = [a for w, s, b in weights for a in ((w, s, b) if has_biases else (w, s))]
-    return kernels.matmul_many(x, flat, bits=bits, group_size=group_size, has_biases=has_biases)
+@dataclass(frozen=True)
+class Weights:
+    """Weight matrices as the kernels take them together: ``arrays`` lists each one's w (float), or w, scales[,
+    biases] (quantized alike: ``bits`` > 0, the same group size, scale dtype and presence of biases)."""
+
+    arrays: list[mx.array]
+    bits: int = 0
+    group_size: int = 0
+    has_biases: bool = False
+
+    @property
+    def count(self) -> int:
+        return len(self.arrays) // (1 if not self.bits else 3 if self.has_biases else 2)
+
+    @classmethod
+    def quantized(cls, weights: list[tuple[mx.array, mx.array, mx.array | None]], group_size: int, bits: int,
+                  mode: str = "affine") -> Weights | None:
+        """Affine-quantized (w, scales, biases) triples; None where the kernels do not take them together."""
+        if (mode != "affine" or bits not in BITS or group_size not in GROUP_SIZES
+                or not 1 <= len(weights) <= MAX_WEIGHTS or len({(s.dtype, b is None) for _, s, b in weights}) != 1):
+            return None
+        has_biases = weights[0][2] is not None
+        flat = [a for w, s, b in weights for a in ((w, s, b) if has_biases else (w, s))]
+        return cls(flat, bits, group_size, has_biases)
+
+    @classmethod
+    def floats(cls, weights: list[mx.array]) -> Weights | None:
+        """Float matrices ``[N, K]`` of any float dtype; None where the kernels do not take them."""
+        if not 1 <= len(weights) <= MAX_WEIGHTS or any(w.dtype not in FLOATS or w.ndim != 2 for w in weights):
+            return None
+        return cls(list(weights))
 
 
-def float_matmuls(x: mx.array, weights: list[mx.array]) -> list[mx.array] | None:
-    """``[float_matmul(x, w) for w in weights]`` as one product; None where the kernels do not apply."""
-    kernels = _kernels()
-    if kernels is None or x.dtype != mx.float32 or not 1 <= len(weights) <= MAX_WEIGHTS:
+def _takes(x: mx.array, weights: Weights | None) -> bool:
+    """Whether the kernels run these products of x: the CPU, loaded, x a float (float weights: float32 x)."""
+    if weights is None or _kernels() is None:
+        return False
+    return x.dtype in FLOATS if weights.bits else x.dtype == mx.float32
+
+
+def matmuls(x: mx.array, weights: Weights | None, norm: tuple[mx.array, float] | None = None) -> list[mx.array] | None:
+    """``[x @ W.T for W in weights]`` as one product (one dispatch, one job for the threads): a layer's q/k/v or
+    gate/up; with ``norm`` (weight, eps), of ``rms_norm(x, weight, eps)`` (float32 x), the norm in the same op.
+    The same bits as one by one; None where the kernels do not apply (the caller goes one by one)."""
+    if not _takes(x, weights) or (norm is not None and (x.dtype != mx.float32 or norm[0].dtype not in FLOATS)):
         return None
-    if any(w.dtype not in FLOATS or w.ndim != 2 for w in weights):
+    norm_weight, eps = norm if norm is not None else (None, 0.0)
+    return _kernels().matmul_many(x, weights.arrays, bits=weights.bits, group_size=weights.group_size,
+                                  has_biases=weights.has_biases, norm=norm_weight, eps=eps)
+
+
+def mlp_block(h: mx.array, norm_weight: mx.array, eps: float, weights: Weights | None) -> mx.array | None:
+    """``h + down(silu(gate(n)) * up(n))`` for ``n = rms_norm(h, norm_weight, eps)``, one op (weights: gate, up,
+    down); the same bits as those ops one by one. None where the kernels do not apply."""
+    if (not _takes(h, weights) or h.dtype != mx.float32 or weights.count != 3 or norm_weight.dtype not in FLOATS):
         return None
-    return kernels.matmul_many(x, weights)
+    return _kernels().mlp_block(h, norm_weight, eps, weights.arrays, bits=weights.bits,
+                                group_size=weights.group_size, has_biases=weights.has_biases)
 
 
 def _gathered_rows(x: mx.array, indices: mx.array) -> tuple[mx.array, mx.array, tuple[int, ...]]:
@@ -148,16 +186,23 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: str | m
 
 
 def attention_step(q: mx.array, k: mx.array, v: mx.array, k_cache: mx.array, v_cache: mx.array, offset: int,
-                   rope: tuple[int, bool, mx.array, float], scale: float) -> tuple[mx.array, mx.array, mx.array] | None:
+                   rope: tuple[int, bool, mx.array, float], scale: float, out_proj: Weights | None = None,
+                   residual: mx.array | None = None) -> tuple[mx.array, mx.array, mx.array] | None:
     """A decode step's attention in one op: ``q [B, L, Hq * D]``, ``k``/``v [B, L, Hkv * D]`` from the projections,
     rotated (``rope``: dims, traditional, per-pair angles, position scale) at positions ``offset..``, written into
     the float cache buffers ``[B, Hkv, capacity, D]`` at those rows, causal attention over all ``offset + L``.
-    Returns (out ``[B, L, Hq * D]``, the caches with the new rows), or None where the kernels do not apply: the
-    caller runs rope, the cache update and ``attention`` one by one (the same bits)."""
+    With ``out_proj`` (one weight) and ``residual`` ``[B, L, hidden]``: out is ``residual + out @ W_o.T``, in the
+    same op. Returns (out ``[B, L, Hq * D]``, the caches with the new rows), or None where the kernels do not
+    apply: the caller runs rope, the cache update and ``attention`` one by one (the same bits)."""
     kernels = _kernels()
     if (kernels is None or q.shape[1] > ATTENTION_MAX_QUERIES or offset + q.shape[1] > k_cache.shape[2]
             or any(a.dtype != mx.float32 for a in (q, k, v, k_cache, v_cache))):
         return None
+    if out_proj is not None and (out_proj.count != 1 or residual is None or residual.dtype != mx.float32):
+        return None
     dims, traditional, inv_freq, rope_scale = rope
+    extra = {} if out_proj is None else {"out_proj": out_proj.arrays, "bits": out_proj.bits,
+                                         "group_size": out_proj.group_size, "has_biases": out_proj.has_biases,
+                                         "residual": residual}
     return tuple(kernels.attention_step(q, k, v, k_cache, v_cache, offset, dims, traditional, inv_freq, rope_scale,
-                                        scale, q.shape[1] > 1))
+                                        scale, q.shape[1] > 1, **extra))

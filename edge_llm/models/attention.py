@@ -23,7 +23,7 @@ import mlx.nn as nn
 from .. import kernels
 from .base import BaseModelArgs, attention, check_widths, require
 from .cache import BatchRows, KVCache, each_row
-from .layers import RMSNorm, projections, sliding_window_mask
+from .layers import RMSNorm, kernel_weights, normed_projections, projections, sliding_window_mask
 from .rope import RoPE
 
 
@@ -84,8 +84,23 @@ class Attention(nn.Module):
         self.rope = RoPE(self.head_dim, args.rope_theta, args.rope_scaling, args.max_position_embeddings)
 
     def __call__(self, x: mx.array, cache: KVCache | BatchRows | None) -> mx.array:
-        B, L, _ = x.shape
         q, k, v = projections(x, self.q_proj, self.k_proj, self.v_proj)  # [B, L, H*D]
+        return self._from_projections(q, k, v, cache)
+
+    def residual_block(self, x: mx.array, norm: nn.Module, cache: KVCache | BatchRows | None) -> mx.array:
+        """``x + self(norm(x), cache)``. Decoding on the CPU, in three ops and two cache writes: the norm inside the
+        q/k/v product, the output projection and the residual inside the attention op (the same bits)."""
+        qkv = (normed_projections(x, norm, self.q_proj, self.k_proj, self.v_proj)
+               if self.qk_norm is None and self.clip_qkv is None else None)
+        if qkv is None:
+            return x + self(norm(x), cache)
+        q, k, v = qkv
+        out = self._fused_step(q, k, v, cache, residual=x)
+        return out if out is not None else x + self._from_projections(q, k, v, cache)
+
+    def _from_projections(self, q: mx.array, k: mx.array, v: mx.array, cache: KVCache | BatchRows | None) -> mx.array:
+        """The attention output, projected, from q/k/v ``[B, L, H*D]``."""
+        B, L, _ = q.shape
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:
@@ -101,20 +116,26 @@ class Attention(nn.Module):
         out = each_row(cache, self._attend, q, k, v)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
-    def _fused_step(self, q: mx.array, k: mx.array, v: mx.array, cache: KVCache | BatchRows | None) -> mx.array | None:
+    def _fused_step(self, q: mx.array, k: mx.array, v: mx.array, cache: KVCache | BatchRows | None,
+                    residual: mx.array | None = None) -> mx.array | None:
         """Decoding on the CPU: rope, the cache write and attention as one op (``kernels.attention_step``, the
-        same bits as ``_attend``'s ops), for q/k/v ``[B, L, H * D]`` (or ``[B, L, H, D]``); None where it does not
-        apply."""
+        same bits as ``_attend``'s ops), for q/k/v ``[B, L, H * D]`` (or ``[B, L, H, D]``); with ``residual``, the
+        output projection and the residual too (``residual + o_proj(out)``). None where it does not apply."""
         B, L = q.shape[:2]
         window = self.sliding_window
-        if (not isinstance(cache, KVCache) or L > kernels.ATTENTION_MAX_QUERIES or not kernels.active()
+        if (not isinstance(cache, KVCache) or L > kernels.ATTENTION_MAX_QUERIES
                 or q.dtype != mx.float32 or (window is not None and cache.offset + L > window)):
             return None
+        out_proj = None
+        if residual is not None:
+            out_proj = kernel_weights(residual, (self.o_proj,))
+            if out_proj is None:
+                return None
         rope = self.rope.kernel_args(cache.offset, L)
         buffers = cache.buffers_for(B, self.n_kv_heads, L, self.head_dim, self.head_dim) if rope else None
         if buffers is None:
             return None
-        fused = kernels.attention_step(q, k, v, *buffers, cache.offset, rope, self.scale)
+        fused = kernels.attention_step(q, k, v, *buffers, cache.offset, rope, self.scale, out_proj, residual)
         if fused is None:
             return None
         out, keys, values = fused

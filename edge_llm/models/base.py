@@ -219,8 +219,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, x: mx.array, cache: Cache | None) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), cache)
-        return h + self[self.ffn_name](self.post_attention_layernorm(h))
+        # the halves that can take their norm and residual into their own ops (decoding on the CPU) do
+        attn, ffn = self.self_attn, self[self.ffn_name]
+        if hasattr(attn, "residual_block"):
+            h = attn.residual_block(x, self.input_layernorm, cache)
+        else:
+            h = x + attn(self.input_layernorm(x), cache)
+        if hasattr(ffn, "residual_block"):
+            return ffn.residual_block(h, self.post_attention_layernorm)
+        return h + ffn(self.post_attention_layernorm(h))
 
 
 class DecoderStack(nn.Module):

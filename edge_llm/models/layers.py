@@ -43,6 +43,13 @@ class MLP(nn.Module):
         gate, up = projections(x, self.gate_proj, self.up_proj)
         return self.down_proj(self.act(gate) * up)
 
+    def residual_block(self, h: mx.array, norm: nn.Module) -> mx.array:
+        """``h + self(norm(h))``: one op where the CPU kernels take it (decoding a SwiGLU MLP), the same bits."""
+        linears = (self.gate_proj, self.up_proj, self.down_proj)
+        fmt = kernel_weights(h, linears) if self.act is nn.silu and type(norm) is RMSNorm else None
+        out = None if fmt is None else kernels.mlp_block(h, norm["weight"], norm.eps, fmt)
+        return out if out is not None else h + self(norm(h))
+
 
 def sliding_window_mask(queries: int, keys: int, window: int | None) -> str | mx.array | None:
     """Causal mask for the last ``queries`` of ``keys`` positions, limited to ``window`` keys back.
@@ -167,20 +174,34 @@ def projections(x: mx.array, *linears: nn.Module) -> list[mx.array]:
 
 
 def _one_product(x: mx.array, linears: tuple[nn.Module, ...]) -> list[mx.array] | None:
-    first = linears[0]
-    if len(linears) < 2 or mx.default_device() != mx.cpu:
+    if len(linears) < 2:
         return None
-    rows = x.size // x.shape[-1]
-    if all(type(m) is QuantizedLinear for m in linears):
-        fmt = (first.bits, first.group_size, first.mode)
-        if rows >= dequantize_min_rows() or any((m.bits, m.group_size, m.mode) != fmt for m in linears):
-            return None
-        outs = kernels.quantized_matmuls(x, [(m["weight"], m["scales"], m.get("biases")) for m in linears],
-                                         first.group_size, first.bits, first.mode)
-    elif all(type(m) is FloatLinear for m in linears) and rows < DEQUANTIZE_MIN_ROWS:
-        outs = kernels.float_matmuls(x, [m["weight"] for m in linears])
-    else:
-        return None
+    fmt = kernel_weights(x, linears, allow_bias=True)
+    outs = None if fmt is None else kernels.matmuls(x, fmt)
     if outs is None:
         return None
     return [out + m["bias"] if "bias" in m else out for out, m in zip(outs, linears, strict=True)]
+
+
+def kernel_weights(x: mx.array, linears: tuple[nn.Module, ...], allow_bias: bool = False) -> kernels.Weights | None:
+    """The linears as one job for the CPU kernels' products of ``x``'s few rows (decoding, short prompts): all
+    quantized alike or all float, and no bias unless ``allow_bias`` (the caller adds it); else None."""
+    if mx.default_device() != mx.cpu or (not allow_bias and any("bias" in m for m in linears)):
+        return None
+    rows, first = x.size // x.shape[-1], linears[0]
+    if all(type(m) is QuantizedLinear for m in linears):
+        if rows >= dequantize_min_rows() or any((m.bits, m.group_size, m.mode) != (first.bits, first.group_size,
+                                                                                   first.mode) for m in linears):
+            return None
+        return kernels.Weights.quantized([(m["weight"], m["scales"], m.get("biases")) for m in linears],
+                                         first.group_size, first.bits, first.mode)
+    if all(type(m) is FloatLinear for m in linears) and rows < DEQUANTIZE_MIN_ROWS:
+        return kernels.Weights.floats([m["weight"] for m in linears])
+    return None
+
+
+def normed_projections(x: mx.array, norm: nn.Module, *linears: nn.Module) -> list[mx.array] | None:
+    """``[linear(norm(x)) for linear in linears]`` as one op, the RMS norm inside the product (decoding on the CPU:
+    one dispatch fewer per layer, the same bits); None where the kernels do not take it."""
+    fmt = kernel_weights(x, linears) if type(norm) is RMSNorm else None
+    return None if fmt is None else kernels.matmuls(x, fmt, norm=(norm["weight"], norm.eps))

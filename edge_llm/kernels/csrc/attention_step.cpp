@@ -51,18 +51,28 @@ void CpuAttentionCached::eval_cpu(const std::vector<mx::array>& inputs, mx::arra
   const auto &q = inputs[0], &k_cache = inputs[1];
   const el_cache_rows k = cache_rows(k_cache, q.shape(1), p_.offset);
   const int64_t Hq = q.size() / (k.B * k.L * k.D), Dv = inputs[2].shape(3);
+  el_weights Wo{};
+  if (o_.on) Wo = weights_of(Hq * Dv, inputs[4], o_.bits ? &inputs[5] : nullptr, o_.bits, o_.group_size);
   std::vector<Operand> ops(inputs.begin(), inputs.end());
-  encoder.dispatch([ops, k, Hq, Dv, p = p_, y = out.data<float>()]() mutable {
+  encoder.dispatch([ops, k, Hq, Dv, p = p_, o = o_, Wo, y = out.data<float>(), n = out.size()]() mutable {
     // the caches are read in place: row-contiguous buffers (the cache-write op's outputs)
     const el_rotation rot{p.dims, p.traditional, reinterpret_cast<const float*>(ops[3].bytes()), p.rope_scale};
+    std::vector<float> att(o.on ? k.B * k.L * Hq * Dv : 0);
     el_attention_cached(reinterpret_cast<const float*>(ops[0].bytes()), reinterpret_cast<const float*>(ops[1].bytes()),
-                        reinterpret_cast<const float*>(ops[2].bytes()), y, &k, Hq, Dv, &rot, p.scale, p.causal);
+                        reinterpret_cast<const float*>(ops[2].bytes()), o.on ? att.data() : y, &k, Hq, Dv, &rot,
+                        p.scale, p.causal);
+    if (!o.on) return;
+    bind_weight(Wo, ops, 4, o.has_biases);
+    if (el_matmul(&Wo, att.data(), y, k.B * k.L, nullptr, 0) != 0) std::fill(y, y + n, __builtin_nanf(""));
+    const float* residual = reinterpret_cast<const float*>(ops.back().bytes());
+    for (size_t i = 0; i < n; i++) y[i] = residual[i] + y[i];  // as MLX adds them: the same bits
   });
 }
 
 void CpuAttentionCached::eval_gpu(const std::vector<mx::array>&, mx::array&) { no_gpu(); }
 
 std::vector<mx::Shape> CpuAttentionCached::output_shapes(const std::vector<mx::array>& inputs) {
+  if (o_.on) return {inputs.back().shape()};
   const auto& q = inputs[0];
   const int64_t heads = q.size() / (int64_t(q.shape(0)) * q.shape(1) * inputs[1].shape(3));
   return {{q.shape(0), q.shape(1), int(heads * inputs[2].shape(3))}};
@@ -71,7 +81,9 @@ std::vector<mx::Shape> CpuAttentionCached::output_shapes(const std::vector<mx::a
 std::vector<mx::array> attention_step(const mx::array& q, const mx::array& k, const mx::array& v,
                                       const mx::array& k_cache, const mx::array& v_cache, int offset, int dims,
                                       bool traditional, const mx::array& inv_freq, float rope_scale, float scale,
-                                      bool causal, mx::StreamOrDevice s) {
+                                      bool causal, const std::vector<mx::array>& out_proj, int bits, int group_size,
+                                      bool has_biases, const std::optional<mx::array>& residual,
+                                      mx::StreamOrDevice s) {
   auto stream = mx::to_stream(s);
   check(stream.device == mx::Device::cpu, "CPU streams only");
   for (const auto* a : {&q, &k, &v, &k_cache, &v_cache, &inv_freq})
@@ -98,8 +110,25 @@ std::vector<mx::array> attention_step(const mx::array& q, const mx::array& k, co
   auto values = mx::array(v_cache.shape(), mx::float32, std::make_shared<CpuCacheWrite>(stream, copied),
                           {v_cache, v});
   const int64_t Hq = q.size() / (B * L * D);
-  auto out = mx::array({int(B), int(L), int(Hq * Dv)}, mx::float32,
-                       std::make_shared<CpuAttentionCached>(stream, rotated), {q, keys, values, inv_freq});
+  std::vector<mx::array> inputs = {q, keys, values, inv_freq};
+  OutProj o;
+  mx::Shape shape = {int(B), int(L), int(Hq * Dv)};
+  if (!out_proj.empty()) {
+    check(residual.has_value() && residual->dtype() == mx::float32 && residual->ndim() == 3 &&
+              residual->shape(0) == B && residual->shape(1) == L, "attention step: the residual must be float32 [B, L, hidden]");
+    check(int64_t(out_proj.size()) == inputs_per_weight(bits, has_biases), "attention step: one output projection");
+    std::optional<mx::array> scales, biases;
+    if (bits) scales = out_proj[1];
+    if (bits && has_biases) biases = out_proj[2];
+    check_weight(Hq * Dv, out_proj[0], scales, biases, bits, group_size);
+    check(out_proj[0].ndim() == 2 && out_proj[0].shape(0) == residual->shape(2),
+          "attention step: the output projection must give the residual's width");
+    o = {true, bits, group_size, has_biases};
+    inputs.insert(inputs.end(), out_proj.begin(), out_proj.end());
+    inputs.push_back(*residual);
+    shape = residual->shape();
+  }
+  auto out = mx::array(shape, mx::float32, std::make_shared<CpuAttentionCached>(stream, rotated, o), std::move(inputs));
   return {out, keys, values};
 }
 

@@ -1,4 +1,5 @@
 #pragma once
+#include <optional>
 #include <vector>
 
 #include "mlx/ops.h"
@@ -13,10 +14,23 @@ namespace mx = mlx::core;
 // [B, Hkv, capacity, D] and v_cache [B, Hkv, capacity, Dv] at rows offset.. (in place when the old buffers are
 // no longer referenced, as MLX's slice update, so a step writes L rows, not the cache); attention over the
 // offset + L rows. Returns {out [B, L, Hq * Dv], k_cache', v_cache'}.
+// With an output projection (out_proj: its w, or w, scales[, biases], as matmul's) and a residual [B, L, hidden],
+// out is residual + attention @ W_o.T instead: the rest of a decoder layer's attention half, in the same op.
+struct OutProj {
+  bool on = false;
+  int bits = 0, group_size = 0;
+  bool has_biases = false;
+  bool operator==(const OutProj& o) const {
+    return on == o.on && bits == o.bits && group_size == o.group_size && has_biases == o.has_biases;
+  }
+};
 std::vector<mx::array> attention_step(const mx::array& q, const mx::array& k, const mx::array& v,
                                       const mx::array& k_cache, const mx::array& v_cache, int offset, int dims,
                                       bool traditional, const mx::array& inv_freq, float rope_scale, float scale,
-                                      bool causal, mx::StreamOrDevice s = {});
+                                      bool causal, const std::vector<mx::array>& out_proj = {}, int bits = 0,
+                                      int group_size = 0, bool has_biases = false,
+                                      const std::optional<mx::array>& residual = std::nullopt,
+                                      mx::StreamOrDevice s = {});
 
 struct StepParams {
   int64_t offset, dims;  // dims 0: no rotation (values)
@@ -44,20 +58,23 @@ class CpuCacheWrite : public mx::UnaryPrimitive {
   StepParams p_;
 };
 
-// out [B, L, Hq * Dv]: rotated q over the first offset + L cache rows; inputs {q, k_cache, v_cache, inv_freq}.
+// out [B, L, Hq * Dv]: rotated q over the first offset + L cache rows; inputs {q, k_cache, v_cache, inv_freq}; with
+// an output projection, inputs then hold its weight and the residual, and out is residual + that product.
 class CpuAttentionCached : public mx::UnaryPrimitive {
  public:
-  CpuAttentionCached(mx::Stream stream, StepParams p) : mx::UnaryPrimitive(stream), p_(p) {}
+  CpuAttentionCached(mx::Stream stream, StepParams p, OutProj o = {}) : mx::UnaryPrimitive(stream), p_(p), o_(o) {}
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   const char* name() const override { return "EdgeCpuAttentionCached"; }
   bool is_equivalent(const mx::Primitive& other) const override {
-    return p_ == static_cast<const CpuAttentionCached&>(other).p_;
+    const auto& o = static_cast<const CpuAttentionCached&>(other);
+    return p_ == o.p_ && o_ == o.o_;
   }
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
 
  private:
   StepParams p_;
+  OutProj o_;
 };
 
 }  // namespace edge

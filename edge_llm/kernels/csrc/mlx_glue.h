@@ -3,6 +3,7 @@
 
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -57,5 +58,52 @@ struct Operand {
     return copy->data();
   }
 };
+
+
+// W's shape and formats for products of rows of K values (pointers unset: inputs are read inside the dispatched
+// task, bind_weight).
+inline el_weights weights_of(int64_t K, const mx::array& w, const mx::array* scales, int bits, int group_size) {
+  el_weights W{};
+  W.bits = bits;
+  W.group_size = group_size;
+  W.K = K;
+  W.N = w.shape(-2);
+  W.E = w.ndim() == 3 ? w.shape(0) : 1;
+  if (bits) W.s_dtype = el_dtype_of(scales->dtype());
+  else W.w_dtype = el_dtype_of(w.dtype());
+  return W;
+}
+
+// The checks every product op makes of one weight (and its scales and biases) against x's K.
+inline void check_weight(int64_t K, const mx::array& w, const std::optional<mx::array>& scales,
+                  const std::optional<mx::array>& biases, int bits, int group_size) {
+  check(w.ndim() == 2 || w.ndim() == 3, "w must be [N, K'] or [E, N, K']");
+  if (!bits) {
+    check(is_float(w.dtype()) && w.shape(-1) == K, "float w must be [.., N, K]");
+    return;
+  }
+  check(bits == 2 || bits == 3 || bits == 4 || bits == 5 || bits == 6 || bits == 8, "bits must be 2-6 or 8");
+  check(group_size == 32 || group_size == 64 || group_size == 128, "group size must be 32, 64 or 128");
+  check(w.dtype() == mx::uint32 && K % group_size == 0 && int64_t(w.shape(-1)) * 32 == K * bits,
+        "w does not hold K values of these bits per row");
+  check(scales.has_value() && is_float(scales->dtype()) && scales->ndim() == w.ndim() &&
+            scales->shape(-1) * group_size == K && scales->shape(-2) == w.shape(-2) &&
+            (w.ndim() == 2 || scales->shape(0) == w.shape(0)),
+        "scales must be [.., N, K / group_size]");
+  if (biases)
+    check(biases->dtype() == scales->dtype() && biases->shape() == scales->shape(), "biases must match scales");
+}
+
+// Inputs per weight: w, or w, scales[, biases].
+inline int inputs_per_weight(int bits, bool has_biases) { return bits ? (has_biases ? 3 : 2) : 1; }
+
+// Points W at its operands (inside the dispatched task), the weight's first input at ``at``.
+inline void bind_weight(el_weights& W, std::vector<Operand>& ops, size_t at, bool has_biases) {
+  W.w = ops[at].bytes();
+  if (W.bits) {
+    W.scales = ops[at + 1].bytes();
+    W.biases = has_biases ? ops[at + 2].bytes() : nullptr;
+  }
+}
 
 }  // namespace edge

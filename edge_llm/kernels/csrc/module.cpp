@@ -8,6 +8,7 @@
 
 #include "attention_step.h"
 #include "fused_ops.h"
+#include "mlp_block.h"
 #include "primitive.h"
 
 extern "C" {
@@ -23,15 +24,21 @@ NB_MODULE(_edge_kernels, m) {
         "indices"_a = nb::none(), "bits"_a = 0, "group_size"_a = 0, nb::kw_only(), "stream"_a = nb::none(),
         "x @ W.T on the CPU for quantized (bits > 0) or float W; with indices, one expert per run of rows");
   m.def("matmul_many", &edge::matmul_many, "x"_a, "ws"_a, "bits"_a = 0, "group_size"_a = 0, "has_biases"_a = false,
-        nb::kw_only(), "stream"_a = nb::none(),
-        "[x @ W.T for each W] in one job: ws lists each weight (with its scales and biases when quantized)");
+        "norm"_a = nb::none(), "eps"_a = 0.f, nb::kw_only(), "stream"_a = nb::none(),
+        "[x @ W.T for each W] in one job: ws lists each weight (with its scales and biases when quantized); with "
+        "norm, of rms_norm(x, norm, eps)");
   m.def("rms_norm", &edge::rms_norm, "x"_a, "weight"_a, "eps"_a, nb::kw_only(), "stream"_a = nb::none());
   m.def("rope", &edge::rope, "x"_a, "dims"_a, "traditional"_a, "inv_freq"_a, "scale"_a, "offset"_a, nb::kw_only(),
         "stream"_a = nb::none());
   m.def("attention", &edge::attention, "q"_a, "k"_a, "v"_a, "scale"_a, "causal"_a, nb::kw_only(),
         "stream"_a = nb::none());
   m.def("attention_step", &edge::attention_step, "q"_a, "k"_a, "v"_a, "k_cache"_a, "v_cache"_a, "offset"_a, "dims"_a,
-        "traditional"_a, "inv_freq"_a, "rope_scale"_a, "scale"_a, "causal"_a, nb::kw_only(), "stream"_a = nb::none());
+        "traditional"_a, "inv_freq"_a, "rope_scale"_a, "scale"_a, "causal"_a, "out_proj"_a = std::vector<mlx::core::array>{},
+        "bits"_a = 0, "group_size"_a = 0, "has_biases"_a = false, "residual"_a = nb::none(), nb::kw_only(),
+        "stream"_a = nb::none());
+  m.def("mlp_block", &edge::mlp_block, "h"_a, "norm"_a, "eps"_a, "ws"_a, "bits"_a = 0, "group_size"_a = 0,
+        "has_biases"_a = false, nb::kw_only(), "stream"_a = nb::none(),
+        "h + down(silu(gate(n)) * up(n)) for n = rms_norm(h, norm, eps), one op");
   m.def("isa", []() { return std::string(el_isa()); });
   m.def("threads", []() { return el_threads(); });
   m.def("set_threads", [](int n) { el_set_threads(n); }, "n"_a);

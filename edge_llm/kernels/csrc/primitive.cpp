@@ -5,6 +5,10 @@
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx_glue.h"
 
+extern "C" {
+#include "fused.h"
+}
+
 namespace edge {
 
 namespace {
@@ -42,39 +46,6 @@ void store_y(const float* yf, void* y, int dtype, size_t n) {
   else if (dtype == EL_BF16) from_float<mx::bfloat16_t>(yf, y, n);
 }
 
-el_weights weights_of(const mx::array& x, const mx::array& w, const mx::array* scales, int bits, int group_size) {
-  el_weights W{};
-  W.bits = bits;
-  W.group_size = group_size;
-  W.K = x.shape(-1);
-  W.N = w.shape(-2);
-  W.E = w.ndim() == 3 ? w.shape(0) : 1;
-  if (bits) W.s_dtype = el_dtype_of(scales->dtype());
-  else W.w_dtype = el_dtype_of(w.dtype());
-  return W;
-}
-
-// The checks both ops make of one weight (and its scales and biases) against x's K.
-void check_weight(const mx::array& x, const mx::array& w, const std::optional<mx::array>& scales,
-                  const std::optional<mx::array>& biases, int bits, int group_size) {
-  const int64_t K = x.shape(-1);
-  check(w.ndim() == 2 || w.ndim() == 3, "w must be [N, K'] or [E, N, K']");
-  if (!bits) {
-    check(is_float(w.dtype()) && w.shape(-1) == K, "float w must be [.., N, K]");
-    return;
-  }
-  check(bits == 2 || bits == 3 || bits == 4 || bits == 5 || bits == 6 || bits == 8, "bits must be 2-6 or 8");
-  check(group_size == 32 || group_size == 64 || group_size == 128, "group size must be 32, 64 or 128");
-  check(w.dtype() == mx::uint32 && K % group_size == 0 && int64_t(w.shape(-1)) * 32 == K * bits,
-        "w does not hold K values of these bits per row");
-  check(scales.has_value() && is_float(scales->dtype()) && scales->ndim() == w.ndim() &&
-            scales->shape(-1) * group_size == K && scales->shape(-2) == w.shape(-2) &&
-            (w.ndim() == 2 || scales->shape(0) == w.shape(0)),
-        "scales must be [.., N, K / group_size]");
-  if (biases)
-    check(biases->dtype() == scales->dtype() && biases->shape() == scales->shape(), "biases must match scales");
-}
-
 }  // namespace
 
 void CpuMatmulMany::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
@@ -90,27 +61,29 @@ void CpuMatmulMany::eval_cpu(const std::vector<mx::array>& inputs, std::vector<m
     out.set_data(mx::allocator::malloc(out.nbytes()));
     encoder.set_output_array(out);
     const size_t at = 1 + i * per_weight();
-    Ws.push_back(weights_of(x, inputs[at], bits_ ? &inputs[at + 1] : nullptr, bits_, group_size_));
+    Ws.push_back(weights_of(x.shape(-1), inputs[at], bits_ ? &inputs[at + 1] : nullptr, bits_, group_size_));
     ys.push_back(out.data<void>());
     y_dtypes.push_back(el_dtype_of(out.dtype()));
     y_sizes.push_back(out.size());
   }
   const int64_t rows = x.size() / x.shape(-1);
+  const int norm_dtype = has_norm_ ? el_dtype_of(inputs.back().dtype()) : -1;
   std::vector<Operand> operands(inputs.begin(), inputs.end());
   encoder.dispatch([Ws, ys, y_dtypes, y_sizes, rows, operands = std::move(operands), x_dtype = el_dtype_of(x.dtype()),
-                    per = per_weight(), bits = bits_, has_biases = has_biases_]() mutable {
+                    per = per_weight(), has_biases = has_biases_, norm_dtype, eps = eps_]() mutable {
     std::vector<float> xbuf;
-    const float* xf = x_as_float(operands[0].bytes(), x_dtype, rows * Ws[0].K, xbuf);
+    const int64_t K = Ws[0].K;
+    const float* xf = x_as_float(operands[0].bytes(), x_dtype, rows * K, xbuf);
+    if (norm_dtype >= 0) {  // x is float32 here (the op checked)
+      xbuf.resize(rows * K);
+      el_rms_norm(xf, operands.back().bytes(), norm_dtype, xbuf.data(), rows, K, eps);
+      xf = xbuf.data();
+    }
     std::vector<std::vector<float>> ybufs(Ws.size());
     std::vector<const el_weights*> wp;
     std::vector<float*> yf;
     for (size_t i = 0; i < Ws.size(); i++) {
-      const size_t at = 1 + i * per;
-      Ws[i].w = operands[at].bytes();
-      if (bits) {
-        Ws[i].scales = operands[at + 1].bytes();
-        Ws[i].biases = has_biases ? operands[at + 2].bytes() : nullptr;
-      }
+      bind_weight(Ws[i], operands, 1 + i * per, has_biases);
       wp.push_back(&Ws[i]);
       yf.push_back(y_as_float(ys[i], y_dtypes[i], y_sizes[i], ybufs[i]));
     }
@@ -127,7 +100,8 @@ void CpuMatmulMany::eval_gpu(const std::vector<mx::array>&, std::vector<mx::arra
 
 bool CpuMatmulMany::is_equivalent(const mx::Primitive& other) const {
   const auto& o = static_cast<const CpuMatmulMany&>(other);
-  return bits_ == o.bits_ && group_size_ == o.group_size_ && has_biases_ == o.has_biases_ && count_ == o.count_;
+  return bits_ == o.bits_ && group_size_ == o.group_size_ && has_biases_ == o.has_biases_ && count_ == o.count_ &&
+         has_norm_ == o.has_norm_ && eps_ == o.eps_;
 }
 
 std::vector<mx::Shape> CpuMatmulMany::output_shapes(const std::vector<mx::array>& inputs) {
@@ -148,21 +122,17 @@ void CpuMatmul::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::a
   encoder.set_output_array(out);
 
   const mx::array& x = inputs[0];
-  el_weights W = weights_of(x, inputs[1], bits_ ? &inputs[2] : nullptr, bits_, group_size_);
+  el_weights W = weights_of(x.shape(-1), inputs[1], bits_ ? &inputs[2] : nullptr, bits_, group_size_);
   const size_t ids_at = bits_ ? (has_biases_ ? 4 : 3) : 2;
   const int64_t rows = x.size() / W.K;
   const int64_t rows_per_id = gathered_ ? rows / inputs[ids_at].size() : rows;
   const int x_dtype = el_dtype_of(x.dtype()), y_dtype = el_dtype_of(out.dtype());
   std::vector<Operand> operands(inputs.begin(), inputs.end());
 
-  encoder.dispatch([W, rows, rows_per_id, x_dtype, y_dtype, operands = std::move(operands), bits = bits_,
+  encoder.dispatch([W, rows, rows_per_id, x_dtype, y_dtype, operands = std::move(operands),
                     has_biases = has_biases_, gathered = gathered_, ids_at, y_ptr = out.data<void>(),
                     n = out.size()]() mutable {
-    W.w = operands[1].bytes();
-    if (bits) {
-      W.scales = operands[2].bytes();
-      W.biases = has_biases ? operands[3].bytes() : nullptr;
-    }
+    bind_weight(W, operands, 1, has_biases);
     const uint32_t* ids = gathered ? reinterpret_cast<const uint32_t*>(operands[ids_at].bytes()) : nullptr;
     std::vector<float> xbuf, ybuf;
     const float* xf = x_as_float(operands[0].bytes(), x_dtype, rows * W.K, xbuf);
@@ -196,7 +166,7 @@ mx::array matmul(const mx::array& x, const mx::array& w, const std::optional<mx:
   auto stream = mx::to_stream(s);
   check(stream.device == mx::Device::cpu, "CPU streams only");
   check(is_float(x.dtype()) && x.ndim() >= 1, "x must be a float array");
-  check_weight(x, w, scales, biases, bits, group_size);
+  check_weight(x.shape(-1), w, scales, biases, bits, group_size);
   const int64_t K = x.shape(-1);
   std::vector<mx::array> inputs = {x, w};
   if (bits) {
@@ -225,14 +195,18 @@ mx::array matmul(const mx::array& x, const mx::array& w, const std::optional<mx:
 namespace edge {
 
 std::vector<mx::array> matmul_many(const mx::array& x, const std::vector<mx::array>& ws, int bits, int group_size,
-                                   bool has_biases, mx::StreamOrDevice s) {
+                                   bool has_biases, const std::optional<mx::array>& norm, float eps,
+                                   mx::StreamOrDevice s) {
   auto stream = mx::to_stream(s);
   check(stream.device == mx::Device::cpu, "CPU streams only");
   check(is_float(x.dtype()) && x.ndim() >= 1, "x must be a float array");
-  const size_t per = bits ? (has_biases ? 3 : 2) : 1;
+  const size_t per = inputs_per_weight(bits, has_biases);
   const size_t count = ws.size() / per;
   check(count >= 1 && count <= EL_MAX_WEIGHTS && ws.size() == count * per, "matmul_many: 1 to 8 weights, each with "
         "its scales (and biases) when quantized");
+  if (norm)
+    check(x.dtype() == mx::float32 && is_float(norm->dtype()) && norm->ndim() == 1 && norm->shape(0) == x.shape(-1),
+          "matmul_many: a norm takes float32 x and a weight [K]");
   std::vector<mx::Shape> shapes;
   std::vector<mx::Dtype> dtypes;
   for (size_t i = 0; i < count; i++) {
@@ -240,7 +214,7 @@ std::vector<mx::array> matmul_many(const mx::array& x, const std::vector<mx::arr
     std::optional<mx::array> scales, biases;
     if (bits) scales = ws[i * per + 1];
     if (bits && has_biases) biases = ws[i * per + 2];
-    check_weight(x, w, scales, biases, bits, group_size);
+    check_weight(x.shape(-1), w, scales, biases, bits, group_size);
     check(w.ndim() == 2, "matmul_many: weights must be [N, K']");
     check(!bits || scales->dtype() == ws[1].dtype(), "matmul_many: scales must share a dtype");
     auto shape = x.shape();
@@ -250,9 +224,10 @@ std::vector<mx::array> matmul_many(const mx::array& x, const std::vector<mx::arr
   }
   std::vector<mx::array> inputs = {x};
   inputs.insert(inputs.end(), ws.begin(), ws.end());
-  return mx::array::make_arrays(std::move(shapes), dtypes,
-                                std::make_shared<CpuMatmulMany>(stream, bits, group_size, has_biases, int(count)),
-                                inputs);
+  if (norm) inputs.push_back(*norm);
+  return mx::array::make_arrays(
+      std::move(shapes), dtypes,
+      std::make_shared<CpuMatmulMany>(stream, bits, group_size, has_biases, int(count), norm.has_value(), eps), inputs);
 }
 
 }  // namespace edge

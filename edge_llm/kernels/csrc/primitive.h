@@ -4,6 +4,7 @@
 
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
+#include "mlx_glue.h"
 
 namespace edge {
 namespace mx = mlx::core;
@@ -15,14 +16,17 @@ mx::array matmul(const mx::array& x, const mx::array& w, const std::optional<mx:
                  int group_size, mx::StreamOrDevice s = {});
 
 // [x @ W_i.T for each W_i]: weights sharing K and format (all float, or all quantized alike, biases or none), one
-// job on the thread pool (a layer's q/k/v or gate/up projections). ws: w_i, or w_i, scales_i[, biases_i].
+// job on the thread pool (a layer's q/k/v or gate/up projections). ws: w_i, or w_i, scales_i[, biases_i]. With
+// norm, x is first RMS-normalized (as rms_norm(x, norm, eps): the pre-norm of a decoder layer, float32 x).
 std::vector<mx::array> matmul_many(const mx::array& x, const std::vector<mx::array>& ws, int bits, int group_size,
-                                   bool has_biases, mx::StreamOrDevice s = {});
+                                   bool has_biases, const std::optional<mx::array>& norm = std::nullopt,
+                                   float eps = 0.f, mx::StreamOrDevice s = {});
 
 class CpuMatmulMany : public mx::Primitive {
  public:
-  CpuMatmulMany(mx::Stream stream, int bits, int group_size, bool has_biases, int count)
-      : mx::Primitive(stream), bits_(bits), group_size_(group_size), has_biases_(has_biases), count_(count) {}
+  CpuMatmulMany(mx::Stream stream, int bits, int group_size, bool has_biases, int count, bool has_norm, float eps)
+      : mx::Primitive(stream), bits_(bits), group_size_(group_size), has_biases_(has_biases), count_(count),
+        has_norm_(has_norm), eps_(eps) {}
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   const char* name() const override { return "EdgeCpuMatmulMany"; }
@@ -30,10 +34,12 @@ class CpuMatmulMany : public mx::Primitive {
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
 
  private:
-  int per_weight() const { return bits_ ? (has_biases_ ? 3 : 2) : 1; }
+  int per_weight() const { return inputs_per_weight(bits_, has_biases_); }
   int bits_, group_size_;
   bool has_biases_;
   int count_;
+  bool has_norm_;  // inputs end with the norm's weight
+  float eps_;
 };
 
 class CpuMatmul : public mx::Primitive {

@@ -1,0 +1,88 @@
+// EdgeCpuMlpBlock (mlp_block.h): the norm, gate/up as one product, silu(gate) * up, down, the residual.
+#include "mlp_block.h"
+
+#include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/backend/cpu/unary_ops.h"
+#include "mlx_glue.h"
+
+extern "C" {
+#include "fused.h"
+}
+
+namespace edge {
+
+namespace {
+
+// nn.silu(g) * u as MLX computes it: its compiled silu is g * Sigmoid(g) in this same header, then a multiply.
+float silu_times(float g, float u) { return (g * mx::detail::Sigmoid{}(g)) * u; }
+
+}  // namespace
+
+void CpuMlpBlock::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (auto& a : inputs) encoder.set_input_array(a);
+  encoder.set_output_array(out);
+  const auto& h = inputs[0];
+  const int per = inputs_per_weight(bits_, has_biases_);
+  const size_t gate_at = 2, up_at = 2 + per, down_at = 2 + 2 * per;
+  const int64_t D = h.shape(-1), rows = h.size() / D, F = inputs[gate_at].shape(0);
+  el_weights gate = weights_of(D, inputs[gate_at], bits_ ? &inputs[gate_at + 1] : nullptr, bits_, group_size_);
+  el_weights up = weights_of(D, inputs[up_at], bits_ ? &inputs[up_at + 1] : nullptr, bits_, group_size_);
+  el_weights down = weights_of(F, inputs[down_at], bits_ ? &inputs[down_at + 1] : nullptr, bits_, group_size_);
+  const int norm_dtype = el_dtype_of(inputs[1].dtype());
+  std::vector<Operand> ops(inputs.begin(), inputs.end());
+  encoder.dispatch([ops, gate, up, down, gate_at, up_at, down_at, D, F, rows, norm_dtype, eps = eps_,
+                    has_biases = has_biases_, y = out.data<float>()]() mutable {
+    const float* x = reinterpret_cast<const float*>(ops[0].bytes());
+    std::vector<float> n(rows * D), g(rows * F), u(rows * F);
+    el_rms_norm(x, ops[1].bytes(), norm_dtype, n.data(), rows, D, eps);
+    bind_weight(gate, ops, gate_at, has_biases);
+    bind_weight(up, ops, up_at, has_biases);
+    bind_weight(down, ops, down_at, has_biases);
+    const el_weights* gate_up[2] = {&gate, &up};
+    float* gu[2] = {g.data(), u.data()};
+    const size_t size = rows * D;
+    if (el_matmul_many(gate_up, 2, n.data(), gu, rows) != 0) {
+      std::fill(y, y + size, __builtin_nanf(""));
+      return;
+    }
+    for (size_t i = 0; i < g.size(); i++) g[i] = silu_times(g[i], u[i]);
+    if (el_matmul(&down, g.data(), y, rows, nullptr, 0) != 0) std::fill(y, y + size, __builtin_nanf(""));
+    for (size_t i = 0; i < size; i++) y[i] = x[i] + y[i];  // h + mlp, as MLX adds them
+  });
+}
+
+void CpuMlpBlock::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("edge-llm's CPU kernels have no GPU implementation");
+}
+
+mx::array mlp_block(const mx::array& h, const mx::array& norm, float eps, const std::vector<mx::array>& ws, int bits,
+                    int group_size, bool has_biases, mx::StreamOrDevice s) {
+  auto stream = mx::to_stream(s);
+  check(stream.device == mx::Device::cpu, "CPU streams only");
+  check(h.dtype() == mx::float32 && h.ndim() >= 1, "mlp block: float32 h");
+  const int64_t D = h.shape(-1);
+  check(is_float(norm.dtype()) && norm.ndim() == 1 && norm.shape(0) == D, "mlp block: the norm's weight must be [D]");
+  const size_t per = inputs_per_weight(bits, has_biases);
+  check(ws.size() == 3 * per, "mlp block: gate, up and down, each with its scales (and biases) when quantized");
+  auto part = [&](size_t i, int64_t K, int64_t N, const char* what) {
+    std::optional<mx::array> scales, biases;
+    if (bits) scales = ws[i * per + 1];
+    if (bits && has_biases) biases = ws[i * per + 2];
+    check_weight(K, ws[i * per], scales, biases, bits, group_size);
+    check(ws[i * per].ndim() == 2 && (N < 0 || ws[i * per].shape(0) == N), what);
+    check(!bits || scales->dtype() == ws[1].dtype(), "mlp block: scales must share a dtype");
+  };
+  part(0, D, -1, "mlp block: gate must be [F, D]");
+  const int64_t F = ws[0].shape(0);
+  part(1, D, F, "mlp block: up must be [F, D]");
+  part(2, F, D, "mlp block: down must be [D, F]");
+  std::vector<mx::array> inputs = {h, norm};
+  inputs.insert(inputs.end(), ws.begin(), ws.end());
+  return mx::array(h.shape(), mx::float32, std::make_shared<CpuMlpBlock>(stream, bits, group_size, has_biases, eps),
+                   std::move(inputs));
+}
+
+}  // namespace edge
