@@ -106,7 +106,7 @@ def _compile_commands(tools: Toolchain, out: Path) -> tuple[list[list[str]], lis
     job(tools.cxx, CXX_FLAGS, nb / "src" / "nb_combined.cpp", "nb_combined")
     for isa, flags in ISA_VARIANTS[platform.machine()].items():
         job(tools.cc, [*C_FLAGS, *flags, f"-DEL_ISA={isa}"], SOURCES / "rows.c", f"rows_{isa}")
-    for name in ("matmul", "pool", "fused"):
+    for name in ("matmul", "pool", "fused", "silu"):
         job(tools.cc, C_FLAGS, SOURCES / f"{name}.c", name)
     for name in ("primitive", "fused_ops", "attention_step", "mlp_block", "module"):
         job(tools.cxx, CXX_FLAGS, SOURCES / f"{name}.cpp", name)

@@ -186,18 +186,32 @@ def _one_product(x: mx.array, linears: tuple[nn.Module, ...]) -> list[mx.array] 
 def kernel_weights(x: mx.array, linears: tuple[nn.Module, ...], allow_bias: bool = False) -> kernels.Weights | None:
     """The linears as one job for the CPU kernels' products of ``x``'s few rows (decoding, short prompts): all
     quantized alike or all float, and no bias unless ``allow_bias`` (the caller adds it); else None."""
-    if mx.default_device() != mx.cpu or (not allow_bias and any("bias" in m for m in linears)):
+    if mx.default_device() != mx.cpu:
         return None
-    rows, first = x.size // x.shape[-1], linears[0]
-    if all(type(m) is QuantizedLinear for m in linears):
-        if rows >= dequantize_min_rows() or any((m.bits, m.group_size, m.mode) != (first.bits, first.group_size,
-                                                                                   first.mode) for m in linears):
-            return None
-        return kernels.Weights.quantized([(m["weight"], m["scales"], m.get("biases")) for m in linears],
-                                         first.group_size, first.bits, first.mode)
-    if all(type(m) is FloatLinear for m in linears) and rows < DEQUANTIZE_MIN_ROWS:
-        return kernels.Weights.floats([m["weight"] for m in linears])
-    return None
+    weights = _kernel_format(linears, allow_bias)
+    if weights is None:
+        return None
+    return weights if x.size // x.shape[-1] < (dequantize_min_rows() if weights.bits else DEQUANTIZE_MIN_ROWS) else None
+
+
+def _kernel_format(linears: tuple[nn.Module, ...], allow_bias: bool) -> kernels.Weights | None:
+    """``kernel_weights`` without the rows: the same every step, so kept on the first linear (a decode step asks
+    90 times) under the identities of the linears' arrays (loading or updating them makes new ones)."""
+    key = (allow_bias, *(id(a) for m in linears for a in m.values()))
+    kept = vars(linears[0]).get("_kernel_format")
+    if kept is not None and kept[0] == key:
+        return kept[1]
+    first, weights = linears[0], None
+    if not allow_bias and any("bias" in m for m in linears):
+        pass
+    elif all(type(m) is QuantizedLinear for m in linears):
+        if all((m.bits, m.group_size, m.mode) == (first.bits, first.group_size, first.mode) for m in linears):
+            weights = kernels.Weights.quantized([(m["weight"], m["scales"], m.get("biases")) for m in linears],
+                                                first.group_size, first.bits, first.mode)
+    elif all(type(m) is FloatLinear for m in linears):
+        weights = kernels.Weights.floats([m["weight"] for m in linears])
+    object.__setattr__(first, "_kernel_format", (key, weights))  # a plain attribute, not a parameter or child
+    return weights
 
 
 def normed_projections(x: mx.array, norm: nn.Module, *linears: nn.Module) -> list[mx.array] | None:

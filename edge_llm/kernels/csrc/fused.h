@@ -54,6 +54,9 @@ void el_attention_cached(const float* q, const float* k_cache, const float* v_ca
                          const el_cache_rows* k, int64_t Hq, int64_t Dv, const el_rotation* rot, float scale,
                          int causal);
 
+/* y = silu(g) * u with MLX's bits (its nn.silu then a multiply); y may be g. */
+void el_silu_mul(const float* g, const float* u, float* y, int64_t n);
+
 #ifdef __cplusplus
 }
 #endif

@@ -3,7 +3,6 @@
 
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
-#include "mlx/backend/cpu/unary_ops.h"
 #include "mlx_glue.h"
 
 extern "C" {
@@ -11,13 +10,6 @@ extern "C" {
 }
 
 namespace edge {
-
-namespace {
-
-// nn.silu(g) * u as MLX computes it: its compiled silu is g * Sigmoid(g) in this same header, then a multiply.
-float silu_times(float g, float u) { return (g * mx::detail::Sigmoid{}(g)) * u; }
-
-}  // namespace
 
 void CpuMlpBlock::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   out.set_data(mx::allocator::malloc(out.nbytes()));
@@ -48,7 +40,7 @@ void CpuMlpBlock::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out)
       std::fill(y, y + size, __builtin_nanf(""));
       return;
     }
-    for (size_t i = 0; i < g.size(); i++) g[i] = silu_times(g[i], u[i]);
+    el_silu_mul(g.data(), u.data(), g.data(), g.size());
     if (el_matmul(&down, g.data(), y, rows, nullptr, 0) != 0) std::fill(y, y + size, __builtin_nanf(""));
     for (size_t i = 0; i < size; i++) y[i] = x[i] + y[i];  // h + mlp, as MLX adds them
   });

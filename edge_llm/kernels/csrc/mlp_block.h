@@ -1,6 +1,6 @@
 // A decoder layer's feed-forward half as one op (decoding on the CPU): h + down(silu(gate(n)) * up(n)) for
 // n = rms_norm(h, norm, eps), a dense SwiGLU MLP. Bit for bit what the ops give one by one: the same norm and
-// products, MLX's own sigmoid (its header, as its compiled silu uses it) and float32 multiplies and adds.
+// products, MLX's own sigmoid (csrc/silu.c) and float32 multiplies and adds.
 #pragma once
 #include <vector>
 
