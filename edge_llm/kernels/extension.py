@@ -129,6 +129,8 @@ def _load(build_if_missing: bool) -> tuple[ModuleType | None, KernelStatus]:
 def load(build_if_missing: bool = True) -> ModuleType | None:
     """The kernel module (built first if needed and allowed), or None; the outcome stays in ``status()``."""
     global _module, _status
+    if _module is not None:  # loaded: asked hundreds of times per decode step, so without the lock
+        return _module
     with _lock:
         if _status is None or (_module is None and build_if_missing and "not built yet" in _status.detail):
             _module, _status = _load(build_if_missing)

@@ -196,8 +196,8 @@ def kernel_weights(x: mx.array, linears: tuple[nn.Module, ...], allow_bias: bool
 
 def _kernel_format(linears: tuple[nn.Module, ...], allow_bias: bool) -> kernels.Weights | None:
     """``kernel_weights`` without the rows: the same every step, so kept on the first linear (a decode step asks
-    90 times) under the identities of the linears' arrays (loading or updating them makes new ones)."""
-    key = (allow_bias, *(id(a) for m in linears for a in m.values()))
+    90 times) under the identities of the linears' weights (loading or updating them makes new ones)."""
+    key = (allow_bias, *[id(m["weight"]) for m in linears])
     kept = vars(linears[0]).get("_kernel_format")
     if kept is not None and kept[0] == key:
         return kept[1]

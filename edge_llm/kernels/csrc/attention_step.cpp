@@ -33,7 +33,7 @@ void CpuCacheWrite::eval_cpu(const std::vector<mx::array>& inputs, mx::array& ou
   encoder.set_output_array(out);
   const el_cache_rows c = cache_rows(cache, inputs[1].shape(1), p_.offset);
   std::vector<Operand> ops(inputs.begin(), inputs.end());
-  encoder.dispatch([ops, c, copy, p = p_, dst = out.data<float>(), bytes = out.nbytes()]() mutable {
+  encoder.dispatch([ops = std::move(ops), c, copy, p = p_, dst = out.data<float>(), bytes = out.nbytes()]() mutable {
     if (copy) std::memcpy(dst, ops[0].bytes(), bytes);
     el_rotation rot{p.dims, p.traditional, nullptr, p.rope_scale};
     if (p.dims) rot.inv_freq = reinterpret_cast<const float*>(ops[2].bytes());
@@ -54,7 +54,7 @@ void CpuAttentionCached::eval_cpu(const std::vector<mx::array>& inputs, mx::arra
   el_weights Wo{};
   if (o_.on) Wo = weights_of(Hq * Dv, inputs[4], o_.bits ? &inputs[5] : nullptr, o_.bits, o_.group_size);
   std::vector<Operand> ops(inputs.begin(), inputs.end());
-  encoder.dispatch([ops, k, Hq, Dv, p = p_, o = o_, Wo, y = out.data<float>(), n = out.size()]() mutable {
+  encoder.dispatch([ops = std::move(ops), k, Hq, Dv, p = p_, o = o_, Wo, y = out.data<float>(), n = out.size()]() mutable {
     // the caches are read in place: row-contiguous buffers (the cache-write op's outputs)
     const el_rotation rot{p.dims, p.traditional, reinterpret_cast<const float*>(ops[3].bytes()), p.rope_scale};
     std::vector<float> att(o.on ? k.B * k.L * Hq * Dv : 0);

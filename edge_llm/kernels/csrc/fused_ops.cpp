@@ -22,13 +22,13 @@ void CpuFused::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::ar
   if (p.kind == RmsNorm) {
     const int64_t D = inputs[0].shape(-1), rows = inputs[0].size() / D;
     const int w_dtype = el_dtype_of(inputs[1].dtype());
-    encoder.dispatch([ops, y, p, D, rows, w_dtype]() mutable {
+    encoder.dispatch([ops = std::move(ops), y, p, D, rows, w_dtype]() mutable {
       el_rms_norm(reinterpret_cast<const float*>(ops[0].bytes()), ops[1].bytes(), w_dtype, y, rows, D, p.a);
     });
   } else if (p.kind == Rope) {
     const auto& x = inputs[0];
     const int64_t D = x.shape(-1), L = x.shape(-2), heads = x.size() / (D * L);
-    encoder.dispatch([ops, y, p, D, L, heads]() mutable {
+    encoder.dispatch([ops = std::move(ops), y, p, D, L, heads]() mutable {
       el_rope(reinterpret_cast<const float*>(ops[0].bytes()), y, heads, L, D, p.i, p.a != 0,
               reinterpret_cast<const float*>(ops[1].bytes()), p.b, p.j);
     });
@@ -40,20 +40,21 @@ void CpuFused::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::ar
     a.scale = p.a;
     a.causal = p.j != 0;
     a.out = y;
-    encoder.dispatch([ops, a]() mutable {
+    // keys and values are read in place through their strides (a cache buffer's leading rows) when their last
+    // axis is contiguous; otherwise gathered first (then the row-major strides of the copy)
+    bool direct[3] = {true, true, true};
+    for (int t = 1; t <= 2; t++) {
+      const auto& in = inputs[t];
+      direct[t] = in.strides(3) == 1 || in.shape(3) == 1;
+      int64_t* strides = t == 1 ? a.k_strides : a.v_strides;
+      for (int d = 0; d < 3; d++)
+        strides[d] = direct[t] ? in.strides(d) : (d == 0 ? in.shape(1) * in.shape(2) * in.shape(3)
+                                                   : d == 1 ? in.shape(2) * in.shape(3) : in.shape(3));
+    }
+    encoder.dispatch([ops = std::move(ops), a, direct]() mutable {
       a.q = reinterpret_cast<const float*>(ops[0].bytes());
-      // keys and values are read in place through their strides (a cache buffer's leading rows) when
-      // their last axis is contiguous; otherwise gathered first
-      for (int t = 1; t <= 2; t++) {
-        Operand& o = ops[t];
-        const bool direct = o.strides[3] == 1 || o.shape[3] == 1;
-        const float* data = reinterpret_cast<const float*>(direct ? o.data : o.bytes());
-        int64_t* strides = t == 1 ? a.k_strides : a.v_strides;
-        for (int d = 0; d < 3; d++) strides[d] = direct ? o.strides[d] : 0;
-        if (!direct) strides[0] = o.shape[1] * o.shape[2] * o.shape[3], strides[1] = o.shape[2] * o.shape[3],
-                     strides[2] = o.shape[3];
-        (t == 1 ? a.k : a.v) = data;
-      }
+      a.k = reinterpret_cast<const float*>(direct[1] ? ops[1].data : ops[1].bytes());
+      a.v = reinterpret_cast<const float*>(direct[2] ? ops[2].data : ops[2].bytes());
       el_attention(&a);
     });
   }

@@ -25,7 +25,7 @@ void CpuMlpBlock::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out)
   el_weights down = weights_of(F, inputs[down_at], bits_ ? &inputs[down_at + 1] : nullptr, bits_, group_size_);
   const int norm_dtype = el_dtype_of(inputs[1].dtype());
   std::vector<Operand> ops(inputs.begin(), inputs.end());
-  encoder.dispatch([ops, gate, up, down, gate_at, up_at, down_at, D, F, rows, norm_dtype, eps = eps_,
+  encoder.dispatch([ops = std::move(ops), gate, up, down, gate_at, up_at, down_at, D, F, rows, norm_dtype, eps = eps_,
                     has_biases = has_biases_, y = out.data<float>()]() mutable {
     const float* x = reinterpret_cast<const float*>(ops[0].bytes());
     std::vector<float> n(rows * D), g(rows * F), u(rows * F);

@@ -32,26 +32,29 @@ inline int el_dtype_of(mx::Dtype t) {
 }
 
 // An input as eval_cpu sees it. Its buffer exists then but is filled by earlier tasks on the stream, so
-// its bytes are read only inside the dispatched task (``bytes()``), never in eval_cpu itself.
+// its bytes are read only inside the dispatched task (``bytes()``), never in eval_cpu itself. Cheap to copy into
+// the task (a decode step makes hundreds): the layout is kept only for an input that is not row-contiguous.
 struct Operand {
+  struct Layout {
+    mx::Shape shape;
+    mx::Strides strides;
+  };
   const uint8_t* data;
-  bool contiguous;
-  mx::Shape shape;
-  mx::Strides strides;
   size_t itemsize, size;
+  std::shared_ptr<const Layout> layout;  // null: row-contiguous
   std::shared_ptr<std::vector<uint8_t>> copy;
 
   explicit Operand(const mx::array& a)
-      : data(a.data<uint8_t>()), contiguous(a.flags().row_contiguous), shape(a.shape()), strides(a.strides()),
-        itemsize(a.itemsize()), size(a.size()) {}
+      : data(a.data<uint8_t>()), itemsize(a.itemsize()), size(a.size()),
+        layout(a.flags().row_contiguous ? nullptr : std::make_shared<const Layout>(Layout{a.shape(), a.strides()})) {}
 
   // The elements in row-major order: the buffer itself, or a copy gathered through the strides.
   const uint8_t* bytes() {
-    if (contiguous) return data;
+    if (!layout) return data;
     if (!copy) {
       copy = std::make_shared<std::vector<uint8_t>>(size * itemsize);
       for (size_t i = 0; i < size; i++) {
-        auto loc = mx::elem_to_loc(i, shape, strides);
+        auto loc = mx::elem_to_loc(i, layout->shape, layout->strides);
         std::memcpy(copy->data() + i * itemsize, data + loc * itemsize, itemsize);
       }
     }
