@@ -4,6 +4,10 @@ from pathlib import Path
 
 import pytest
 
+# First, as the CLI does: its OpenBLAS must load before anything imports mlx.core (a test module run alone that
+# imported mlx.core first got MLX's reference BLAS, ~30x slower matmuls).
+import edge_llm  # noqa: F401
+
 # Tests never reach the internet; the Hub client must fail fast if anything tries.
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

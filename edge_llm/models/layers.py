@@ -196,8 +196,9 @@ def kernel_weights(x: mx.array, linears: tuple[nn.Module, ...], allow_bias: bool
 
 def _kernel_format(linears: tuple[nn.Module, ...], allow_bias: bool) -> kernels.Weights | None:
     """``kernel_weights`` without the rows: the same every step, so kept on the first linear (a decode step asks
-    90 times) under the identities of the linears' weights (loading or updating them makes new ones)."""
-    key = (allow_bias, *[id(m["weight"]) for m in linears])
+    90 times) under the identities of the linears and their weights (a module swapped in, as calibration's
+    capturing ones, or weights loaded or updated, make a new key)."""
+    key = (allow_bias, *[(id(m), id(m.get("weight"))) for m in linears])
     kept = vars(linears[0]).get("_kernel_format")
     if kept is not None and kept[0] == key:
         return kept[1]
