@@ -54,7 +54,8 @@ void CpuAttentionCached::eval_cpu(const std::vector<mx::array>& inputs, mx::arra
   el_weights Wo{};
   if (o_.on) Wo = weights_of(Hq * Dv, inputs[4], o_.bits ? &inputs[5] : nullptr, o_.bits, o_.group_size);
   std::vector<Operand> ops(inputs.begin(), inputs.end());
-  encoder.dispatch([ops = std::move(ops), k, Hq, Dv, p = p_, o = o_, Wo, y = out.data<float>(), n = out.size()]() mutable {
+  encoder.dispatch([ops = std::move(ops), k, Hq, Dv, p = p_, o = o_, Wo, y = out.data<float>(),
+                    n = out.size()]() mutable {
     // the caches are read in place: row-contiguous buffers (the cache-write op's outputs)
     const el_rotation rot{p.dims, p.traditional, reinterpret_cast<const float*>(ops[3].bytes()), p.rope_scale};
     std::vector<float> att(o.on ? k.B * k.L * Hq * Dv : 0);
@@ -115,7 +116,8 @@ std::vector<mx::array> attention_step(const mx::array& q, const mx::array& k, co
   mx::Shape shape = {int(B), int(L), int(Hq * Dv)};
   if (!out_proj.empty()) {
     check(residual.has_value() && residual->dtype() == mx::float32 && residual->ndim() == 3 &&
-              residual->shape(0) == B && residual->shape(1) == L, "attention step: the residual must be float32 [B, L, hidden]");
+              residual->shape(0) == B && residual->shape(1) == L,
+          "attention step: the residual must be float32 [B, L, hidden]");
     check(int64_t(out_proj.size()) == inputs_per_weight(bits, has_biases), "attention step: one output projection");
     std::optional<mx::array> scales, biases;
     if (bits) scales = out_proj[1];

@@ -69,9 +69,9 @@ void CpuMatmulMany::eval_cpu(const std::vector<mx::array>& inputs, std::vector<m
   const int64_t rows = x.size() / x.shape(-1);
   const int norm_dtype = has_norm_ ? el_dtype_of(inputs.back().dtype()) : -1;
   std::vector<Operand> operands(inputs.begin(), inputs.end());
-  encoder.dispatch([Ws = std::move(Ws), ys = std::move(ys), y_dtypes = std::move(y_dtypes), y_sizes = std::move(y_sizes),
-                    rows, operands = std::move(operands), x_dtype = el_dtype_of(x.dtype()),
-                    per = per_weight(), has_biases = has_biases_, norm_dtype, eps = eps_]() mutable {
+  encoder.dispatch([Ws = std::move(Ws), ys = std::move(ys), y_dtypes = std::move(y_dtypes),
+                    y_sizes = std::move(y_sizes), rows, operands = std::move(operands),
+                    x_dtype = el_dtype_of(x.dtype()), per = per_weight(), has_biases = has_biases_, norm_dtype, eps = eps_]() mutable {
     std::vector<float> xbuf;
     const int64_t K = Ws[0].K;
     const float* xf = x_as_float(operands[0].bytes(), x_dtype, rows * K, xbuf);
