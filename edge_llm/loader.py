@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -29,9 +29,6 @@ from .models import build
 from .models.base import CausalLM
 from .models.layers import FloatLinear, QuantizedLinear
 from .tokenizer import Tokenizer
-
-if TYPE_CHECKING:  # distributed.load imports this module
-    from .distributed.load import ShardHooks
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +92,7 @@ def check_weights(checkpoint: Checkpoint, model: nn.Module, weights: dict[str, m
 
 
 def load_checkpoint(checkpoint: Checkpoint, dtype: str | None = None, expert_slots: int | None = None,
-                    expert_policy: str = DEFAULT_POLICY, shard: ShardHooks | None = None) -> CausalLM:
+                    expert_policy: str = DEFAULT_POLICY, shard=None) -> CausalLM:
     """The model ready to run. ``expert_slots``: stream the routed experts of every MoE layer from the files
     through a bank of that many slots per layer (``edge_llm.experts``) instead of loading them; ``expert_policy``
     picks which expert leaves the bank for a miss (``experts.bank.POLICIES``). ``shard``

@@ -43,7 +43,7 @@ def unfused(q, k, v, k_cache, v_cache, offset, dims, traditional, inv_freq, rope
     (6, 2, 16, 16, 16, False, 1, 0),   # GQA, first token
     (6, 2, 16, 16, 16, False, 1, 37),  # GQA, deep in the cache
     (4, 4, 8, 12, 4, True, 3, 5),      # MHA, partial rotary, pairs, values wider, 3 queries (causal)
-    (3, 1, 10, 10, 10, False, 40, 0),  # MQA, odd head size, a prompt's queries at once
+    (3, 1, 10, 10, 10, False, 40, 0),  # MQA, odd head size, a short prompt's queries at once
 ])
 def test_step_equals_the_unfused_ops_bit_for_bit(hq, hkv, d, dv, dims, traditional, length, offset):
     B, capacity = 2, 64

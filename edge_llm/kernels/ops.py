@@ -164,10 +164,11 @@ def rope(x: mx.array, dims: int, traditional: bool, inv_freq: mx.array, scale: f
     return kernels.rope(x, dims, traditional, inv_freq, scale, offset)
 
 
-# Queries the attention kernel takes at once: a prefill chunk (generation.PREFILL_CHUNK) too. Measured on SmolLM2
-# Q8_0 against MLX's graph on OpenBLAS (its products as matrix products): 46-token prompts 287 -> 343 tok/s,
-# 256 tokens 210 -> 280, 2048 tokens (256 at a time) 111 -> 178. More queries go to MLX's graph.
-ATTENTION_MAX_QUERIES = 256
+# Queries the attention kernel takes at once: a short prompt's too, as its products (models/layers: from 64 rows
+# a prompt's products go to BLAS, and so does its attention). Measured on SmolLM2 Q8_0, 46-token prompts: 287 -> 343
+# tok/s against MLX's graph on OpenBLAS. Longer prompts were faster this way too (256 tokens 210 -> 280), but next
+# to the BLAS products they peaked ~17 MB higher (RSS, 70 tokens), past what `estimate` predicts.
+ATTENTION_MAX_QUERIES = 63
 
 
 def _attention_shapes_ok(q: mx.array, k: mx.array, v: mx.array, causal: bool) -> bool:
