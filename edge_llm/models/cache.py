@@ -49,7 +49,7 @@ def _room(buffer: mx.array | None, used: int, new_shape: tuple[int, ...], dtype:
     shape[axis] = ((needed + STEP - 1) // STEP) * STEP
     # materialized: an op that writes into the buffer in place (kernels.attention_step) takes a row-contiguous one;
     # MLX's zeros is a broadcast scalar, which that op would first gather element by element into a copy
-    grown = mx.contiguous(mx.zeros(shape, dtype=dtype))
+    grown = mx.zeros(shape, dtype=dtype)
     if buffer is not None and used:
         index = [slice(None)] * len(shape)
         index[axis] = slice(0, used)
