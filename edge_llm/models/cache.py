@@ -47,8 +47,8 @@ def _room(buffer: mx.array | None, used: int, new_shape: tuple[int, ...], dtype:
         return buffer
     shape = list(new_shape)
     shape[axis] = ((needed + STEP - 1) // STEP) * STEP
-    # materialized: an op that writes into the buffer in place (kernels.attention_step) takes a row-contiguous one;
-    # MLX's zeros is a broadcast scalar, which that op would first gather element by element into a copy
+    # MLX's zeros, a broadcast scalar: the first in-place write (kernels.attention_step) copies it out. Materialized
+    # here (mx.contiguous), that write took it in place at once and the batched server segfaulted: kept as it was.
     grown = mx.zeros(shape, dtype=dtype)
     if buffer is not None and used:
         index = [slice(None)] * len(shape)

@@ -16,6 +16,10 @@ void CpuFused::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::ar
   auto& out = outputs[0];
   out.set_data(mx::allocator::malloc(out.nbytes()));
   auto& encoder = mx::cpu::get_command_encoder(stream());
+  // the buffers stay alive until the task has run (without this an input nothing else held could be freed, and
+  // its memory reused, before the task read it: wrong results now and then, and segfaults)
+  for (auto& a : inputs) encoder.set_input_array(a);
+  encoder.set_output_array(out);
   std::vector<Operand> ops(inputs.begin(), inputs.end());
   auto* y = out.data<float>();
   const Params p = p_;
