@@ -25,7 +25,7 @@ void CpuCacheWrite::eval_cpu(const std::vector<mx::array>& inputs, mx::array& ou
   const auto& cache = inputs[0];
   // The input's own buffer when nothing else holds it (MLX's donation, as its slice update does); else a new
   // one, filled with a copy first.
-  const bool copy = !(cache.is_donatable() && cache.flags().row_contiguous);
+  const bool copy = !(cache.is_donatable() && cache.flags().row_contiguous && cache.data_size() == cache.size());
   if (copy) out.set_data(mx::allocator::malloc(out.nbytes()));
   else out.copy_shared_buffer(cache);
   auto& encoder = mx::cpu::get_command_encoder(stream());
