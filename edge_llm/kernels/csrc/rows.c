@@ -33,6 +33,9 @@ typedef _Float16 vf16x8 __attribute__((vector_size(16)));
 
 #define ROW_BLOCK 4 /* rows sharing one unpacked block of weights */
 
+/* log2 of the 32-value blocks per group (group sizes 32, 64, 128): a block's group is blk >> group_shift. */
+INLINE int group_shift(const el_weights* W) { return W->group_size == 32 ? 0 : W->group_size == 64 ? 1 : 2; }
+
 INLINE vf load8(const float* p) {
   vf v;
   memcpy(&v, p, sizeof v);
@@ -152,7 +155,7 @@ INLINE void quantized_block_rows(const el_job* job, int bits, int R, const uint8
                                  const float* bf, int64_t r, int64_t n) {
   const el_weights* W = job->W;
   const int64_t K = W->K, N = W->N, ng = K / W->group_size;
-  const int gshift = W->group_size == 32 ? 0 : W->group_size == 64 ? 1 : 2; /* blocks per group: 1, 2, 4 */
+  const int gshift = group_shift(W);
   vf acc[ROW_BLOCK][2];
   for (int i = 0; i < R; i++) acc[i][0] = acc[i][1] = splat(0.f);
   const int64_t blocks = K / 32;
@@ -182,7 +185,7 @@ INLINE void wide_block_rows(const el_job* job, int bits, int R, const uint8_t* w
                             const float* bf, int64_t r, int64_t n) {
   const el_weights* W = job->W;
   const int64_t K = W->K, N = W->N, ng = K / W->group_size, blocks = K / 32;
-  const int gshift = W->group_size == 32 ? 0 : W->group_size == 64 ? 1 : 2;
+  const int gshift = group_shift(W);
   __m512 acc[ROW_BLOCK][2];
   for (int i = 0; i < R; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
   for (int64_t blk = 0; blk < blocks; blk += 2) {
@@ -241,7 +244,7 @@ INLINE void lut4_block_rows(const el_job* job, int R, const uint8_t* wrow, const
                             int64_t r, int64_t n) {
   const el_weights* W = job->W;
   const int64_t K = W->K, N = W->N, blocks = K / 32;
-  const int gshift = W->group_size == 32 ? 0 : W->group_size == 64 ? 1 : 2; /* blocks per group: 1, 2, 4 */
+  const int gshift = group_shift(W);
   const int64_t gmask = (1 << gshift) - 1;
   __m512 acc[ROW_BLOCK][4];
   for (int i = 0; i < R; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = _mm512_setzero_ps();
@@ -306,7 +309,7 @@ INLINE void lut4_tile4(const el_job* job, const uint8_t* w, int64_t row_bytes, c
                        int64_t r, int64_t n) {
   const el_weights* W = job->W;
   const int64_t K = W->K, N = W->N, blocks = K / 32, ng = K / W->group_size;
-  const int gshift = W->group_size == 32 ? 0 : W->group_size == 64 ? 1 : 2;
+  const int gshift = group_shift(W);
   const float* x = job->x + r * K;
   const int64_t ahead = prefetch_distance(row_bytes);
   __m512 acc[4][4], lut[4];
@@ -344,7 +347,7 @@ INLINE void q8_tile4(const el_job* job, const uint8_t* w, int64_t row_bytes, con
                      int64_t r, int64_t n) {
   const el_weights* W = job->W;
   const int64_t K = W->K, N = W->N, blocks = K / 32, ng = K / W->group_size;
-  const int gshift = W->group_size == 32 ? 0 : W->group_size == 64 ? 1 : 2;
+  const int gshift = group_shift(W);
   const float* x = job->x + r * K;
   const int64_t ahead = prefetch_distance(row_bytes);
   __m512 acc[4][2];
