@@ -1,6 +1,7 @@
-"""A decoder layer in five ops when decoding on the CPU (``DecoderLayer``): the pre-norm inside the q/k/v product
-(``layers.normed_projections``), the output projection and the residual inside the attention op
-(``Attention.residual_block``), the whole SwiGLU feed-forward with its norm and residual as one op
+"""A decoder layer in two ops when decoding on the CPU (``DecoderLayer``): the attention half with its norm, q/k/v,
+cache writes, output projection and residual as one op (``Attention.residual_block``: ``kernels.attention_block``;
+where q/k/v need more, the pre-norm inside the q/k/v product, ``layers.normed_projections``, and the output
+projection inside the attention op), the whole SwiGLU feed-forward with its norm and residual as one op
 (``MLP.residual_block``: ``kernels.mlp_block``, whose silu is MLX's own, csrc/silu.c). Each must give the bits of
 the ops one by one: the architecture parity tests check those against transformers."""
 
@@ -140,6 +141,48 @@ def test_attention_block_is_the_attention_half_bit_for_bit(kind):
     assert fused_cache.offset == plain_cache.offset == 11
     for ours, theirs in zip(fused_cache.state, plain_cache.state, strict=True):
         assert same_bits(ours, theirs)
+
+
+def half_weights(a: Attention) -> tuple[kernels.Weights, kernels.Weights]:
+    x = mx.zeros((1, 1, 192))
+    return kernel_weights(x, (a.q_proj, a.k_proj, a.v_proj)), kernel_weights(x, (a.o_proj,))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("rows, offset", [(1, 0), (1, 9), (4, 3)])
+def test_attention_block_op_is_the_projections_then_the_step(kind, rows, offset):
+    a, pre = attention(kind), norm(192, 8)
+    qkv, o = half_weights(a)
+    x = normal((1, rows, 192), 40)
+    caches = [normal((1, 2, 16, 32), 41), normal((1, 2, 16, 32), 42)]
+    rope = a.rope.kernel_args(offset, rows)
+    got = kernels.attention_block(x, (pre["weight"], pre.eps), qkv, o, *[mx.array(c) for c in caches], offset, rope,
+                                  a.scale)
+    q, k, v = kernels.matmuls(x, qkv, norm=(pre["weight"], pre.eps))
+    want = kernels.attention_step(q, k, v, *caches, offset, rope, a.scale, o, x)
+    for name, g, w in zip(("out", "keys", "values"), got, want, strict=True):
+        assert same_bits(g, w), name
+
+
+def test_attention_block_writes_the_caches_in_place_only_when_nothing_else_holds_them():
+    a, pre = attention("q4"), norm(192, 8)
+    qkv, o = half_weights(a)
+    x, capacity = normal((1, 1, 192), 43), 1 << 15  # 8 MB per buffer
+    held = [mx.zeros((1, 2, capacity, 32)) for _ in range(2)]
+    mx.eval(held)
+    out, k_buf, v_buf = kernels.attention_block(x, (pre["weight"], pre.eps), qkv, o, *held, 0, a.rope.kernel_args(0, 1),
+                                                a.scale)
+    mx.eval(out, k_buf, v_buf)
+    assert float(mx.abs(held[0]).max()) == 0.0 and float(mx.abs(k_buf[..., 0, :]).max()) > 0  # the holder's intact
+    del held
+    for offset in range(1, 4):  # the op's reference is the only one: no second buffer
+        mx.reset_peak_memory()
+        before = mx.get_active_memory()
+        out, k_buf, v_buf = kernels.attention_block(x, (pre["weight"], pre.eps), qkv, o, k_buf, v_buf, offset,
+                                                    a.rope.kernel_args(offset, 1), a.scale)
+        mx.eval(out, k_buf, v_buf)
+        assert mx.get_peak_memory() - before < k_buf.nbytes // 8, f"step at {offset} copied a cache"
+    assert np.all(np.array(k_buf[..., 4:, :]) == 0) and np.all(np.array(v_buf[..., :4, :]) != 0)
 
 
 def test_a_model_decodes_the_same_bits_through_the_fused_layers(smollm2_gguf, monkeypatch):

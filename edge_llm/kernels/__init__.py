@@ -16,6 +16,7 @@ from .ops import (
     Weights,
     active,
     attention,
+    attention_block,
     attention_step,
     float_matmul,
     gather_float_matmul,
@@ -28,5 +29,5 @@ from .ops import (
 )
 
 __all__ = ["ENV", "active", "KernelStatus", "status", "quantized_matmul", "float_matmul", "gather_quantized_matmul",
-           "gather_float_matmul", "rms_norm", "rope", "attention", "attention_step", "ATTENTION_MAX_QUERIES",
+           "gather_float_matmul", "rms_norm", "rope", "attention", "attention_block", "attention_step", "ATTENTION_MAX_QUERIES",
            "Weights", "matmuls", "mlp_block"]

@@ -115,6 +115,24 @@ def mlp_block(h: mx.array, norm_weight: mx.array, eps: float, weights: Weights |
                                 group_size=weights.group_size, has_biases=weights.has_biases)
 
 
+def attention_block(x: mx.array, norm: tuple[mx.array, float], qkv: Weights | None, out_proj: Weights | None,
+                    k_cache: mx.array, v_cache: mx.array, offset: int, rope: tuple[int, bool, mx.array, float],
+                    scale: float) -> tuple[mx.array, mx.array, mx.array] | None:
+    """A decoder layer's attention half in one op: ``x + o(attention)`` for q/k/v the projections (``qkv``: three
+    weights) of ``rms_norm(x, *norm)``, rotated and written into the caches as ``attention_step`` does, ``out_proj``
+    one weight. The bits of ``matmuls(x, qkv, norm)`` then ``attention_step(..., out_proj, residual=x)``. Returns
+    (out, the caches with the new rows), or None where the kernels do not apply."""
+    if (not _takes(x, qkv) or not _takes(x, out_proj) or qkv.count != 3 or out_proj.count != 1 or x.ndim != 3
+            or x.shape[1] > ATTENTION_MAX_QUERIES or offset + x.shape[1] > k_cache.shape[2]
+            or any(a.dtype != mx.float32 for a in (x, k_cache, v_cache)) or norm[0].dtype not in FLOATS):
+        return None
+    dims, traditional, inv_freq, rope_scale = rope
+    return tuple(_kernels().attention_block(
+        x, norm[0], norm[1], qkv.arrays, out_proj.arrays, k_cache, v_cache, offset, dims, traditional, inv_freq,
+        rope_scale, scale, x.shape[1] > 1, (qkv.bits, qkv.group_size, qkv.has_biases),
+        (out_proj.bits, out_proj.group_size, out_proj.has_biases)))
+
+
 def _gathered_rows(x: mx.array, indices: mx.array) -> tuple[mx.array, mx.array, tuple[int, ...]]:
     """``x [..., M, K]`` and ``indices [...]`` broadcast together -> (rows [B * M, K], ids [B], batch shape)."""
     batch = tuple(mx.broadcast_shapes(x.shape[:-2], indices.shape))

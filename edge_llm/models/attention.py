@@ -88,10 +88,14 @@ class Attention(nn.Module):
         return self._from_projections(q, k, v, cache)
 
     def residual_block(self, x: mx.array, norm: nn.Module, cache: KVCache | BatchRows | None) -> mx.array:
-        """``x + self(norm(x), cache)``. Decoding on the CPU, in three ops and two cache writes: the norm inside the
-        q/k/v product, the output projection and the residual inside the attention op (the same bits)."""
-        qkv = (normed_projections(x, norm, self.q_proj, self.k_proj, self.v_proj)
-               if self.qk_norm is None and self.clip_qkv is None else None)
+        """``x + self(norm(x), cache)``. Decoding on the CPU, one op (``kernels.attention_block``); where the q/k/v
+        need more than the kernels do (qk norms, clipping), three ops and two cache writes: the norm inside the
+        q/k/v product, the output projection and the residual inside the attention op. The same bits either way."""
+        plain = self.qk_norm is None and self.clip_qkv is None
+        out = self._block_step(x, norm, cache) if plain and type(norm) is RMSNorm else None
+        if out is not None:
+            return out
+        qkv = normed_projections(x, norm, self.q_proj, self.k_proj, self.v_proj) if plain else None
         if qkv is None:
             return x + self(norm(x), cache)
         q, k, v = qkv
@@ -116,30 +120,53 @@ class Attention(nn.Module):
         out = each_row(cache, self._attend, q, k, v)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
+    def _step_buffers(self, cache: KVCache | BatchRows | None, batch: int,
+                      length: int) -> tuple[tuple[int, bool, mx.array, float], tuple[mx.array, mx.array]] | None:
+        """(rope's kernel arguments, the cache buffers with room for ``length`` more rows) for the CPU kernels' fused
+        steps, which write the cache themselves; None where they do not apply (a batch of rows, many queries, a
+        window that bites, yarn's value scale, a quantized cache)."""
+        window = self.sliding_window
+        if (not isinstance(cache, KVCache) or length > kernels.ATTENTION_MAX_QUERIES
+                or (window is not None and cache.offset + length > window)):
+            return None
+        rope = self.rope.kernel_args(cache.offset, length)
+        buffers = cache.buffers_for(batch, self.n_kv_heads, length, self.head_dim, self.head_dim) if rope else None
+        return None if buffers is None else (rope, buffers)
+
+    def _block_step(self, x: mx.array, norm: RMSNorm, cache: KVCache | BatchRows | None) -> mx.array | None:
+        """``x + self(norm(x), cache)`` as one op (``kernels.attention_block``), or None where it does not apply."""
+        qkv = kernel_weights(x, (self.q_proj, self.k_proj, self.v_proj))
+        o = kernel_weights(x, (self.o_proj,)) if qkv is not None else None
+        step = self._step_buffers(cache, *x.shape[:2]) if o is not None and x.dtype == mx.float32 else None
+        if step is None:
+            return None
+        rope, buffers = step
+        fused = kernels.attention_block(x, (norm["weight"], norm.eps), qkv, o, *buffers, cache.offset, rope,
+                                        self.scale)
+        return None if fused is None else self._advance(cache, fused, x.shape[1])
+
     def _fused_step(self, q: mx.array, k: mx.array, v: mx.array, cache: KVCache | BatchRows | None,
                     residual: mx.array | None = None) -> mx.array | None:
         """Decoding on the CPU: rope, the cache write and attention as one op (``kernels.attention_step``, the
         same bits as ``_attend``'s ops), for q/k/v ``[B, L, H * D]`` (or ``[B, L, H, D]``); with ``residual``, the
         output projection and the residual too (``residual + o_proj(out)``). None where it does not apply."""
-        B, L = q.shape[:2]
-        window = self.sliding_window
-        if (not isinstance(cache, KVCache) or L > kernels.ATTENTION_MAX_QUERIES
-                or q.dtype != mx.float32 or (window is not None and cache.offset + L > window)):
-            return None
         out_proj = None
         if residual is not None:
             out_proj = kernel_weights(residual, (self.o_proj,))
             if out_proj is None:
                 return None
-        rope = self.rope.kernel_args(cache.offset, L)
-        buffers = cache.buffers_for(B, self.n_kv_heads, L, self.head_dim, self.head_dim) if rope else None
-        if buffers is None:
+        step = self._step_buffers(cache, *q.shape[:2]) if q.dtype == mx.float32 else None
+        if step is None:
             return None
+        rope, buffers = step
         fused = kernels.attention_step(q, k, v, *buffers, cache.offset, rope, self.scale, out_proj, residual)
-        if fused is None:
-            return None
+        return None if fused is None else self._advance(cache, fused, q.shape[1])
+
+    @staticmethod
+    def _advance(cache: KVCache, fused: tuple[mx.array, mx.array, mx.array], length: int) -> mx.array:
+        """A fused op's output; the cache takes the buffers it wrote ``length`` rows into."""
         out, keys, values = fused
-        cache.advance(keys, values, L)
+        cache.advance(keys, values, length)
         return out
 
     def _attend(self, q: mx.array, k: mx.array, v: mx.array, cache: KVCache | None) -> mx.array:

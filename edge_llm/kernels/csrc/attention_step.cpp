@@ -13,21 +13,24 @@ namespace edge {
 
 namespace {
 
-el_cache_rows cache_rows(const mx::array& cache, int64_t L, int64_t offset) {
-  return {cache.shape(0), cache.shape(1), L, cache.shape(3), cache.shape(2), offset};
-}
-
 [[noreturn]] void no_gpu() { throw std::runtime_error("edge-llm's CPU kernels have no GPU implementation"); }
 
 }  // namespace
 
-void CpuCacheWrite::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
-  const auto& cache = inputs[0];
-  // The input's own buffer when nothing else holds it (MLX's donation, as its slice update does); else a new
-  // one, filled with a copy first.
+el_cache_rows cache_rows(const mx::array& cache, int64_t L, int64_t offset) {
+  return {cache.shape(0), cache.shape(1), L, cache.shape(3), cache.shape(2), offset};
+}
+
+bool take_cache_buffer(const mx::array& cache, mx::array& out) {
   const bool copy = !(cache.is_donatable() && cache.flags().row_contiguous && cache.data_size() == cache.size());
   if (copy) out.set_data(mx::allocator::malloc(out.nbytes()));
   else out.copy_shared_buffer(cache);
+  return copy;
+}
+
+void CpuCacheWrite::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  const auto& cache = inputs[0];
+  const bool copy = take_cache_buffer(cache, out);
   auto& encoder = mx::cpu::get_command_encoder(stream());
   for (auto& a : inputs) encoder.set_input_array(a);
   encoder.set_output_array(out);

@@ -5,6 +5,8 @@
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
 
+#include "fused.h"
+
 namespace edge {
 namespace mx = mlx::core;
 
@@ -31,6 +33,13 @@ std::vector<mx::array> attention_step(const mx::array& q, const mx::array& k, co
                                       int group_size = 0, bool has_biases = false,
                                       const std::optional<mx::array>& residual = std::nullopt,
                                       mx::StreamOrDevice s = {});
+
+// A cache write's output buffer: the cache's own when nothing else holds it (MLX's donation, as its slice update
+// does) and it holds every element; else a new one. Returns whether the caller must first copy the cache into it.
+bool take_cache_buffer(const mx::array& cache, mx::array& out);
+
+// The rows a step writes into cache [B, H, capacity, D] at offset.., L per sequence.
+el_cache_rows cache_rows(const mx::array& cache, int64_t L, int64_t offset);
 
 struct StepParams {
   int64_t offset, dims;  // dims 0: no rotation (values)

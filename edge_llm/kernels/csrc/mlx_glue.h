@@ -109,4 +109,16 @@ inline void bind_weight(el_weights& W, std::vector<Operand>& ops, size_t at, boo
   }
 }
 
+// MLX gives every output of a multi-output op its own reference to the op's inputs, so an input is never
+// donatable there. By the time eval_cpu runs the graph walk is over, and MLX drops every output's inputs right
+// after it; dropping the other outputs' references first lets an input nothing else holds be donated (written in
+// place), as to a one-output op. Only when called as MLX's CPU eval calls it (inputs: one output's own list).
+inline void release_sibling_inputs(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  int own = 0;
+  for (auto& o : outputs) own += &o.inputs() == &inputs;
+  if (own != 1) return;
+  for (auto& o : outputs)
+    if (&o.inputs() != &inputs) o.inputs().clear();
+}
+
 }  // namespace edge

@@ -3,9 +3,11 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
+#include "attention_block.h"
 #include "attention_step.h"
 #include "fused_ops.h"
 #include "mlp_block.h"
@@ -36,6 +38,22 @@ NB_MODULE(_edge_kernels, m) {
         "traditional"_a, "inv_freq"_a, "rope_scale"_a, "scale"_a, "causal"_a, "out_proj"_a = std::vector<mlx::core::array>{},
         "bits"_a = 0, "group_size"_a = 0, "has_biases"_a = false, "residual"_a = nb::none(), nb::kw_only(),
         "stream"_a = nb::none());
+  m.def(
+      "attention_block",
+      [](const mlx::core::array& x, const mlx::core::array& norm, float eps, const std::vector<mlx::core::array>& qkv,
+         const std::vector<mlx::core::array>& out_proj, const mlx::core::array& k_cache,
+         const mlx::core::array& v_cache, int offset, int dims, bool traditional, const mlx::core::array& inv_freq,
+         float rope_scale, float scale, bool causal, std::tuple<int, int, bool> f, std::tuple<int, int, bool> fo) {
+        auto format = [](std::tuple<int, int, bool> t) {
+          return edge::WeightFormat{std::get<0>(t), std::get<1>(t), std::get<2>(t)};
+        };
+        return edge::attention_block(x, norm, eps, qkv, out_proj, k_cache, v_cache, offset, dims, traditional,
+                                     inv_freq, rope_scale, scale, causal, format(f), format(fo));
+      },
+      "x"_a, "norm"_a, "eps"_a, "qkv"_a, "out_proj"_a, "k_cache"_a, "v_cache"_a, "offset"_a, "dims"_a,
+      "traditional"_a, "inv_freq"_a, "rope_scale"_a, "scale"_a, "causal"_a, "qkv_format"_a, "out_format"_a,
+      "x + o(attention) for q/k/v of rms_norm(x), the cache rows written: one op; formats (bits, group_size, "
+      "has_biases)");
   m.def("mlp_block", &edge::mlp_block, "h"_a, "norm"_a, "eps"_a, "ws"_a, "bits"_a = 0, "group_size"_a = 0,
         "has_biases"_a = false, nb::kw_only(), "stream"_a = nb::none(),
         "h + down(silu(gate(n)) * up(n)) for n = rms_norm(h, norm, eps), one op");
