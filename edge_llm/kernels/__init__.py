@@ -29,5 +29,5 @@ from .ops import (
 )
 
 __all__ = ["ENV", "active", "KernelStatus", "status", "quantized_matmul", "float_matmul", "gather_quantized_matmul",
-           "gather_float_matmul", "rms_norm", "rope", "attention", "attention_block", "attention_step", "ATTENTION_MAX_QUERIES",
-           "Weights", "matmuls", "mlp_block"]
+           "gather_float_matmul", "rms_norm", "rope", "attention", "attention_block", "attention_step",
+           "ATTENTION_MAX_QUERIES", "Weights", "matmuls", "mlp_block"]
