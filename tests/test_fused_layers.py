@@ -185,24 +185,53 @@ def test_attention_block_writes_the_caches_in_place_only_when_nothing_else_holds
     assert np.all(np.array(k_buf[..., 4:, :]) == 0) and np.all(np.array(v_buf[..., :4, :]) != 0)
 
 
+def decode(model, steps: int = 5) -> list[mx.array]:
+    """A 7-token prompt, then ``steps`` greedy steps: the logits of each step."""
+    cache, token = model.make_cache(), mx.array([[9531]])
+    model(mx.array([[1, 504, 2798, 6330, 314, 42, 198]]), cache=cache)
+    out = []
+    for _ in range(steps):
+        logits = model(token, cache=cache)
+        out.append(logits)
+        token = mx.argmax(logits[:, -1:], axis=-1)
+    return out
+
+
+def assert_same_steps(a: list[mx.array], b: list[mx.array]) -> None:
+    for step, (x, y) in enumerate(zip(a, b, strict=True)):
+        assert same_bits(x, y), f"decode step {step}"
+
+
 def test_a_model_decodes_the_same_bits_through_the_fused_layers(smollm2_gguf, monkeypatch):
-    """SmolLM2 (Q4_1), the layers fused and one op at a time: identical logits at every step."""
+    """SmolLM2 (Q4_1): the whole stack made by the decode plan (one call per step), each layer's two fused ops made
+    from Python, and the layers one op at a time: identical logits at every step."""
     model, _ = smollm2_gguf
-    tokens, first = mx.array([[1, 504, 2798, 6330, 314, 42, 198]]), mx.array([[9531]])
-
-    def decode(cache) -> list[mx.array]:
-        model(tokens, cache=cache)
-        out, token = [], first
-        for _ in range(5):
-            logits = model(token, cache=cache)
-            out.append(logits)
-            token = mx.argmax(logits[:, -1:], axis=-1)
-        return out
-
-    fused = decode(model.make_cache())
+    planned = decode(model)
+    assert vars(model.model)["_decode_plan"].plan is not None  # the plan ran, not a fallback
+    monkeypatch.setattr(base, "fused_layers", lambda stack, h, cache: None)
+    assert_same_steps(planned, decode(model))
     monkeypatch.setattr(base.DecoderLayer, "__call__", lambda self, x, cache: (
         lambda h: h + self[self.ffn_name](self.post_attention_layernorm(h)))(
         x + self.self_attn(self.input_layernorm(x), cache)))
-    one_by_one = decode(model.make_cache())
-    for step, (a, b) in enumerate(zip(fused, one_by_one, strict=True)):
-        assert same_bits(a, b), f"decode step {step}"
+    assert_same_steps(planned, decode(model))
+
+
+def test_the_decode_plan_follows_weights_replaced_and_modules_swapped(smollm2_gguf, monkeypatch):
+    """A plan holds the weights it was built with: replacing one (``update``) or swapping a module makes the next
+    step use the new ones, as the layers one by one would."""
+    model, _ = smollm2_gguf
+    layer = model.model.layers[3]
+    before = decode(model, 2)
+    old_norm, old_up = layer.post_attention_layernorm["weight"], layer.mlp.up_proj
+    try:
+        layer.post_attention_layernorm.update({"weight": old_norm * 1.5})
+        replaced = decode(model, 2)
+        assert not same_bits(replaced[0], before[0])
+        layer.mlp.up_proj = layer.mlp.gate_proj  # a module swapped in
+        swapped = decode(model, 2)
+        assert not same_bits(swapped[0], replaced[0])
+        monkeypatch.setattr(base, "fused_layers", lambda stack, h, cache: None)
+        assert_same_steps(swapped, decode(model, 2))
+    finally:
+        layer.post_attention_layernorm.update({"weight": old_norm})
+        layer.mlp.up_proj = old_up

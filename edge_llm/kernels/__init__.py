@@ -17,12 +17,15 @@ from .ops import (
     active,
     attention,
     attention_block,
+    attention_block_applies,
     attention_step,
+    decode_plan,
     float_matmul,
     gather_float_matmul,
     gather_quantized_matmul,
     matmuls,
     mlp_block,
+    mlp_block_applies,
     quantized_matmul,
     rms_norm,
     rope,
@@ -30,4 +33,5 @@ from .ops import (
 
 __all__ = ["ENV", "active", "KernelStatus", "status", "quantized_matmul", "float_matmul", "gather_quantized_matmul",
            "gather_float_matmul", "rms_norm", "rope", "attention", "attention_block", "attention_step",
-           "ATTENTION_MAX_QUERIES", "Weights", "matmuls", "mlp_block"]
+           "ATTENTION_MAX_QUERIES", "Weights", "matmuls", "mlp_block", "decode_plan",
+           "attention_block_applies", "mlp_block_applies"]

@@ -69,6 +69,11 @@ class Weights:
     def count(self) -> int:
         return len(self.arrays) // (1 if not self.bits else 3 if self.has_biases else 2)
 
+    @property
+    def format(self) -> tuple[int, int, bool]:
+        """(bits, group_size, has_biases), as the kernels' fused ops take a set's format."""
+        return self.bits, self.group_size, self.has_biases
+
     @classmethod
     def quantized(cls, weights: list[tuple[mx.array, mx.array, mx.array | None]], group_size: int, bits: int,
                   mode: str = "affine") -> Weights | None:
@@ -106,13 +111,24 @@ def matmuls(x: mx.array, weights: Weights | None, norm: tuple[mx.array, float] |
                                   has_biases=weights.has_biases, norm=norm_weight, eps=eps)
 
 
+def mlp_block_applies(h: mx.array, norm_weight: mx.array, weights: Weights | None) -> bool:
+    """Whether ``mlp_block`` runs on the kernels for these arguments."""
+    return _takes(h, weights) and h.dtype == mx.float32 and weights.count == 3 and norm_weight.dtype in FLOATS
+
+
 def mlp_block(h: mx.array, norm_weight: mx.array, eps: float, weights: Weights | None) -> mx.array | None:
     """``h + down(silu(gate(n)) * up(n))`` for ``n = rms_norm(h, norm_weight, eps)``, one op (weights: gate, up,
     down); the same bits as those ops one by one. None where the kernels do not apply."""
-    if (not _takes(h, weights) or h.dtype != mx.float32 or weights.count != 3 or norm_weight.dtype not in FLOATS):
+    if not mlp_block_applies(h, norm_weight, weights):
         return None
     return _kernels().mlp_block(h, norm_weight, eps, weights.arrays, bits=weights.bits,
                                 group_size=weights.group_size, has_biases=weights.has_biases)
+
+
+def attention_block_applies(x: mx.array, norm_weight: mx.array, qkv: Weights | None, out_proj: Weights | None) -> bool:
+    """Whether ``attention_block`` runs on the kernels for ``x`` and these weights (the caches aside)."""
+    return (_takes(x, qkv) and _takes(x, out_proj) and qkv.count == 3 and out_proj.count == 1 and x.ndim == 3
+            and x.dtype == mx.float32 and x.shape[1] <= ATTENTION_MAX_QUERIES and norm_weight.dtype in FLOATS)
 
 
 def attention_block(x: mx.array, norm: tuple[mx.array, float], qkv: Weights | None, out_proj: Weights | None,
@@ -122,15 +138,20 @@ def attention_block(x: mx.array, norm: tuple[mx.array, float], qkv: Weights | No
     weights) of ``rms_norm(x, *norm)``, rotated and written into the caches as ``attention_step`` does, ``out_proj``
     one weight. The bits of ``matmuls(x, qkv, norm)`` then ``attention_step(..., out_proj, residual=x)``. Returns
     (out, the caches with the new rows), or None where the kernels do not apply."""
-    if (not _takes(x, qkv) or not _takes(x, out_proj) or qkv.count != 3 or out_proj.count != 1 or x.ndim != 3
-            or x.shape[1] > ATTENTION_MAX_QUERIES or offset + x.shape[1] > k_cache.shape[2]
-            or any(a.dtype != mx.float32 for a in (x, k_cache, v_cache)) or norm[0].dtype not in FLOATS):
+    if (not attention_block_applies(x, norm[0], qkv, out_proj) or offset + x.shape[1] > k_cache.shape[2]
+            or any(a.dtype != mx.float32 for a in (k_cache, v_cache))):
         return None
     dims, traditional, inv_freq, rope_scale = rope
     return tuple(_kernels().attention_block(
         x, norm[0], norm[1], qkv.arrays, out_proj.arrays, k_cache, v_cache, offset, dims, traditional, inv_freq,
-        rope_scale, scale, x.shape[1] > 1, (qkv.bits, qkv.group_size, qkv.has_biases),
-        (out_proj.bits, out_proj.group_size, out_proj.has_biases)))
+        rope_scale, scale, x.shape[1] > 1, qkv.format, out_proj.format))
+
+
+def decode_plan():
+    """An empty ``DecodePlan`` (csrc/decode_plan.h: a dense stack's layers as attention_block + mlp_block each, made
+    in one call per step), or None where the kernels do not run."""
+    kernels = _kernels()
+    return None if kernels is None else kernels.DecodePlan()
 
 
 def _gathered_rows(x: mx.array, indices: mx.array) -> tuple[mx.array, mx.array, tuple[int, ...]]:

@@ -91,10 +91,10 @@ class Attention(nn.Module):
         """``x + self(norm(x), cache)``. Decoding on the CPU, one op (``kernels.attention_block``); where the q/k/v
         need more than the kernels do (qk norms, clipping), three ops and two cache writes: the norm inside the
         q/k/v product, the output projection and the residual inside the attention op. The same bits either way."""
-        plain = self.qk_norm is None and self.clip_qkv is None
-        out = self._block_step(x, norm, cache) if plain and type(norm) is RMSNorm else None
+        out = self._block_step(x, norm, cache)
         if out is not None:
             return out
+        plain = self.qk_norm is None and self.clip_qkv is None
         qkv = normed_projections(x, norm, self.q_proj, self.k_proj, self.v_proj) if plain else None
         if qkv is None:
             return x + self(norm(x), cache)
@@ -120,8 +120,8 @@ class Attention(nn.Module):
         out = each_row(cache, self._attend, q, k, v)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
-    def _step_buffers(self, cache: KVCache | BatchRows | None, batch: int,
-                      length: int) -> tuple[tuple[int, bool, mx.array, float], tuple[mx.array, mx.array]] | None:
+    def step_buffers(self, cache: KVCache | BatchRows | None, batch: int,
+                     length: int) -> tuple[tuple[int, bool, mx.array, float], tuple[mx.array, mx.array]] | None:
         """(rope's kernel arguments, the cache buffers with room for ``length`` more rows) for the CPU kernels' fused
         steps, which write the cache themselves; None where they do not apply (a batch of rows, many queries, a
         window that bites, yarn's value scale, a quantized cache)."""
@@ -133,15 +133,34 @@ class Attention(nn.Module):
         buffers = cache.buffers_for(batch, self.n_kv_heads, length, self.head_dim, self.head_dim) if rope else None
         return None if buffers is None else (rope, buffers)
 
-    def _block_step(self, x: mx.array, norm: RMSNorm, cache: KVCache | BatchRows | None) -> mx.array | None:
-        """``x + self(norm(x), cache)`` as one op (``kernels.attention_block``), or None where it does not apply."""
+    def plan_args(self, x: mx.array, norm: nn.Module) -> dict | None:
+        """This half as ``kernels.DecodePlan`` holds it (the norm, q/k/v and o, rope's layout, the score scale), or
+        None where ``residual_block`` would not be one op for ``x``."""
+        weights = self._block_weights(x, norm)
+        rope = self.rope.kernel_args(0, 1)
+        if weights is None or rope is None:
+            return None
+        (qkv, o), (dims, traditional, _, _) = weights, rope
+        return {"attn_norm": norm["weight"], "attn_eps": norm.eps, "qkv": qkv.arrays, "out_proj": o.arrays,
+                "qkv_format": qkv.format, "out_format": o.format, "dims": dims, "traditional": traditional,
+                "scale": self.scale}
+
+    def _block_weights(self, x: mx.array, norm: nn.Module) -> tuple[kernels.Weights, kernels.Weights] | None:
+        """(q/k/v, o) as the one-op step takes them, or None where it does not apply to ``x``."""
+        if self.qk_norm is not None or self.clip_qkv is not None or type(norm) is not RMSNorm:
+            return None
         qkv = kernel_weights(x, (self.q_proj, self.k_proj, self.v_proj))
         o = kernel_weights(x, (self.o_proj,)) if qkv is not None else None
-        step = self._step_buffers(cache, *x.shape[:2]) if o is not None and x.dtype == mx.float32 else None
+        return (qkv, o) if kernels.attention_block_applies(x, norm["weight"], qkv, o) else None
+
+    def _block_step(self, x: mx.array, norm: nn.Module, cache: KVCache | BatchRows | None) -> mx.array | None:
+        """``x + self(norm(x), cache)`` as one op (``kernels.attention_block``), or None where it does not apply."""
+        weights = self._block_weights(x, norm)
+        step = self.step_buffers(cache, *x.shape[:2]) if weights is not None else None
         if step is None:
             return None
         rope, buffers = step
-        fused = kernels.attention_block(x, (norm["weight"], norm.eps), qkv, o, *buffers, cache.offset, rope,
+        fused = kernels.attention_block(x, (norm["weight"], norm.eps), *weights, *buffers, cache.offset, rope,
                                         self.scale)
         return None if fused is None else self._advance(cache, fused, x.shape[1])
 
@@ -155,7 +174,7 @@ class Attention(nn.Module):
             out_proj = kernel_weights(residual, (self.o_proj,))
             if out_proj is None:
                 return None
-        step = self._step_buffers(cache, *q.shape[:2]) if q.dtype == mx.float32 else None
+        step = self.step_buffers(cache, *q.shape[:2]) if q.dtype == mx.float32 else None
         if step is None:
             return None
         rope, buffers = step

@@ -22,6 +22,7 @@ from .. import kernels
 from ..limits import MAX_DIM
 from .cache import Cache, KVCache, check_kv_bits, row_nbytes
 from .fields import check_fields
+from .fused_stack import fused_layers
 from .layers import RMSNorm, output_projection
 from .moe import GLU_NAMES, stack_moe_experts
 
@@ -229,6 +230,15 @@ class DecoderLayer(nn.Module):
             return ffn.residual_block(h, self.post_attention_layernorm)
         return h + ffn(self.post_attention_layernorm(h))
 
+    def plan_args(self, x: mx.array) -> dict | None:
+        """The layer as ``kernels.DecodePlan`` holds it (both halves one op each for ``x``), or None."""
+        attn, ffn = self.self_attn, self[self.ffn_name]
+        if not (hasattr(attn, "plan_args") and hasattr(ffn, "plan_args")):
+            return None
+        first = attn.plan_args(x, self.input_layernorm)
+        second = ffn.plan_args(x, self.post_attention_layernorm) if first is not None else None
+        return None if second is None else first | second
+
 
 class DecoderStack(nn.Module):
     """The ``model.`` part of a Hugging Face decoder: token embedding, the layers, the final norm."""
@@ -241,6 +251,9 @@ class DecoderStack(nn.Module):
 
     def __call__(self, tokens: mx.array, cache: list[Cache] | None) -> mx.array:
         h = self.embed_tokens(tokens)
+        fused = fused_layers(self, h, cache)
+        if fused is not None:
+            return self.norm(fused)
         for i, layer in enumerate(self.layers):
             h = layer(h, cache[i] if cache is not None else None)
         return self.norm(h)

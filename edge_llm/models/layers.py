@@ -45,10 +45,22 @@ class MLP(nn.Module):
 
     def residual_block(self, h: mx.array, norm: nn.Module) -> mx.array:
         """``h + self(norm(h))``: one op where the CPU kernels take it (decoding a SwiGLU MLP), the same bits."""
-        linears = (self.gate_proj, self.up_proj, self.down_proj)
-        fmt = kernel_weights(h, linears) if self.act is nn.silu and type(norm) is RMSNorm else None
+        fmt = self._block_weights(h, norm)
         out = None if fmt is None else kernels.mlp_block(h, norm["weight"], norm.eps, fmt)
         return out if out is not None else h + self(norm(h))
+
+    def plan_args(self, h: mx.array, norm: nn.Module) -> dict | None:
+        """This half as ``kernels.DecodePlan`` holds it (the norm, gate/up/down), or None where ``residual_block``
+        would not be one op for ``h``."""
+        fmt = self._block_weights(h, norm)
+        if fmt is None or not kernels.mlp_block_applies(h, norm["weight"], fmt):
+            return None
+        return {"mlp_norm": norm["weight"], "mlp_eps": norm.eps, "mlp": fmt.arrays, "mlp_format": fmt.format}
+
+    def _block_weights(self, h: mx.array, norm: nn.Module) -> kernels.Weights | None:
+        if self.act is not nn.silu or type(norm) is not RMSNorm:
+            return None
+        return kernel_weights(h, (self.gate_proj, self.up_proj, self.down_proj))
 
 
 def sliding_window_mask(queries: int, keys: int, window: int | None) -> str | mx.array | None:
