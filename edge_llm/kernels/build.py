@@ -108,7 +108,8 @@ def _compile_commands(tools: Toolchain, out: Path) -> tuple[list[list[str]], lis
         job(tools.cc, [*C_FLAGS, *flags, f"-DEL_ISA={isa}"], SOURCES / "rows.c", f"rows_{isa}")
     for name in ("matmul", "pool", "fused", "silu"):
         job(tools.cc, C_FLAGS, SOURCES / f"{name}.c", name)
-    for name in ("primitive", "fused_ops", "attention_step", "attention_block", "mlp_block", "decode_plan", "module"):
+    for name in ("primitive", "fused_ops", "attention_step", "attention_block", "mlp_block", "halves", "decode_plan",
+                 "module"):
         job(tools.cxx, CXX_FLAGS, SOURCES / f"{name}.cpp", name)
     lib_dir = tools.mlx_dir / "lib"
     link = [tools.cxx, "-shared", *objects, f"-L{lib_dir}", "-lmlx", f"-Wl,-rpath,{lib_dir}", "-lpthread",

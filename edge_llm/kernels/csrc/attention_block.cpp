@@ -2,10 +2,9 @@
 // output projection and the residual, in one task.
 #include "attention_block.h"
 
-#include <array>
-
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
+#include "halves.h"
 #include "mlx_glue.h"
 
 namespace edge {
@@ -38,39 +37,27 @@ void CpuAttentionBlock::eval_cpu(const std::vector<mx::array>& inputs, std::vect
   for (auto& a : outputs) encoder.set_output_array(a);
   const auto& x = inputs[0];
   const int64_t K = x.shape(-1), rows = x.size() / K, L = x.shape(1);
-  const el_weights Wq = format_of(K, inputs, at.q, f_), Wk = format_of(K, inputs, at.k, f_),
-                   Wv = format_of(K, inputs, at.v, f_);
-  const el_cache_rows kr = cache_rows(inputs[at.k_cache], L, p_.offset), vr = cache_rows(inputs[at.v_cache], L, p_.offset);
-  const int64_t Hq = Wq.N / kr.D;
-  const el_weights Wo = format_of(Hq * vr.D, inputs, at.o, fo_);
+  AttentionHalf half{};
+  half.q = format_of(K, inputs, at.q, f_), half.k = format_of(K, inputs, at.k, f_), half.v = format_of(K, inputs, at.v, f_);
+  half.keys = cache_rows(inputs[at.k_cache], L, p_.offset), half.values = cache_rows(inputs[at.v_cache], L, p_.offset);
+  half.heads = half.q.N / half.keys.D;
+  half.o = format_of(half.heads * half.values.D, inputs, at.o, fo_);
+  half.rot = {p_.dims, p_.traditional, nullptr, p_.rope_scale};
+  half.scale = p_.scale, half.causal = p_.causal;
   const int norm_dtype = el_dtype_of(inputs[1].dtype());
   std::vector<Operand> ops(inputs.begin(), inputs.end());
-  encoder.dispatch([ops = std::move(ops), Ws = std::array<el_weights, 4>{Wq, Wk, Wv, Wo}, kr, vr, Hq, rows, K, at,
-                    norm_dtype, copy_k, copy_v, p = p_, eps = eps_, f = f_, fo = fo_, y = out.data<float>(),
-                    kc = outputs[1].data<float>(), vc = outputs[2].data<float>(), k_bytes = outputs[1].nbytes(),
-                    v_bytes = outputs[2].nbytes()]() mutable {
+  encoder.dispatch([ops = std::move(ops), half, rows, at, norm_dtype, copy_k, copy_v, eps = eps_, f = f_, fo = fo_,
+                    y = out.data<float>(), kc = outputs[1].data<float>(), vc = outputs[2].data<float>(),
+                    k_bytes = outputs[1].nbytes(), v_bytes = outputs[2].nbytes()]() mutable {
     if (copy_k) std::memcpy(kc, ops[at.k_cache].bytes(), k_bytes);
     if (copy_v) std::memcpy(vc, ops[at.v_cache].bytes(), v_bytes);
-    const float* x = reinterpret_cast<const float*>(ops[0].bytes());
-    auto& [Wq, Wk, Wv, Wo] = Ws;
-    std::vector<float> n(rows * K), q(rows * Wq.N), k(rows * Wk.N), v(rows * Wv.N), att(rows * Hq * vr.D);
-    el_rms_norm(x, ops[1].bytes(), norm_dtype, n.data(), rows, K, eps);
-    bind_weight(Wq, ops, at.q, f.has_biases);
-    bind_weight(Wk, ops, at.k, f.has_biases);
-    bind_weight(Wv, ops, at.v, f.has_biases);
-    const el_weights* qkv[3] = {&Wq, &Wk, &Wv};
-    float* projected[3] = {q.data(), k.data(), v.data()};
-    if (el_matmul_many(qkv, 3, n.data(), projected, rows) != 0)  // as matmul_many: NaN, never garbage
-      for (auto* t : {&q, &k, &v}) std::fill(t->begin(), t->end(), __builtin_nanf(""));
-    const el_rotation rot{p.dims, p.traditional, reinterpret_cast<const float*>(ops[at.inv_freq].bytes()),
-                          p.rope_scale};
-    el_cache_write(k.data(), kc, &kr, &rot);
-    el_cache_write(v.data(), vc, &vr, nullptr);
-    el_attention_cached(q.data(), kc, vc, att.data(), &kr, Hq, vr.D, &rot, p.scale, p.causal);
-    bind_weight(Wo, ops, at.o, fo.has_biases);
-    const size_t size = rows * K;
-    if (el_matmul(&Wo, att.data(), y, rows, nullptr, 0) != 0) std::fill(y, y + size, __builtin_nanf(""));
-    for (size_t i = 0; i < size; i++) y[i] = x[i] + y[i];  // as MLX adds them: the same bits
+    bind_weight(half.q, ops, at.q, f.has_biases);
+    bind_weight(half.k, ops, at.k, f.has_biases);
+    bind_weight(half.v, ops, at.v, f.has_biases);
+    bind_weight(half.o, ops, at.o, fo.has_biases);
+    half.rot.inv_freq = reinterpret_cast<const float*>(ops[at.inv_freq].bytes());
+    attention_half(half, reinterpret_cast<const float*>(ops[0].bytes()), ops[1].bytes(), norm_dtype, eps, rows, kc, vc,
+                   y);
   });
 }
 

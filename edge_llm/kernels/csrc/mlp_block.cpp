@@ -5,9 +5,7 @@
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx_glue.h"
 
-extern "C" {
-#include "fused.h"
-}
+#include "halves.h"
 
 namespace edge {
 
@@ -25,24 +23,12 @@ void CpuMlpBlock::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out)
   el_weights down = weights_of(F, inputs[down_at], bits_ ? &inputs[down_at + 1] : nullptr, bits_, group_size_);
   const int norm_dtype = el_dtype_of(inputs[1].dtype());
   std::vector<Operand> ops(inputs.begin(), inputs.end());
-  encoder.dispatch([ops = std::move(ops), gate, up, down, gate_at, up_at, down_at, D, F, rows, norm_dtype, eps = eps_,
+  encoder.dispatch([ops = std::move(ops), gate, up, down, gate_at, up_at, down_at, rows, norm_dtype, eps = eps_,
                     has_biases = has_biases_, y = out.data<float>()]() mutable {
-    const float* x = reinterpret_cast<const float*>(ops[0].bytes());
-    std::vector<float> n(rows * D), g(rows * F), u(rows * F);
-    el_rms_norm(x, ops[1].bytes(), norm_dtype, n.data(), rows, D, eps);
     bind_weight(gate, ops, gate_at, has_biases);
     bind_weight(up, ops, up_at, has_biases);
     bind_weight(down, ops, down_at, has_biases);
-    const el_weights* gate_up[2] = {&gate, &up};
-    float* gu[2] = {g.data(), u.data()};
-    const size_t size = rows * D;
-    if (el_matmul_many(gate_up, 2, n.data(), gu, rows) != 0) {
-      std::fill(y, y + size, __builtin_nanf(""));
-      return;
-    }
-    el_silu_mul(g.data(), u.data(), g.data(), g.size());
-    if (el_matmul(&down, g.data(), y, rows, nullptr, 0) != 0) std::fill(y, y + size, __builtin_nanf(""));
-    for (size_t i = 0; i < size; i++) y[i] = x[i] + y[i];  // h + mlp, as MLX adds them
+    mlp_half(gate, up, down, reinterpret_cast<const float*>(ops[0].bytes()), ops[1].bytes(), norm_dtype, eps, rows, y);
   });
 }
 
