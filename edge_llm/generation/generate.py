@@ -1,4 +1,4 @@
-"""Generation: chunked prefill, then a decode loop that overlaps the next step with emitting this one.
+"""Generation: chunked prefill, then a decode loop that runs the next step while the caller takes this one's token.
 
 ``generate_tokens`` yields token ids; ``stream_generate`` adds detokenized text, EOS and stop-string
 handling and returns ``GenerationStats`` with the last chunk. A cache passed in is extended in place,
@@ -78,14 +78,22 @@ def generate_tokens(
         logits = model(tokens[None], cache=cache)[:, -1, :]
         return sampler(logits)
 
+    # A GPU runs step n while Python builds step n + 1, so it never waits on us. On the CPU the kernels use every
+    # core: building beside them took a core from them mid-step (SmolLM2 Q4_1: 9.6 ms a step overlapped, 7.9 ms one
+    # after the other), so there step n + 1 is built once step n is done, and runs while the caller takes token n.
+    overlap = mx.default_device() != mx.cpu
     y = step(mx.array(prompt[-1:]))
     mx.async_eval(y)
     for n in range(max_tokens):
-        # Build and launch step n+1 before handing back token n, so the device never waits on us.
-        next_y = step(y) if n + 1 < max_tokens else None
+        last = n + 1 == max_tokens
+        next_y = step(y) if overlap and not last else None
         if next_y is not None:
             mx.async_eval(next_y)
-        yield y.item()
+        token = y.item()
+        if not overlap and not last:
+            next_y = step(y)
+            mx.async_eval(next_y)
+        yield token
         y = next_y
 
 

@@ -25,6 +25,7 @@ from .base import BaseModelArgs, attention, check_widths, require
 from .cache import BatchRows, KVCache, each_row
 from .layers import RMSNorm, kernel_weights, normed_projections, projections, sliding_window_mask
 from .rope import RoPE
+from .watched import Watched
 
 
 @dataclasses.dataclass
@@ -62,7 +63,7 @@ def check_heads(args: GQAArgs, head_dim: int | None) -> int:
     return head_dim
 
 
-class Attention(nn.Module):
+class Attention(Watched):
     def __init__(self, args: GQAArgs, *, qkv_bias: bool = False, o_bias: bool = False,
                  qk_norm: Literal["head", "full"] | None = None, clip_qkv: float | None = None,
                  sliding_window: int | None = None):

@@ -25,6 +25,7 @@ from .fields import check_fields
 from .fused_stack import fused_layers
 from .layers import RMSNorm, output_projection
 from .moe import GLU_NAMES, stack_moe_experts
+from .watched import Watched
 
 # Every architecture keeps its routed experts stacked under ``switch_mlp`` (moe.py, deepseek_gate.py).
 ROUTED_EXPERTS = ".switch_mlp."
@@ -206,7 +207,7 @@ class CausalLM(nn.Module):
         return round(total)
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(Watched):
     """The pre-norm residual block of every architecture here: ``h = x + attn(norm(x))``, then
     ``h + ffn(norm(h))``. The feed-forward sits under the checkpoint's name for it (``mlp``, or Mixtral's
     ``block_sparse_moe``): a dense MLP or an MoE block."""

@@ -164,6 +164,16 @@ class KVCache(LayerCache):
             r.buffer = _room(old, self.offset, (batch, heads, length, width), mx.float32, axis=2)
         return rows[0].buffer, rows[1].buffer
 
+    def room(self, length: int) -> tuple[mx.array, mx.array] | None:
+        """The float buffers as they stand when both exist and have room for ``length`` more rows (a fused decode
+        step's fast path: the op that wrote them last checked their shapes), else None: ``buffers_for`` makes them."""
+        if self.bits is not None:
+            return None
+        keys, values = self._rows[0].buffer, self._rows[1].buffer
+        if keys is None or values is None or self.offset + length > min(keys.shape[2], values.shape[2]):
+            return None
+        return keys, values
+
     def advance(self, keys: mx.array, values: mx.array, length: int) -> None:
         """Takes the buffers an op wrote ``length`` new tokens into (see ``buffers_for``)."""
         self._rows[0].buffer, self._rows[1].buffer = keys, values

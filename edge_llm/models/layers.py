@@ -6,6 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .. import kernels
+from .watched import Watched
 
 # Weights converted for a float matmul (a half-precision table upcast, a quantized matrix dequantized) are
 # converted this many bytes of rows at a time (about one core's L2), each block after the previous block's
@@ -22,14 +23,14 @@ def activation(name: str):
     return ACTIVATIONS[name]
 
 
-class RMSNorm(nn.RMSNorm):
+class RMSNorm(Watched, nn.RMSNorm):
     """``nn.RMSNorm`` (same parameter) that runs as one op on the CPU (``kernels.rms_norm``)."""
 
     def __call__(self, x: mx.array) -> mx.array:
         return kernels.rms_norm(x, self["weight"], self.eps)
 
 
-class MLP(nn.Module):
+class MLP(Watched):
     """SwiGLU feed-forward: down(act(gate(x)) * up(x))."""
 
     def __init__(self, dim: int, hidden_dim: int, bias: bool = False, act: str = "silu"):
@@ -133,7 +134,7 @@ def dequantize_min_rows() -> int:
     return DEQUANTIZE_MIN_ROWS if kernels.active() else MLX_DEQUANTIZE_MIN_ROWS
 
 
-class QuantizedLinear(nn.QuantizedLinear):
+class QuantizedLinear(Watched, nn.QuantizedLinear):
     """``nn.QuantizedLinear`` (same parameters and file format) that runs prefill through BLAS on the CPU."""
 
     @classmethod
@@ -158,7 +159,7 @@ class QuantizedLinear(nn.QuantizedLinear):
         return out + self["bias"] if "bias" in self else out
 
 
-class FloatLinear(nn.Linear):
+class FloatLinear(Watched, nn.Linear):
     """``nn.Linear`` (same parameters) whose few rows (decoding, short prompts) go through the CPU kernels: a
     half-precision weight is read as stored, with no float32 copy, and a float32 one takes the same kernel, so
     a model gives the same bits whichever float dtype holds its weights."""

@@ -11,10 +11,10 @@ from __future__ import annotations
 import math
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 
 from .. import kernels
+from .watched import Watched
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
@@ -75,7 +75,7 @@ def _yarn(dims: int, base: float, scaling: dict, max_position_embeddings: int) -
     return inv_freq, float(attention_factor)
 
 
-class RoPE(nn.Module):
+class RoPE(Watched):
     """Applies rotary embeddings to the first ``dims`` features of ``x [B, H, L, D]``."""
 
     def __init__(
@@ -144,6 +144,10 @@ class RoPE(nn.Module):
             return None
         base, scale, freqs = self._variant(offset, length)
         return self.dims, self.traditional, self._angles(base, freqs), scale
+
+    def fixed_kernel_args(self) -> tuple[int, bool, mx.array, float] | None:
+        """``kernel_args`` when they are the same at every position (every variant but the dynamic one), else None."""
+        return None if self.rope_type == "dynamic" else self.kernel_args(0, 1)
 
     def _angles(self, base: float | None, freqs: mx.array | None) -> mx.array:
         """The angle per pair and position unit the CPU kernels take: 1 / freqs, or base^(-2i/dims) as MLX

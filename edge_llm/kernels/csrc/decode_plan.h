@@ -1,9 +1,9 @@
-// A dense decoder stack's decode step built in one call (decoding on the CPU): per layer, the attention half as
-// attention_block and the SwiGLU feed-forward half as mlp_block, the same two ops the layers would make one by one
-// from Python, with the layers' weights held here from the plan's creation. Building a step's graph from Python
-// cost ~40 us per layer (on a 2-core machine, time taken from the kernels running the previous step); from C++ it
-// is a few microseconds.
+// A dense decoder stack's decode step as one op (decoding on the CPU): every layer's attention half and SwiGLU
+// feed-forward half (halves.h, the arithmetic of attention_block and mlp_block, so the same bits) in one task, with
+// the layers' weights held here from the plan's creation. Made from Python one layer at a time, a step cost ~40 us
+// of graph building per layer and two dispatches (~4 us each): on a 2-core machine, time taken from the kernels.
 #pragma once
+#include <memory>
 #include <tuple>
 #include <vector>
 
@@ -27,16 +27,46 @@ struct PlanLayer {
 
 class DecodePlan {
  public:
-  void add_layer(PlanLayer layer) { layers_.push_back(std::move(layer)); }
-  size_t size() const { return layers_.size(); }
+  void add_layer(PlanLayer layer);
+  size_t size() const { return layers_->size(); }
   // h [B, L, hidden] through every layer at positions offset..; per layer its caches and this step's rope angles and
-  // position scale. Returns {h', the k caches, the v caches} (the caches with the new rows).
+  // position scale. Returns {h', the k caches, the v caches} (the caches with the new rows, written in place where
+  // nothing else holds them).
   std::tuple<mx::array, std::vector<mx::array>, std::vector<mx::array>> run(
-      mx::array h, const std::vector<mx::array>& k_caches, const std::vector<mx::array>& v_caches,
-      const std::vector<mx::array>& inv_freq, const std::vector<float>& rope_scale, int offset) const;
+      const mx::array& h, const std::vector<mx::array>& k_caches, const std::vector<mx::array>& v_caches,
+      const std::vector<mx::array>& inv_freq, const std::vector<float>& rope_scale, int offset);
 
  private:
-  std::vector<PlanLayer> layers_;
+  // The step's arguments against the layers: every shape attention_block and mlp_block check, those ops' own checks
+  // run once per new set of shapes (a cache grown, another batch), cheap comparisons otherwise.
+  void check_step(const mx::array& h, const std::vector<mx::array>& k_caches, const std::vector<mx::array>& v_caches,
+                  const std::vector<mx::array>& inv_freq, const std::vector<float>& rope_scale, int offset);
+  std::vector<mx::Shape> checked_;  // h's shape, then per layer its caches' (capacity 0) and angles' last checked
+  std::shared_ptr<std::vector<PlanLayer>> layers_ = std::make_shared<std::vector<PlanLayer>>();
+};
+
+// inputs: h, then per layer k_cache, v_cache, inv_freq; outputs: h', then per layer k_cache', v_cache'. The weights
+// are the plan's (evaluated when it took them, held by the op), not inputs.
+class CpuDecoderStack : public mx::Primitive {
+ public:
+  CpuDecoderStack(mx::Stream stream, std::shared_ptr<const std::vector<PlanLayer>> layers, int offset, bool causal,
+                  std::vector<float> rope_scale)
+      : mx::Primitive(stream), layers_(std::move(layers)), offset_(offset), causal_(causal),
+        rope_scale_(std::move(rope_scale)) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  const char* name() const override { return "EdgeCpuDecoderStack"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const CpuDecoderStack&>(other);
+    return layers_ == o.layers_ && offset_ == o.offset_ && causal_ == o.causal_ && rope_scale_ == o.rope_scale_;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+
+ private:
+  std::shared_ptr<const std::vector<PlanLayer>> layers_;
+  int offset_;
+  bool causal_;
+  std::vector<float> rope_scale_;
 };
 
 }  // namespace edge
