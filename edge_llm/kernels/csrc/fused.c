@@ -81,15 +81,41 @@ static inline float dot(const float* q, const float* k, int64_t D) {
   return s;
 }
 
-/* acc += p * v over D features. */
-static inline void axpy(float* acc, float p, const float* v, int64_t D) {
+/* dot() of q with four keys at once: four independent chains (dot alone is one chain of dependent adds), each
+ * key's arithmetic and order exactly dot's. */
+static inline void dot4(const float* q, const float* k0, const float* k1, const float* k2, const float* k3, int64_t D,
+                        float out[4]) {
+  v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
   int64_t i = 0;
-  const v8 pv = {p, p, p, p, p, p, p, p};
   for (; i + 8 <= D; i += 8) {
-    v8 a = load_v8(acc + i) + pv * load_v8(v + i);
-    memcpy(acc + i, &a, sizeof a);
+    const v8 x = load_v8(q + i);
+    a0 += x * load_v8(k0 + i), a1 += x * load_v8(k1 + i), a2 += x * load_v8(k2 + i), a3 += x * load_v8(k3 + i);
   }
-  for (; i < D; i++) acc[i] += p * v[i];
+  const v8* acc[4] = {&a0, &a1, &a2, &a3};
+  const float* ks[4] = {k0, k1, k2, k3};
+  for (int j = 0; j < 4; j++) {
+    const v8 a = *acc[j];
+    float s = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+    for (int64_t r = i; r < D; r++) s += q[r] * ks[j][r];
+    out[j] = s;
+  }
+}
+
+/* out_j[c..c+8) = sum over t of p_j[t] * v_t[c..c+8), for up to four heads j, t in order from zero, each sum kept
+ * in a register (one chain per head, the heads' chains interleaved): per element the adds of a running sum
+ * ``acc + p * v`` over t, as a loop over t that adds p * v_t into acc in memory would make. */
+static inline void weighted_rows(const float* const* p, int m, const float* v, int64_t stride, int64_t T, int64_t c,
+                                 float* const* out) {
+  v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+  for (int64_t t = 0; t < T; t++) {
+    const v8 x = load_v8(v + t * stride + c);
+    a0 += p[0][t] * x;
+    if (m > 1) a1 += p[1][t] * x;
+    if (m > 2) a2 += p[2][t] * x;
+    if (m > 3) a3 += p[3][t] * x;
+  }
+  const v8 a[4] = {a0, a1, a2, a3};
+  for (int j = 0; j < m; j++) memcpy(out[j] + c, &a[j], sizeof a[j]);
 }
 
 #define EL_MAX_GROUP 16 /* query heads one task takes at most */
@@ -121,11 +147,18 @@ CLONED static void attention_rows(void* arg, int64_t task) {
   const float* q[EL_MAX_GROUP];
   float top[EL_MAX_GROUP], total[EL_MAX_GROUP];
   for (int64_t j = 0; j < n; j++) q[j] = a->q + ((b * a->Hq + h0 + j) * a->L + l) * D, top[j] = -INFINITY;
-  for (int64_t t = 0; t < visible; t++) {
-    const float* kt = k + t * a->k_strides[2];
-    for (int64_t j = 0; j < n; j++) {
-      const float s = dot(q[j], kt, D) * a->scale;
-      scores[j * visible + t] = s;
+  const int64_t ks = a->k_strides[2], vs = a->v_strides[2];
+  for (int64_t j = 0; j < n; j++) {
+    float* sj = scores + j * visible;
+    int64_t t = 0;
+    for (; t + 4 <= visible; t += 4) {
+      const float* kt = k + t * ks;
+      dot4(q[j], kt, kt + ks, kt + 2 * ks, kt + 3 * ks, D, sj + t);
+    }
+    for (; t < visible; t++) sj[t] = dot(q[j], k + t * ks, D);
+    for (t = 0; t < visible; t++) {
+      const float s = sj[t] * a->scale;
+      sj[t] = s;
       if (s > top[j]) top[j] = s;
     }
   }
@@ -133,11 +166,20 @@ CLONED static void attention_rows(void* arg, int64_t task) {
     float* sj = scores + j * visible;
     total[j] = 0.f;
     for (int64_t t = 0; t < visible; t++) total[j] += sj[t] = expf(sj[t] - top[j]);
-    for (int64_t i = 0; i < Dv; i++) acc[j * Dv + i] = 0.f;
   }
-  for (int64_t t = 0; t < visible; t++) {
-    const float* vt = v + t * a->v_strides[2];
-    for (int64_t j = 0; j < n; j++) axpy(acc + j * Dv, scores[j * visible + t], vt, Dv);
+  for (int64_t j0 = 0; j0 < n; j0 += 4) {
+    const int m = n - j0 < 4 ? (int)(n - j0) : 4;
+    const float* p[4];
+    float* out[4];
+    for (int j = 0; j < m; j++) p[j] = scores + (j0 + j) * visible, out[j] = acc + (j0 + j) * Dv;
+    int64_t c = 0;
+    for (; c + 8 <= Dv; c += 8) weighted_rows(p, m, v, vs, visible, c, out);
+    for (; c < Dv; c++)
+      for (int j = 0; j < m; j++) {
+        float sum = 0.f;
+        for (int64_t t = 0; t < visible; t++) sum += p[j][t] * v[t * vs + c];
+        out[j][c] = sum;
+      }
   }
   for (int64_t j = 0; j < n; j++) {
     const int64_t h = h0 + j;
