@@ -73,6 +73,7 @@ void DecodePlan::check_step(const mx::array& h, const std::vector<mx::array>& k_
     shapes.insert(shapes.end(), {{k.shape(0), k.shape(1), 0, k.shape(3)}, {v.shape(0), v.shape(1), 0, v.shape(3)},
                                  a.shape()});
   }
+  std::lock_guard<std::mutex> lock(checking_);
   if (shapes == checked_) return;
   // New shapes: attention_block's and mlp_block's own checks, once (their ops are dropped unevaluated).
   mx::array x = h;

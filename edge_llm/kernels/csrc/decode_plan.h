@@ -4,6 +4,7 @@
 // of graph building per layer and two dispatches (~4 us each): on a 2-core machine, time taken from the kernels.
 #pragma once
 #include <memory>
+#include <mutex>
 #include <tuple>
 #include <vector>
 
@@ -42,6 +43,7 @@ class DecodePlan {
   void check_step(const mx::array& h, const std::vector<mx::array>& k_caches, const std::vector<mx::array>& v_caches,
                   const std::vector<mx::array>& inv_freq, const std::vector<float>& rope_scale, int offset);
   std::vector<mx::Shape> checked_;  // h's shape, then per layer its caches' (capacity 0) and angles' last checked
+  std::mutex checking_;             // two threads decoding with one model (each its own caches) share the plan
   std::shared_ptr<std::vector<PlanLayer>> layers_ = std::make_shared<std::vector<PlanLayer>>();
 };
 
