@@ -13,6 +13,7 @@ kernels run here, and why not when they do not (``edge-llm doctor`` prints it).
 from .extension import ENV, KernelStatus, status
 from .ops import (
     ATTENTION_MAX_QUERIES,
+    KERNEL_MAX_ROWS,
     Weights,
     active,
     attention,
@@ -33,5 +34,5 @@ from .ops import (
 
 __all__ = ["ENV", "active", "KernelStatus", "status", "quantized_matmul", "float_matmul", "gather_quantized_matmul",
            "gather_float_matmul", "rms_norm", "rope", "attention", "attention_block", "attention_step",
-           "ATTENTION_MAX_QUERIES", "Weights", "matmuls", "mlp_block", "decode_plan",
+           "ATTENTION_MAX_QUERIES", "KERNEL_MAX_ROWS", "Weights", "matmuls", "mlp_block", "decode_plan",
            "attention_block_applies", "mlp_block_applies"]

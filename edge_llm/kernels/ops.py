@@ -203,11 +203,13 @@ def rope(x: mx.array, dims: int, traditional: bool, inv_freq: mx.array, scale: f
     return kernels.rope(x, dims, traditional, inv_freq, scale, offset)
 
 
-# Queries the attention kernel takes at once: a short prompt's too, as its products (models/layers: from 64 rows
-# a prompt's products go to BLAS, and so does its attention). Measured on SmolLM2 Q8_0, 46-token prompts: 287 -> 343
-# tok/s against MLX's graph on OpenBLAS. Longer prompts were faster this way too (256 tokens 210 -> 280), but next
-# to the BLAS products they peaked ~17 MB higher (RSS, 70 tokens), past what `estimate` predicts.
-ATTENTION_MAX_QUERIES = 63
+# Rows of x up to which the models run their products on the kernels (models/layers.DEQUANTIZE_MIN_ROWS: from one
+# more, a prompt's linears convert their weights a block at a time and run BLAS), and queries the attention kernel
+# takes at once: a short prompt's too, as its products. Measured on SmolLM2 Q8_0, 46-token prompts: 287 -> 343 tok/s
+# against MLX's graph on OpenBLAS. Longer prompts were faster this way too (256 tokens 210 -> 280), but next to the
+# BLAS products they peaked ~17 MB higher (RSS, 70 tokens), past what `estimate` predicts.
+KERNEL_MAX_ROWS = 63
+ATTENTION_MAX_QUERIES = KERNEL_MAX_ROWS
 
 
 def _attention_shapes_ok(q: mx.array, k: mx.array, v: mx.array, causal: bool) -> bool:

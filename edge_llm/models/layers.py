@@ -126,7 +126,7 @@ def few_rows_float_matmul(x: mx.array, w: mx.array) -> mx.array | None:
 # takes 50 ms. With the CPU kernels, fewer rows go through them instead: they read the weights as stored
 # and share each unpacked block among 4 rows, so SmolLM2 Q4_1 prefills 46 tokens at 181 tok/s that way
 # against 93 by dequantize + BLAS, and 200 tokens at about the same speed both ways (162 vs 161).
-DEQUANTIZE_MIN_ROWS = 64
+DEQUANTIZE_MIN_ROWS = kernels.KERNEL_MAX_ROWS + 1
 MLX_DEQUANTIZE_MIN_ROWS = 8  # without the kernels (a GPU, or switched off): MLX's own quantized matmul below
 
 
