@@ -235,3 +235,45 @@ def test_the_decode_plan_follows_weights_replaced_and_modules_swapped(smollm2_gg
     finally:
         layer.post_attention_layernorm.update({"weight": old_norm})
         layer.mlp.up_proj = old_up
+
+
+@pytest.mark.parametrize("name", ["mqa-tied", "llama3-rope", "dynamic-rope", "mistral-window"])
+def test_the_decode_plan_gives_the_layers_bits_for_every_rope_and_window(name, tmp_path, monkeypatch):
+    """Tiny Llama-family models (float weights): fixed, scaled and dynamic rope (angles handed over each step), a
+    sliding window (the plan stands aside once it bites), MQA; a batch of two. The plan and the layers one by one
+    give the same bits at every step."""
+    from edge_llm import load_model
+    from tests.hf_oracle import build_tiny_checkpoint, random_tokens
+    from tests.test_llama_parity import BASE, CONFIGS
+
+    model = load_model(build_tiny_checkpoint(tmp_path, **{**BASE, **CONFIGS[name]}))
+    tokens = mx.array(random_tokens(BASE["vocab_size"], 14, batch=2, seed=3))
+
+    def run() -> list[mx.array]:
+        cache = model.make_cache()
+        out = [model(tokens[:, :5], cache=cache)]
+        out += [model(tokens[:, i : i + 1], cache=cache) for i in range(5, tokens.shape[1])]
+        return out
+
+    planned = run()
+    assert vars(model.model)["_decode_plan"].plan is not None
+    monkeypatch.setattr(base, "fused_layers", lambda stack, h, cache: None)
+    assert_same_steps(planned, run())
+
+
+def test_the_decode_plan_copies_caches_held_elsewhere(smollm2_gguf):
+    """A cache buffer someone else still holds (a snapshot of the cache's state) is copied, never written in place:
+    the snapshot keeps its content and the step gives the same logits as with nothing held."""
+    model, _ = smollm2_gguf
+    prompt, token = mx.array([[1, 504, 2798, 6330, 314, 42, 198]]), mx.array([[9531]])
+    cache = model.make_cache()
+    model(prompt, cache=cache)
+    snapshot = [mx.array(a) for c in cache for a in c.state]  # copies of the content, for comparing
+    held = [a for c in cache for a in c.state]  # the buffers themselves, held
+    mx.eval(snapshot, held)
+    stepped = model(token, cache=cache)
+    mx.eval(stepped)
+    assert all(same_bits(a, b) for a, b in zip(held, snapshot, strict=True))
+    fresh = model.make_cache()
+    model(prompt, cache=fresh)
+    assert same_bits(stepped, model(token, cache=fresh))
