@@ -27,7 +27,7 @@ from .hub.resolve import resolve_model
 from .machine.backend import Caster, dtype_policy
 from .models import build
 from .models.base import CausalLM
-from .models.layers import FloatLinear, QuantizedLinear
+from .models.layers import FloatLinear, QuantizedEmbedding, QuantizedLinear
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -56,8 +56,9 @@ def quantize_modules(model: nn.Module, quantization: dict[str, Any], has_scales)
         return hasattr(module, "to_quantized") and has_scales(path)
 
     nn.quantize(model, group_size=group_size, bits=bits, mode=mode, class_predicate=predicate)
-    # the same layers, with a faster CPU prefill (layers.QuantizedLinear)
+    # the same layers, with a faster CPU prefill (layers.QuantizedLinear) and lookup (layers.QuantizedEmbedding)
     swap = {name: QuantizedLinear.of(m) for name, m in model.named_modules() if type(m) is nn.QuantizedLinear}
+    swap |= {name: QuantizedEmbedding.of(m) for name, m in model.named_modules() if type(m) is nn.QuantizedEmbedding}
     if swap:
         model.update_modules(tree_unflatten(list(swap.items())))
 

@@ -93,6 +93,22 @@ def assert_close(got: mx.array, want: mx.array, what: str = "") -> None:
 CASES = [(bits, gs) for bits in ops.BITS for gs in ops.GROUP_SIZES]
 
 
+@pytest.mark.skipif(not ops.active(), reason="the CPU kernels are not active here")
+@pytest.mark.parametrize("bits,group_size", CASES, ids=[f"{b}bit-g{g}" for b, g in CASES])
+def test_a_quantized_tables_rows_are_mlxs_lookup_bit_for_bit(bits, group_size):
+    """``ops.dequantized_rows`` (a quantized embedding's lookup, float32 scales as the CPU keeps them) equals
+    ``mx.dequantize(w[ids], ...)`` exactly; an id past the table gives NaN, never another row's bytes."""
+    w, s, b = quantized((41, group_size * 3), bits, group_size, mx.float32, seed=bits)
+    for ids in (mx.array([[5]]), mx.array([[0, 40, 7], [7, 3, 3]], dtype=mx.int32)):
+        want = mx.dequantize(w[ids], s[ids], b[ids], group_size=group_size, bits=bits)
+        got = ops.dequantized_rows(ids, w, s, b, group_size, bits)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        assert np.array_equal(np.array(got), np.array(want))
+    assert np.isnan(np.array(ops.dequantized_rows(mx.array([41]), w, s, b, group_size, bits))).all()
+    assert ops.dequantized_rows(mx.array([1]), w, s.astype(mx.float16), b.astype(mx.float16), group_size,
+                                bits) is None  # half-precision scales: MLX's own lookup
+
+
 @pytest.mark.parametrize("bits,group_size", CASES, ids=[f"{b}bit-g{g}" for b, g in CASES])
 def test_quantized_product_is_the_dequantized_product(bits, group_size):
     case = CASES.index((bits, group_size))

@@ -21,6 +21,7 @@ from .ops import (
     attention_block_applies,
     attention_step,
     decode_plan,
+    dequantized_rows,
     float_matmul,
     gather_float_matmul,
     gather_quantized_matmul,
@@ -35,4 +36,4 @@ from .ops import (
 __all__ = ["ENV", "active", "KernelStatus", "status", "quantized_matmul", "float_matmul", "gather_quantized_matmul",
            "gather_float_matmul", "rms_norm", "rope", "attention", "attention_block", "attention_step",
            "ATTENTION_MAX_QUERIES", "KERNEL_MAX_ROWS", "Weights", "matmuls", "mlp_block", "decode_plan",
-           "attention_block_applies", "mlp_block_applies"]
+           "dequantized_rows", "attention_block_applies", "mlp_block_applies"]

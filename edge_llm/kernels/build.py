@@ -109,7 +109,7 @@ def _compile_commands(tools: Toolchain, out: Path) -> tuple[list[list[str]], lis
     for name in ("matmul", "pool", "fused", "silu"):
         job(tools.cc, C_FLAGS, SOURCES / f"{name}.c", name)
     for name in ("primitive", "fused_ops", "attention_step", "attention_block", "mlp_block", "halves", "decode_plan",
-                 "module"):
+                 "embedding", "module"):
         job(tools.cxx, CXX_FLAGS, SOURCES / f"{name}.cpp", name)
     lib_dir = tools.mlx_dir / "lib"
     link = [tools.cxx, "-shared", *objects, f"-L{lib_dir}", "-lmlx", f"-Wl,-rpath,{lib_dir}", "-lpthread",

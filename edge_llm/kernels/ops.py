@@ -43,6 +43,18 @@ def quantized_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.arra
     return kernels.matmul(x, w, scales, biases, bits=bits, group_size=group_size)
 
 
+def dequantized_rows(ids: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int,
+                     bits: int, mode: str = "affine") -> mx.array | None:
+    """``mx.dequantize(w[ids], scales[ids], biases[ids], ...)`` (a quantized embedding's lookup) as one op, for float32
+    scales and biases (the CPU's), the same bits; None where the kernels do not apply."""
+    kernels = _kernels()
+    if (kernels is None or mode != "affine" or bits not in BITS or group_size not in GROUP_SIZES
+            or scales.dtype != mx.float32 or (biases is not None and biases.dtype != mx.float32)
+            or not mx.issubdtype(ids.dtype, mx.integer)):
+        return None
+    return kernels.dequantized_rows(ids, w, scales, biases, bits=bits, group_size=group_size)
+
+
 def float_matmul(x: mx.array, w: mx.array) -> mx.array | None:
     """``x @ w.T`` for float32 ``x`` and a half-precision ``w [N, K]`` without a float32 copy of ``w``;
     None where the kernels do not apply (the caller keeps its own path)."""

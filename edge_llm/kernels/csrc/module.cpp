@@ -10,6 +10,7 @@
 #include "attention_block.h"
 #include "attention_step.h"
 #include "decode_plan.h"
+#include "embedding.h"
 #include "fused_ops.h"
 #include "mlp_block.h"
 #include "primitive.h"
@@ -35,6 +36,9 @@ NB_MODULE(_edge_kernels, m) {
         "norm"_a = nb::none(), "eps"_a = 0.f, nb::kw_only(), "stream"_a = nb::none(),
         "[x @ W.T for each W] in one job: ws lists each weight (with its scales and biases when quantized); with "
         "norm, of rms_norm(x, norm, eps)");
+  m.def("dequantized_rows", &edge::dequantized_rows, "ids"_a, "w"_a, "scales"_a, "biases"_a = nb::none(), "bits"_a,
+        "group_size"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "a quantized table's rows for ids, float32 (float32 scales and biases: MLX's dequantize, the same bits)");
   m.def("rms_norm", &edge::rms_norm, "x"_a, "weight"_a, "eps"_a, nb::kw_only(), "stream"_a = nb::none());
   m.def("rope", &edge::rope, "x"_a, "dims"_a, "traditional"_a, "inv_freq"_a, "scale"_a, "offset"_a, nb::kw_only(),
         "stream"_a = nb::none());
