@@ -241,7 +241,9 @@ def _kernel_format(linears: tuple[nn.Module, ...], allow_bias: bool) -> kernels.
                                                 first.group_size, first.bits, first.mode)
     elif all(type(m) is FloatLinear for m in linears):
         weights = kernels.Weights.floats([m["weight"] for m in linears])
-    object.__setattr__(first, "_kernel_format", (key, weights))  # a plain attribute, not a parameter or child
+    # a plain attribute, not a parameter or child, and not an entry of the module's dict: a Watched module counts
+    # those as changes (models/watched.py), which would make the decode plan built from this result stale at once
+    object.__setattr__(first, "_kernel_format", (key, weights))
     return weights
 
 
