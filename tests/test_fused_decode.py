@@ -165,6 +165,7 @@ def test_rope_is_mlxs(dims, traditional, offset, scale):
     (9, 3, 64, 64, 1, 700, False),   # SmolLM2's heads, a long cache
     (4, 1, 10, 12, 3, 19, True),     # MQA, widths that leave vector tails, values wider, causal
     (2, 2, 16, 16, 8, 8, True),      # the most queries the kernel takes, all keys new
+    (4, 2, 16, 16, 20, 530, True),   # keys in three chunks; the first queries see none of the last chunk's
 ])
 def test_attention_is_mlxs(hq, hkv, d, dv, queries, keys, causal):
     q, k, v = normal((1, hq, queries, d), 4), normal((1, hkv, keys, d), 5), normal((1, hkv, keys, dv), 6)
@@ -172,3 +173,21 @@ def test_attention_is_mlxs(hq, hkv, d, dv, queries, keys, causal):
     got = ops.attention(q, k, v, 0.125, mask)
     want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=mask)
     assert_close(got, want, f"{hq}x{queries} queries over {keys} keys")
+
+
+def test_attention_over_many_keys_gives_the_same_bits_on_any_number_of_threads():
+    """Past 256 keys a query's keys are split into fixed chunks (shared among the threads, then combined): the
+    chunks do not depend on the thread count, so neither do the bits."""
+    from edge_llm.kernels import extension
+
+    q, k, v = normal((2, 6, 3, 32), 7), normal((2, 3, 900, 32), 8), normal((2, 3, 900, 32), 9)
+    module = extension.load()
+    before = module.threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            module.set_threads(threads)
+            results.append(np.array(ops.attention(q, k, v, 0.2, "causal")))
+    finally:
+        module.set_threads(before)
+    assert all(np.array_equal(results[0], r) for r in results[1:])

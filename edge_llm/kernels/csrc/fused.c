@@ -59,7 +59,9 @@ void el_rope(const float* x, float* y, int64_t heads, int64_t L, int64_t D, int6
 typedef struct {
   const el_attention_args* a;
   int64_t heads;  /* query heads per task, dividing the group */
-  int64_t chunks; /* tasks per (b, key/value head, l) */
+  int64_t chunks; /* head chunks per (b, key/value head, l) */
+  int64_t splits; /* key chunks per (b, key/value head, l, head chunk): 1 while a query sees at most KEY_CHUNK keys */
+  float* partial; /* splits > 1: per (b, query head, l, split): the chunk's top score, its total, its Dv sums */
 } attention_job;
 
 /* 8 floats: compiled to whatever vectors the target has (two SSE registers on baseline x86-64, NEON on arm64). */
@@ -119,6 +121,11 @@ static inline void weighted_rows(const float* const* p, int m, const float* v, i
 }
 
 #define EL_MAX_GROUP 16 /* query heads one task takes at most */
+/* Keys one task takes at most: past it, a query's keys are split into chunks of this many (each chunk's softmax
+ * part taken against its own top score, then combined: flash-decoding), so a long cache is shared among the
+ * threads even with fewer key/value heads than threads (SmolLM2: 3 on 2 threads). Up to it, one task takes all of
+ * a query's keys; a fixed size, so the bits never depend on the thread count. */
+#define KEY_CHUNK 256
 
 /* Compiled for AVX-512, AVX2 and the baseline, the best picked when the library loads (an ifunc): the 8-lane
  * vectors above are one instruction each on AVX2 and later, two on baseline x86-64; the same operations in the
@@ -133,17 +140,22 @@ CLONED static void attention_rows(void* arg, int64_t task) {
   const attention_job* job = (const attention_job*)arg;
   const el_attention_args* a = job->a;
   const int64_t group = a->Hq / a->Hkv, D = a->D, Dv = a->Dv, n = job->heads;
+  const int64_t split = task % job->splits;
+  task /= job->splits;
   const int64_t unit = task / job->chunks, l = unit % a->L, hk = (unit / a->L) % a->Hkv, b = unit / (a->L * a->Hkv);
   const int64_t h0 = hk * group + (task % job->chunks) * n;
-  const int64_t visible = a->causal ? a->T - a->L + l + 1 : a->T;
+  const int64_t sees = a->causal ? a->T - a->L + l + 1 : a->T;
+  /* this task's keys: [first, first + visible) */
+  const int64_t first = split * KEY_CHUNK;
+  const int64_t visible = job->splits == 1 ? sees : first >= sees ? 0 : sees - first < KEY_CHUNK ? sees - first : KEY_CHUNK;
   float* scores = malloc(sizeof(float) * n * (visible > 0 ? visible : 1));
   float* acc = malloc(sizeof(float) * n * Dv);
   if (!scores || !acc) {
     free(scores), free(acc);
     return;
   }
-  const float* k = a->k + b * a->k_strides[0] + hk * a->k_strides[1];
-  const float* v = a->v + b * a->v_strides[0] + hk * a->v_strides[1];
+  const float* k = a->k + b * a->k_strides[0] + hk * a->k_strides[1] + first * a->k_strides[2];
+  const float* v = a->v + b * a->v_strides[0] + hk * a->v_strides[1] + first * a->v_strides[2];
   const float* q[EL_MAX_GROUP];
   float top[EL_MAX_GROUP], total[EL_MAX_GROUP];
   for (int64_t j = 0; j < n; j++) q[j] = a->q + ((b * a->Hq + h0 + j) * a->L + l) * D, top[j] = -INFINITY;
@@ -183,6 +195,12 @@ CLONED static void attention_rows(void* arg, int64_t task) {
   }
   for (int64_t j = 0; j < n; j++) {
     const int64_t h = h0 + j;
+    if (job->splits > 1) { /* the chunk's part, combined in combine_splits */
+      float* part = job->partial + (((b * a->Hq + h) * a->L + l) * job->splits + split) * (Dv + 2);
+      part[0] = top[j], part[1] = visible > 0 ? total[j] : 0.f;
+      for (int64_t i = 0; i < Dv; i++) part[2 + i] = visible > 0 ? acc[j * Dv + i] : 0.f;
+      continue;
+    }
     float* out = a->out + (a->out_by_position ? (b * a->L + l) * a->Hq + h : (b * a->Hq + h) * a->L + l) * Dv;
     const float inv = visible > 0 ? 1.f / total[j] : 0.f;
     for (int64_t i = 0; i < Dv; i++) out[i] = acc[j * Dv + i] * inv;
@@ -190,17 +208,53 @@ CLONED static void attention_rows(void* arg, int64_t task) {
   free(scores), free(acc);
 }
 
+/* The key chunks' parts of each query into its output: each chunk's exponentials were taken against its own top
+ * score, so each part is scaled by exp(chunk top - overall top); the sums in chunk order. */
+static void combine_splits(const attention_job* job) {
+  const el_attention_args* a = job->a;
+  const int64_t S = job->splits, Dv = a->Dv, stride = Dv + 2;
+  float* weight = malloc(sizeof(float) * S);
+  if (!weight) return;
+  for (int64_t b = 0; b < a->B; b++)
+    for (int64_t h = 0; h < a->Hq; h++)
+      for (int64_t l = 0; l < a->L; l++) {
+        const float* part = job->partial + ((b * a->Hq + h) * a->L + l) * S * stride;
+        float* out = a->out + (a->out_by_position ? (b * a->L + l) * a->Hq + h : (b * a->Hq + h) * a->L + l) * Dv;
+        float top = -INFINITY, total = 0.f;
+        for (int64_t s = 0; s < S; s++)
+          if (part[s * stride + 1] > 0.f && part[s * stride] > top) top = part[s * stride];
+        for (int64_t s = 0; s < S; s++) {
+          weight[s] = part[s * stride + 1] > 0.f ? expf(part[s * stride] - top) : 0.f;
+          total += part[s * stride + 1] * weight[s];
+        }
+        const float inv = total > 0.f ? 1.f / total : 0.f;
+        for (int64_t i = 0; i < Dv; i++) {
+          float sum = 0.f;
+          for (int64_t s = 0; s < S; s++) sum += part[s * stride + 2 + i] * weight[s];
+          out[i] = sum * inv;
+        }
+      }
+  free(weight);
+}
+
 void el_attention(const el_attention_args* a) {
   const int64_t group = a->Hq / a->Hkv, units = a->B * a->Hkv * a->L;
   /* all of a group's heads in one task, unless that leaves too few tasks for the threads to share */
+  const int64_t splits = a->T > KEY_CHUNK ? (a->T + KEY_CHUNK - 1) / KEY_CHUNK : 1;
   int64_t heads = group;
-  while (heads > 1 && (heads > EL_MAX_GROUP || units * (group / heads) < el_threads())) {
+  while (heads > 1 && (heads > EL_MAX_GROUP || units * (group / heads) * splits < el_threads())) {
     int64_t smaller = heads - 1;
     while (group % smaller) smaller--;
     heads = smaller;
   }
-  attention_job job = {a, heads, group / heads};
-  el_parallel_for(attention_rows, &job, units * job.chunks);
+  attention_job job = {a, heads, group / heads, splits, NULL};
+  if (splits > 1 && !(job.partial = calloc((size_t)(a->B * a->Hq * a->L * splits * (a->Dv + 2)), sizeof(float))))
+    return;
+  el_parallel_for(attention_rows, &job, units * job.chunks * splits);
+  if (splits > 1) {
+    combine_splits(&job);
+    free(job.partial);
+  }
 }
 
 void el_cache_write(const float* rows, float* cache, const el_cache_rows* c, const el_rotation* rot) {
