@@ -28,11 +28,11 @@ static struct {
   int workers; /* started */
   int wanted;  /* threads in total, caller included */
   atomic_uint_fast64_t claim; /* job number << 32 | next task */
+  atomic_uint_fast64_t limit; /* job number << 32 | its task count: published with the job, read with it */
   atomic_int sleepers;
   atomic_long done; /* tasks finished in the current job */
   el_task_fn fn;
   void* arg;
-  int64_t tasks;
 } pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
 
 static pthread_mutex_t run_lock = PTHREAD_MUTEX_INITIALIZER; /* one parallel_for at a time */
@@ -46,14 +46,21 @@ static inline void cpu_relax(void) {
 #endif
 }
 
-/* Runs tasks of job ``job`` until none is left; returns how many this thread ran. */
+/* Runs tasks of job ``job`` until none is left; returns how many this thread ran.
+ *
+ * The task count is read with its job's number (``limit``): a worker that read ``claim`` late in job J, after its
+ * last task was taken, must not compare against the next job's count, which the caller stores before it publishes
+ * that job's ``claim``. Comparing against a plain count let such a worker claim "task" tasks_J of job J (the CAS
+ * still succeeding) and run it as the next job's task with its function, or bump its done count: the caller then
+ * read results before they were written (zero logits, seen now and then with two workers). */
 static int64_t run_tasks(uint32_t job) {
   int64_t ran = 0;
   for (;;) {
     uint64_t c = atomic_load(&pool.claim);
     if ((uint32_t)(c >> 32) != job) return ran;
+    const uint64_t limit = atomic_load(&pool.limit);
     int64_t task = (int64_t)(uint32_t)c;
-    if (task >= pool.tasks) return ran; /* read while ``job`` is current: the CAS below checks that */
+    if ((uint32_t)(limit >> 32) != job || task >= (int64_t)(uint32_t)limit) return ran;
     if (!atomic_compare_exchange_weak(&pool.claim, &c, c + 1)) continue;
     pool.fn(pool.arg, task);
     atomic_fetch_add(&pool.done, 1);
@@ -136,9 +143,9 @@ void el_parallel_for(el_task_fn fn, void* arg, int64_t tasks) {
   uint32_t job = ++job_number;
   pool.fn = fn;
   pool.arg = arg;
-  pool.tasks = tasks;
   atomic_store(&pool.done, 0);
-  atomic_store(&pool.claim, TAG(job, 0)); /* publishes the job: workers read fn/arg/tasks after this */
+  atomic_store(&pool.limit, TAG(job, tasks));
+  atomic_store(&pool.claim, TAG(job, 0)); /* publishes the job: workers read fn/arg after claiming one of its tasks */
   if (atomic_load(&pool.sleepers) > 0) {
     pthread_mutex_lock(&pool.lock);
     pthread_cond_broadcast(&pool.wake);
