@@ -41,14 +41,39 @@ def step_times(model_path: str | None, contexts: list[int], steps: int) -> dict[
     return out
 
 
+def positive_ints(value: str) -> list[int]:
+    """``N[,N...]`` of positive integers (argparse type: anything else is a one-line usage error)."""
+    try:
+        numbers = [int(item) for item in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a comma-separated list of whole numbers") from None
+    if not numbers or min(numbers) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: every number must be at least 1")
+    return numbers
+
+
+def positive_int(value: str) -> int:
+    numbers = positive_ints(value)
+    if len(numbers) != 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: one number")
+    return numbers[0]
+
+
 def main() -> None:
+    from edge_llm.errors import EdgeLLMError
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?", help="a model path or file (default: the embedded SmolLM2)")
-    parser.add_argument("--contexts", default="100,1000,2000,4000", help="context lengths, comma-separated")
-    parser.add_argument("--steps", type=int, default=30, help="timed decode steps per context")
+    parser.add_argument("--contexts", type=positive_ints, default=[100, 1000, 2000, 4000],
+                        help="context lengths, comma-separated (default 100,1000,2000,4000)")
+    parser.add_argument("--steps", type=positive_int, default=30, help="timed decode steps per context")
     args = parser.parse_args()
-    contexts = [int(c) for c in args.contexts.split(",")]
-    times = step_times(args.model, contexts, args.steps)
+    try:
+        times = step_times(args.model, args.contexts, args.steps)
+    except EdgeLLMError as error:
+        parser.exit(2, f"context_decode: {error}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "context_decode: interrupted\n")
     print("| context | ms a step | tok/s |\n|---|---|---|")
     for context, seconds in times.items():
         print(f"| {context} | {seconds * 1e3:.2f} | {1 / seconds:.1f} |")
