@@ -94,13 +94,7 @@ std::vector<mx::array> attention_block(const mx::array& x, const mx::array& norm
   check(qkv.size() == 3 * per && out_proj.size() == per_o,
         "attention block: q, k, v and o, each with its scales (and biases) when quantized");
   auto weight = [](const std::vector<mx::array>& ws, size_t i, WeightFormat f, int64_t K, int64_t N, const char* what) {
-    const size_t per = inputs_per_weight(f.bits, f.has_biases);
-    std::optional<mx::array> scales, biases;
-    if (f.bits) scales = ws[i * per + 1];
-    if (f.bits && f.has_biases) biases = ws[i * per + 2];
-    check_weight(K, ws[i * per], scales, biases, f.bits, f.group_size);
-    check(ws[i * per].ndim() == 2 && (N < 0 || ws[i * per].shape(0) == N), what);
-    check(!f.bits || scales->dtype() == ws[1].dtype(), "attention block: scales must share a dtype");
+    check_set_weight(ws, i, f.bits, f.group_size, f.has_biases, K, N, what);
   };
   weight(qkv, 0, f, hidden, -1, "attention block: q must be [Hq * D, hidden]");
   const int64_t Nq = qkv[0].shape(0);

@@ -46,12 +46,7 @@ mx::array mlp_block(const mx::array& h, const mx::array& norm, float eps, const 
   const size_t per = inputs_per_weight(bits, has_biases);
   check(ws.size() == 3 * per, "mlp block: gate, up and down, each with its scales (and biases) when quantized");
   auto part = [&](size_t i, int64_t K, int64_t N, const char* what) {
-    std::optional<mx::array> scales, biases;
-    if (bits) scales = ws[i * per + 1];
-    if (bits && has_biases) biases = ws[i * per + 2];
-    check_weight(K, ws[i * per], scales, biases, bits, group_size);
-    check(ws[i * per].ndim() == 2 && (N < 0 || ws[i * per].shape(0) == N), what);
-    check(!bits || scales->dtype() == ws[1].dtype(), "mlp block: scales must share a dtype");
+    check_set_weight(ws, i, bits, group_size, has_biases, K, N, what);
   };
   part(0, D, -1, "mlp block: gate must be [F, D]");
   const int64_t F = ws[0].shape(0);

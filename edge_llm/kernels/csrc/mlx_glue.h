@@ -100,6 +100,19 @@ inline void check_weight(int64_t K, const mx::array& w, const std::optional<mx::
 // Inputs per weight: w, or w, scales[, biases].
 inline int inputs_per_weight(int bits, bool has_biases) { return bits ? (has_biases ? 3 : 2) : 1; }
 
+// Weight i of a set ws (each w, or w, scales[, biases], quantized alike) checked as check_weight does for rows of K
+// values, and as a matrix of N rows (N < 0: any) whose scales share the set's dtype; ``what`` names the expected shape.
+inline void check_set_weight(const std::vector<mx::array>& ws, size_t i, int bits, int group_size, bool has_biases,
+                             int64_t K, int64_t N, const std::string& what) {
+  const size_t at = i * inputs_per_weight(bits, has_biases);
+  std::optional<mx::array> scales, biases;
+  if (bits) scales = ws[at + 1];
+  if (bits && has_biases) biases = ws[at + 2];
+  check_weight(K, ws[at], scales, biases, bits, group_size);
+  check(ws[at].ndim() == 2 && (N < 0 || ws[at].shape(0) == N), what);
+  check(!bits || scales->dtype() == ws[1].dtype(), "scales must share a dtype (" + what + ")");
+}
+
 // Points W at its operands (inside the dispatched task), the weight's first input at ``at``.
 inline void bind_weight(el_weights& W, std::vector<Operand>& ops, size_t at, bool has_biases) {
   W.w = ops[at].bytes();

@@ -212,16 +212,11 @@ std::vector<mx::array> matmul_many(const mx::array& x, const std::vector<mx::arr
   std::vector<mx::Dtype> dtypes;
   for (size_t i = 0; i < count; i++) {
     const auto& w = ws[i * per];
-    std::optional<mx::array> scales, biases;
-    if (bits) scales = ws[i * per + 1];
-    if (bits && has_biases) biases = ws[i * per + 2];
-    check_weight(x.shape(-1), w, scales, biases, bits, group_size);
-    check(w.ndim() == 2, "matmul_many: weights must be [N, K']");
-    check(!bits || scales->dtype() == ws[1].dtype(), "matmul_many: scales must share a dtype");
+    check_set_weight(ws, i, bits, group_size, has_biases, x.shape(-1), -1, "matmul_many: weights must be [N, K']");
     auto shape = x.shape();
     shape.back() = w.shape(-2);
     shapes.push_back(shape);
-    dtypes.push_back(mx::promote_types(x.dtype(), bits ? scales->dtype() : w.dtype()));
+    dtypes.push_back(mx::promote_types(x.dtype(), bits ? ws[i * per + 1].dtype() : w.dtype()));
   }
   std::vector<mx::array> inputs = {x};
   inputs.insert(inputs.end(), ws.begin(), ws.end());
